@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Install (see setup_env.sh) and run the whole test suite, end-to-end nnU-Net tests included.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+exec .venv/bin/python -m pytest -q -rs "$@"
