@@ -1,0 +1,230 @@
+"""The compressed network class that compressed plans name in ``network_class_name``.
+
+nnU-Net builds every network with ``get_network_from_plans``: it locates the class named in the plans and calls it
+with ``input_channels``, ``num_classes`` and the plans' ``arch_kwargs``. A compressed plans file therefore names
+:class:`CompressedUNet` and records, in its ``arch_kwargs``, the parent architecture (class name and kwargs exactly
+as the parent plans had them) plus the compression applied to it: the kept channel count of every pruned channel
+group and the Tucker ranks of every factorised layer. Any trainer — nnU-Net's default one, TotalSegmentator's
+``nnUNetTrainerNoMirroring``, ours — and nnU-Net's predictor then rebuild the compressed network, and the
+checkpoint's weights load into it with strict ``load_state_dict``.
+
+The parent network is built first and then reshaped (channels first, then factorisation), so its module names
+and therefore the state-dict keys stay those of the parent: ``encoder.*``, ``decoder.*``. A Tucker layer's three
+convolutions appear as ``<layer>.0``, ``<layer>.1``, ``<layer>.2``.
+"""
+
+from __future__ import annotations
+
+import pydoc
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from nnunet_compress.errors import CompressError
+
+NETWORK_CLASS_NAME = "nnunet_compress.network.CompressedUNet"
+
+
+def locate_class(name: str) -> type:
+    cls = pydoc.locate(name)
+    if cls is None:
+        raise CompressError(f"cannot import the network class {name!r} named in the plans; install the package "
+                            f"that provides it or correct 'network_class_name' in plans.json")
+    return cls
+
+
+def resolve_arch_kwargs(arch_kwargs: Mapping, requiring_import: Sequence[str]) -> dict:
+    """Turn the plans' dotted names (conv_op, norm_op, nonlin, ...) into classes, as nnU-Net does."""
+    resolved = dict(arch_kwargs)
+    for key in requiring_import:
+        if resolved.get(key) is not None:
+            resolved[key] = locate_class(resolved[key])
+    return resolved
+
+
+def build_base_network(base_network_class_name: str, base_arch_kwargs: Mapping,
+                       base_arch_kwargs_requiring_import: Sequence[str], input_channels: int, num_classes: int,
+                       deep_supervision: bool | None = None) -> nn.Module:
+    """The uncompressed parent network, built the way nnU-Net's get_network_from_plans would build it."""
+    kwargs = resolve_arch_kwargs(base_arch_kwargs, base_arch_kwargs_requiring_import)
+    if deep_supervision is not None:
+        kwargs["deep_supervision"] = deep_supervision
+    return locate_class(base_network_class_name)(input_channels=input_channels, num_classes=num_classes, **kwargs)
+
+
+class CompressedUNet(nn.Module):
+    """A parent nnU-Net U-Net (``.encoder`` + ``.decoder``) with pruned channels and/or Tucker-factorised convs.
+
+    Args:
+        input_channels, num_classes: passed by nnU-Net.
+        base_network_class_name, base_arch_kwargs, base_arch_kwargs_requiring_import: the parent architecture
+            exactly as the parent plans describe it.
+        channels: kept channel count per channel group (group name = its first producing conv), or None.
+        tucker_ranks: ``{layer name: [rank_out, rank_in]}`` of factorised layers, or None.
+        per_fold_channels: set by the in-training pruning trainers, whose folds end with different shapes. Then a
+            state dict whose channel counts differ from ``channels`` reshapes the network before loading (so
+            nnU-Net's predictor can load every fold into one network object); otherwise any mismatch is an error.
+        deep_supervision: passed by nnU-Net's trainers and predictor.
+    """
+
+    def __init__(self, input_channels: int, num_classes: int, base_network_class_name: str,
+                 base_arch_kwargs: Mapping, base_arch_kwargs_requiring_import: Sequence[str] = (),
+                 channels: Mapping[str, int] | None = None,
+                 tucker_ranks: Mapping[str, Sequence[int]] | None = None,
+                 per_fold_channels: bool = False, deep_supervision: bool | None = None):
+        super().__init__()
+        base = build_base_network(base_network_class_name, base_arch_kwargs, base_arch_kwargs_requiring_import,
+                                  input_channels, num_classes, deep_supervision)
+        if not (hasattr(base, "encoder") and hasattr(base, "decoder")):
+            raise CompressError(f"{base_network_class_name} has no .encoder/.decoder; nnunet-compress supports "
+                                f"nnU-Net's PlainConvUNet and ResidualEncoderUNet families")
+        self.encoder = base.encoder
+        self.decoder = base.decoder
+        self.base_network_class_name = base_network_class_name
+        self.input_channels = input_channels
+        self.num_classes = num_classes
+        self.per_fold_channels = per_fold_channels
+        self._base_arch_kwargs = dict(base_arch_kwargs)
+        self._base_requiring_import = list(base_arch_kwargs_requiring_import)
+        # nnU-Net's weight initialisation of the parent class (get_network_from_plans applies network.initialize)
+        self._initialize = getattr(type(base), "initialize", None)
+        for attr in ("key_to_encoder", "key_to_stem", "keys_to_in_proj"):
+            if hasattr(base, attr):
+                setattr(self, attr, getattr(base, attr))
+        if channels:
+            from nnunet_compress.pruning.surgery import set_channel_counts
+            set_channel_counts(self, dict(channels))
+        self.tucker_ranks = {k: tuple(v) for k, v in (tucker_ranks or {}).items()}
+        if self.tucker_ranks:
+            from nnunet_compress.tucker import replace_convs
+            replace_convs(self, self.tucker_ranks, decompose=False)
+
+    def initialize(self, module: nn.Module) -> None:
+        if self._initialize is not None:
+            self._initialize(module)
+
+    def forward(self, x: torch.Tensor):
+        return self.decoder(self.encoder(x))
+
+    def compute_conv_feature_map_size(self, input_size):
+        return self.encoder.compute_conv_feature_map_size(input_size) + \
+            self.decoder.compute_conv_feature_map_size(input_size)
+
+    # ---- loading -------------------------------------------------------------------------------------------
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        if self.per_fold_channels:
+            from nnunet_compress.pruning.surgery import channel_counts, set_channel_counts
+            wanted = channel_counts_in_state_dict(self, state_dict)
+            if wanted and wanted != channel_counts(self):
+                set_channel_counts(self, wanted)
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        except RuntimeError as e:
+            raise CompressError(
+                "the checkpoint does not match the compressed architecture in plans.json "
+                f"({first_line(e)}); use the plans.json written together with this checkpoint, or rebuild the "
+                "compressed model folder from its parent") from e
+
+
+    def load_parent_weights(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, float]:
+        """Initialise every layer (segmentation heads included) from the trained PARENT network's weights.
+
+        The parent is rebuilt uncompressed, loaded strictly, pruned to this network's channel counts where the
+        weights are already pruned, and factorised with this network's Tucker ranks; then this network takes its
+        weights. nnU-Net's own ``-pretrained_weights`` loader cannot do this: it needs identical keys and shapes
+        and skips the segmentation heads, which would leave them random and wreck the first fine-tuning epochs.
+        Returns the relative reconstruction error of every factorised layer. Weights that already fit this
+        network exactly (a compressed checkpoint) are loaded as they are.
+        """
+        from nnunet_compress.model_folder import strip_wrapper_prefixes
+        state_dict = strip_wrapper_prefixes(dict(state_dict))
+        own = self.state_dict()
+        if own.keys() == state_dict.keys() and all(own[k].shape == state_dict[k].shape for k in own):
+            self.load_state_dict(state_dict)
+            return {}
+        parent = CompressedUNet(self.input_channels, self.num_classes, self.base_network_class_name,
+                                self._base_arch_kwargs, self._base_requiring_import,
+                                deep_supervision=self.decoder.deep_supervision, per_fold_channels=True)
+        try:
+            parent.load_state_dict(state_dict)
+        except CompressError as e:
+            raise CompressError("the pretrained weights are neither this compressed network's nor its parent "
+                                f"network's ({e}); pass the checkpoint of the model these plans were derived "
+                                "from") from None
+        from nnunet_compress.pruning.surgery import channel_counts
+        mine, theirs = channel_counts(self), channel_counts(parent)
+        if mine != theirs:
+            raise CompressError("the pretrained weights have other channel counts than these plans; pass the "
+                                "checkpoint of the model these plans were derived from")
+        errors: dict[str, float] = {}
+        if self.tucker_ranks:
+            from nnunet_compress.tucker import replace_convs
+            errors = replace_convs(parent, self.tucker_ranks, decompose=True)
+        self.load_state_dict(parent.state_dict())
+        return errors
+
+
+def first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return "; ".join(lines[:3])[:400]
+
+
+def channel_counts_in_state_dict(net: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """Kept channels of every prunable group as the weights in `state_dict` have them (by the producer's shape)."""
+    from nnunet_compress.pruning.dependency import channel_groups
+    counts = {}
+    for group in channel_groups(net):
+        if not group.prunable:
+            continue
+        producer = group.producers[0]
+        weight = state_dict.get(f"{producer}.weight")
+        if weight is None:
+            return {}
+        module = net.get_submodule(producer)
+        out_dim = 1 if isinstance(module, nn.modules.conv._ConvTransposeNd) else 0
+        counts[group.name] = int(weight.shape[out_dim])
+    return counts
+
+
+def unwrap(network: nn.Module) -> nn.Module:
+    """The plain module behind DDP and torch.compile wrappers."""
+    from torch._dynamo import OptimizedModule
+    from torch.nn.parallel import DistributedDataParallel
+    if isinstance(network, DistributedDataParallel):
+        network = network.module
+    if isinstance(network, OptimizedModule):
+        network = network._orig_mod
+    return network
+
+
+def compressed_arch_kwargs(parent_configuration: Mapping, channels: Mapping[str, int] | None = None,
+                           tucker_ranks: Mapping[str, Sequence[int]] | None = None,
+                           per_fold_channels: bool = False) -> dict:
+    """The ``architecture`` entry of a compressed configuration, derived from the parent configuration's one.
+
+    A parent that is already compressed is compressed further: its base architecture is kept, the new
+    compression replaces the corresponding part of the old one.
+    """
+    arch = parent_configuration["architecture"]
+    if arch["network_class_name"] == NETWORK_CLASS_NAME:
+        kwargs = dict(arch["arch_kwargs"])
+        base = {"base_network_class_name": kwargs["base_network_class_name"],
+                "base_arch_kwargs": kwargs["base_arch_kwargs"],
+                "base_arch_kwargs_requiring_import": kwargs.get("base_arch_kwargs_requiring_import", [])}
+        channels = channels if channels is not None else kwargs.get("channels")
+        tucker_ranks = tucker_ranks if tucker_ranks is not None else kwargs.get("tucker_ranks")
+    else:
+        base = {"base_network_class_name": arch["network_class_name"],
+                "base_arch_kwargs": dict(arch["arch_kwargs"]),
+                "base_arch_kwargs_requiring_import": list(arch.get("_kw_requires_import", []))}
+    return {
+        "network_class_name": NETWORK_CLASS_NAME,
+        "arch_kwargs": {
+            **base,
+            "channels": dict(channels) if channels else None,
+            "tucker_ranks": {k: list(v) for k, v in tucker_ranks.items()} if tucker_ranks else None,
+            "per_fold_channels": per_fold_channels,
+        },
+        "_kw_requires_import": [],
+    }

@@ -1,0 +1,98 @@
+"""Thin glue between nnU-Net's trainer and our compression: schedule from plans, pretrained-weights loading.
+
+Everything a compression run needs to know (method, ranks, targets, fine-tuning schedule) is recorded in the
+plans configuration under the key ``nnunet_compress`` — the "compression section" — so that it travels with the
+model folder and ``nnUNetv2_train`` needs no extra flags.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from nnunet_compress.errors import CompressError
+
+SECTION = "nnunet_compress"
+
+# nnU-Net's own defaults, used where the plans say nothing.
+SCHEDULE_KEYS = ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch", "initial_lr",
+                 "weight_decay", "save_every")
+
+
+def compression_section(configuration_manager, required_method: str | None = None) -> dict[str, Any]:
+    """The plans configuration's compression section (empty dict when absent and not required)."""
+    section = configuration_manager.configuration.get(SECTION)
+    if required_method is None:
+        return section or {}
+    if not section:
+        raise CompressError(f"these plans have no '{SECTION}' section; create plans for this trainer with "
+                            f"`nnunet-compress plan {required_method} -d DATASET -c CONFIGURATION ...` and pass "
+                            f"them with -p")
+    if section.get("method") != required_method:
+        raise CompressError(f"these plans were made for method {section.get('method')!r}, not "
+                            f"{required_method!r}; use the matching trainer or make plans with "
+                            f"`nnunet-compress plan {required_method}`")
+    return section
+
+
+class ScheduleFromPlansMixin:
+    """Take epochs, iterations, learning rate etc. from the plans' compression section.
+
+    nnU-Net fixes these in trainer code (1000 epochs of 250 iterations at lr 1e-2); fine-tuning a compressed
+    model needs far fewer epochs at a lower rate, and the values belong with the model, not in a class name.
+    """
+
+    default_schedule: dict[str, Any] = {}
+
+    def apply_schedule_from_plans(self) -> None:
+        section = compression_section(self.configuration_manager)
+        schedule = {**self.default_schedule, **section.get("schedule", {})}
+        for key, value in schedule.items():
+            if key not in SCHEDULE_KEYS:
+                raise CompressError(f"unknown schedule entry {key!r} in the plans' {SECTION} section "
+                                    f"(known: {', '.join(SCHEDULE_KEYS)})")
+            setattr(self, key, value)
+        if schedule:
+            self.print_to_log_file(f"nnunet-compress schedule from plans: {schedule}")
+
+
+def load_checkpoint_weights(fname: str) -> dict[str, torch.Tensor]:
+    from nnunet_compress.model_folder import load_checkpoint
+    return load_checkpoint(fname)["network_weights"]
+
+
+def load_pretrained_weights_into(network: torch.nn.Module, fname: str, verbose: bool = False) -> None:
+    """Replacement for nnU-Net's loader used for our compressed networks (all layers, heads included)."""
+    from nnunet_compress.network import CompressedUNet, unwrap
+    net = unwrap(network)
+    assert isinstance(net, CompressedUNet)
+    errors = net.load_parent_weights(load_checkpoint_weights(fname))
+    print(f"nnunet-compress: initialised every layer (segmentation heads included) from {fname}")
+    if errors and verbose:
+        for name, err in errors.items():
+            print(f"  {name}: relative reconstruction error {err:.4f}")
+
+
+def install_pretrained_weights_hook() -> None:
+    """Make ``nnUNetv2_train -pretrained_weights`` initialise our compressed networks from their parent.
+
+    nnU-Net's ``load_pretrained_weights`` demands identical keys and shapes and skips the segmentation heads; a
+    compressed network has other keys (factorised layers) or shapes (pruned channels), and must start from all
+    its parent's weights. ``nnunetv2.run.run_training`` calls the loader through its module global, and nnU-Net
+    imports our trainer module (through nnUNet_extTrainer) before it loads weights, so our trainer modules wrap
+    that global here. Networks that are not ours still go to nnU-Net's own loader unchanged.
+    """
+    import nnunetv2.run.run_training as run_training
+    original = run_training.load_pretrained_weights
+    if getattr(original, "_nnunet_compress_hook", False):
+        return
+
+    def load_pretrained_weights(network, fname, verbose=False):
+        from nnunet_compress.network import CompressedUNet, unwrap
+        if isinstance(unwrap(network), CompressedUNet):
+            return load_pretrained_weights_into(network, fname, verbose)
+        return original(network, fname, verbose)
+
+    load_pretrained_weights._nnunet_compress_hook = True
+    run_training.load_pretrained_weights = load_pretrained_weights

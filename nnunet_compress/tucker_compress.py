@@ -1,0 +1,249 @@
+"""Tucker compression of nnU-Net models: rank policy -> compressed plans -> compressed model folder.
+
+This is the nnU-Net side of :mod:`nnunet_compress.tucker` (the maths) and :mod:`nnunet_compress.ranks` (rank
+choice): it decides the ranks once per model (one plans.json describes one architecture, so every fold shares the
+ranks chosen on the first fold's weights), writes the plans, decomposes every fold's weights and reports what each
+layer cost before and after.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from nnunet_compress.errors import CompressError
+from nnunet_compress.model_folder import (ModelFolder, atomic_output_folder, build_network, check_output_location,
+                                          copy_folder_metadata, input_channels_of, load_fold_network,
+                                          resolve_configuration, save_checkpoint, write_json)
+from nnunet_compress.network import CompressedUNet, compressed_arch_kwargs
+from nnunet_compress.plans import derive_plans, format_number_tag, resolved_configuration
+
+
+@dataclass
+class RankPolicy:
+    """How ranks are chosen: exactly one of ratio / ranks / energy / target_params / target_flops."""
+
+    ratio: float | None = None
+    ranks: dict[str, list[int]] | None = None
+    energy: float | None = None
+    target_params: float | None = None
+    target_flops: float | None = None
+    min_rank: int = 8
+    multiple: int = 1
+    include_stem: bool = False
+    include_pointwise: bool = False
+
+    def kind(self) -> str:
+        given = [k for k in ("ratio", "ranks", "energy", "target_params", "target_flops")
+                 if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise CompressError("choose exactly one rank policy: --rank-ratio, --ranks, --energy, "
+                                "--target-params or --target-flops")
+        return given[0]
+
+    def validate(self) -> None:
+        kind = self.kind()
+        if kind == "ratio" and not 0 < self.ratio <= 1:
+            raise CompressError(f"--rank-ratio {self.ratio} is outside (0, 1]; e.g. 0.3 keeps 30% of the channels "
+                                f"as rank")
+        if kind == "energy" and not 0 < self.energy <= 1:
+            raise CompressError(f"--energy {self.energy} is outside (0, 1]; e.g. 0.9 keeps 90% of the energy")
+        for name in ("target_params", "target_flops"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value < 1:
+                raise CompressError(f"--{name.replace('_', '-')} {value} is outside (0, 1); it is the fraction "
+                                    f"of the original network to keep, e.g. 0.2")
+        if self.min_rank < 1:
+            raise CompressError(f"--min-rank {self.min_rank} must be at least 1")
+        if self.multiple < 1:
+            raise CompressError(f"--rank-multiple {self.multiple} must be at least 1")
+
+    @property
+    def needs_weights(self) -> bool:
+        return self.kind() in ("energy", "target_params", "target_flops")
+
+    def tag(self) -> str:
+        kind = self.kind()
+        suffix = "" if self.multiple == 1 else f"m{self.multiple}"
+        if kind == "ratio":
+            return f"tucker{format_number_tag(self.ratio)}{suffix}"
+        if kind == "energy":
+            return f"tuckerE{format_number_tag(self.energy)}{suffix}"
+        if kind == "target_params":
+            return f"tuckerP{format_number_tag(self.target_params)}{suffix}"
+        if kind == "target_flops":
+            return f"tuckerF{format_number_tag(self.target_flops)}{suffix}"
+        return "tuckerRanks"
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+def choose_ranks(net: nn.Module, policy: RankPolicy, patch_size: tuple[int, ...]) -> dict[str, tuple[int, int]]:
+    """Ranks for every layer to factorise; layers where factorising would not be cheaper are left out."""
+    from nnunet_compress import ranks as R
+    from nnunet_compress.tucker import layer_io_shapes
+    from nnunet_compress.profiling import count_parameters
+
+    policy.validate()
+    kind = policy.kind()
+    layers = R.decomposable_layers(net, include_stem=policy.include_stem, include_pointwise=policy.include_pointwise)
+    if kind == "ranks":
+        all_layers = R.decomposable_layers(net, include_stem=True, include_pointwise=True)
+        return R.ranks_fixed(all_layers, policy.ranks)
+    io_shapes = layer_io_shapes(net, tuple(patch_size))
+    if kind == "ratio":
+        return R.ranks_by_ratio(layers, policy.ratio, min_rank=policy.min_rank, multiple=policy.multiple,
+                                io_shapes=io_shapes)
+    if kind == "energy":
+        return R.ranks_by_energy(layers, policy.energy, multiple=policy.multiple, io_shapes=io_shapes)
+    base_params = count_parameters(net)
+    base_macs = total_macs(net, io_shapes)
+    metric = "params" if kind == "target_params" else "flops"
+    target = policy.target_params if metric == "params" else policy.target_flops
+    return R.ranks_for_budget(layers, io_shapes, base_params, base_macs, target, metric=metric,
+                              multiple=policy.multiple, min_rank=1)
+
+
+def total_macs(net: nn.Module, io_shapes: dict) -> int:
+    """Multiply-accumulates of all convolutions (what the FLOP budget is measured against)."""
+    from nnunet_compress.tucker import conv_costs
+    total = 0
+    for name, module in net.named_modules():
+        if isinstance(module, (nn.modules.conv._ConvNd,)) and name in io_shapes:
+            total += conv_costs(module, *io_shapes[name])[1]
+    return total
+
+
+@dataclass
+class LayerRow:
+    name: str
+    shape: str
+    ranks: list[int]
+    params_before: int
+    params_after: int
+    flops_before: int
+    flops_after: int
+    relative_error: float
+
+
+@dataclass
+class TuckerReport:
+    policy: dict
+    configuration: str
+    patch_size: list[int]
+    params_before: int
+    params_after: int
+    flops_before: int
+    flops_after: int
+    layers: list[LayerRow] = field(default_factory=list)
+    folds: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def to_markdown(self) -> str:
+        lines = [f"# Tucker compression report ({self.configuration}, patch {self.patch_size})", "",
+                 f"policy: `{json.dumps(self.policy)}`", "",
+                 f"parameters: {self.params_before:,} -> {self.params_after:,} "
+                 f"({self.params_after / self.params_before:.3f} of the original)",
+                 f"GFLOPs per patch (torch counting): {self.flops_before / 1e9:.3f} -> {self.flops_after / 1e9:.3f} "
+                 f"({self.flops_after / max(self.flops_before, 1):.3f} of the original)", "",
+                 "| layer | kernel (out, in, k) | ranks (out, in) | params before | after | MFLOPs before | after "
+                 "| rel. error (first fold) |",
+                 "|---|---|---|---:|---:|---:|---:|---:|"]
+        for r in self.layers:
+            lines.append(f"| {r.name} | {r.shape} | {r.ranks} | {r.params_before:,} | {r.params_after:,} | "
+                         f"{r.flops_before / 1e6:.1f} | {r.flops_after / 1e6:.1f} | {r.relative_error:.4f} |")
+        return "\n".join(lines) + "\n"
+
+
+def build_report(base_net: nn.Module, ranks: dict, errors: dict[str, float], patch_size, policy: RankPolicy,
+                 configuration: str) -> TuckerReport:
+    from nnunet_compress.tucker import conv_costs, layer_io_shapes
+    from nnunet_compress.profiling import count_parameters
+    io_shapes = layer_io_shapes(base_net, tuple(patch_size))
+    rows, saved_params, saved_macs = [], 0, 0
+    for name, (r_out, r_in) in ranks.items():
+        conv = base_net.get_submodule(name)
+        p0, m0 = conv_costs(conv, *io_shapes[name])
+        p1, m1 = conv_costs(conv, *io_shapes[name], ranks=(r_out, r_in))
+        saved_params += p0 - p1
+        saved_macs += m0 - m1
+        shape = f"({conv.out_channels}, {conv.in_channels}, {'x'.join(map(str, conv.kernel_size))})"
+        rows.append(LayerRow(name, shape, [int(r_out), int(r_in)], p0, p1, 2 * m0, 2 * m1,
+                             float(errors.get(name, math.nan))))
+    params = count_parameters(base_net)
+    flops = 2 * total_macs(base_net, io_shapes)
+    return TuckerReport(policy.to_dict(), configuration, list(patch_size), params, params - saved_params, flops,
+                        flops - 2 * saved_macs, rows)
+
+
+def tucker_plans(parent_plans: dict, configuration: str, ranks: dict, policy: RankPolicy, plans_name: str,
+                 schedule: dict | None = None) -> dict:
+    """Parent plans with `configuration` rebuilt as a Tucker-factorised CompressedUNet."""
+    arch = compressed_arch_kwargs(resolved_configuration(parent_plans, configuration), tucker_ranks=ranks)
+    section: dict[str, Any] = {"method": "tucker", "rank_policy": policy.to_dict()}
+    if schedule:
+        section["schedule"] = schedule
+    return derive_plans(parent_plans, configuration, plans_name, arch, section)
+
+
+def compress_model_folder(source: str | Path, output: str | Path, policy: RankPolicy, folds: list[str] | None,
+                          configuration: str | None = None, overwrite: bool = False,
+                          checkpoint_name: str = "checkpoint_final.pth", progress=print) -> TuckerReport:
+    """Write a Tucker-compressed copy of a trained model folder; the source is only read."""
+    from nnunet_compress.model_folder import open_model_folder
+    policy.validate()
+    source, output = Path(source), Path(output)
+    folder = open_model_folder(source, folds, checkpoint_name)
+    check_output_location(folder.path, output)
+    fold_names = list(folder.folds)
+    first_net, first_ckpt, configuration = load_fold_network(folder, fold_names[0], configuration)
+    if isinstance(first_net, CompressedUNet) and first_net.tucker_ranks:
+        raise CompressError(f"{source} is already Tucker-compressed; compress its parent model instead")
+    patch_size = tuple(resolved_configuration(folder.plans, configuration)["patch_size"])
+    ranks = choose_ranks(first_net, policy, patch_size)
+    if not ranks:
+        raise CompressError("with this policy no layer becomes cheaper when factorised; lower the ratio/target")
+    plans = tucker_plans(folder.plans, configuration, ranks, policy, folder.plans.get("plans_name", "nnUNetPlans"))
+    progress(f"factorising {len(ranks)} layers of {source} ({configuration}); folds: {', '.join(fold_names)}")
+    report = None
+    with atomic_output_folder(output, overwrite) as tmp:
+        write_json(tmp / "plans.json", plans)
+        copy_folder_metadata(folder.path, tmp)
+        for fold in fold_names:
+            base_net, checkpoint, _ = (first_net, first_ckpt, configuration) if fold == fold_names[0] else \
+                load_fold_network(folder, fold, configuration)
+            compressed = build_network(plans, folder.dataset_json, configuration, deep_supervision=False)
+            errors = compressed.load_parent_weights(base_net.state_dict())
+            if report is None:
+                report = build_report(base_net, ranks, errors, patch_size, policy, configuration)
+            report.folds[fold] = errors
+            save_checkpoint(compressed_checkpoint(checkpoint, compressed, plans), tmp / f"fold_{fold}" / checkpoint_name)
+            progress(f"  fold {fold}: done (mean relative error {mean(errors.values()):.4f})")
+        write_json(tmp / "compression_report.json", asdict(report))
+        (tmp / "compression_report.md").write_text(report.to_markdown())
+    return report
+
+
+def mean(values) -> float:
+    values = [v for v in values if not math.isnan(v)]
+    return sum(values) / len(values) if values else math.nan
+
+
+def compressed_checkpoint(checkpoint: dict, network: nn.Module, plans: dict) -> dict:
+    """The parent's checkpoint with the compressed weights; optimizer state dropped (its shapes no longer fit)."""
+    out = {k: v for k, v in checkpoint.items() if k not in ("network_weights", "optimizer_state", "grad_scaler_state")}
+    out["network_weights"] = {k: v.detach().clone() for k, v in network.state_dict().items()}
+    out["optimizer_state"] = None
+    out["grad_scaler_state"] = None
+    init_args = copy.deepcopy(checkpoint.get("init_args", {}))
+    if "plans" in init_args:
+        init_args["plans"] = plans
+    out["init_args"] = init_args
+    return out

@@ -1,0 +1,48 @@
+"""Shared fixtures: a tiny nnU-Net workspace on synthetic CT and a base model trained once per test session.
+
+The base model is trained by nnU-Net's own CLI (plan_and_preprocess, nnUNetv2_train -device cpu); every
+end-to-end test of a compression method starts from it, as a user starts from their trained model.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_ws(tmp_path_factory):
+    from nnunet_compress.tiny import default_workspace, prepare_dataset
+    ws = default_workspace(tmp_path_factory.mktemp("tiny"), dataset_id=501)
+    prepare_dataset(ws)
+    return ws
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tiny_ws) -> Path:
+    """Model folder of the tiny base model (fold 0), trained with nnUNetv2_train on the CPU."""
+    from nnunet_compress.tiny import train
+    return train(tiny_ws)
+
+
+@pytest.fixture(scope="session")
+def tiny_base_dice(tiny_ws, tiny_base) -> dict:
+    from nnunet_compress.tiny import dice_scores, predict_folder
+    out = predict_folder(tiny_ws, tiny_base, tiny_ws.root / "pred_base")
+    return dice_scores(tiny_ws, out)
+
+
+def run_cli(*args: str, env: dict | None = None, check: bool = False) -> subprocess.CompletedProcess:
+    """Run `nnunet-compress ARGS` in a subprocess, as a user would."""
+    proc = subprocess.run([sys.executable, "-m", "nnunet_compress.cli", *map(str, args)], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"nnunet-compress {' '.join(map(str, args))} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
