@@ -208,8 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fast", action="store_true", help="shorter training (for a quick look)")
     p.set_defaults(func=cmd_demo)
 
-    for extend in EXTENSIONS:
-        extend(sub, plan_sub)
+    from nnunet_compress import cli_pruning
+    cli_pruning.register(sub, plan_sub)
     return parser
 
 
@@ -219,10 +219,6 @@ def add_plan_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-p", "--plans", default="nnUNetPlans", help="parent plans (default nnUNetPlans)")
     p.add_argument("--plans-name", help="name of the new plans (default: derived from the parent and options)")
     p.add_argument("--overwrite", action="store_true")
-
-
-# Other modules (pruning, evaluation, TotalSegmentator) register their sub-commands here.
-EXTENSIONS: list = []
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,112 @@
+"""Sub-commands of ``nnunet-compress`` for filter pruning: ``plan taylor``, ``plan sauron`` and ``prune``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from nnunet_compress.errors import CompressError
+
+
+def add_taylor_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("pruning target (choose one)")
+    g.add_argument("--target-flops", type=float, help="stop at this fraction of the original FLOPs")
+    g.add_argument("--target-params", type=float, help="stop at this fraction of the original parameters")
+    p.add_argument("--step", type=float, default=0.05, help="fraction of channels removed per step (0.05)")
+    p.add_argument("--scope", choices=("global", "layer"), default="global")
+    p.add_argument("--min-channels", type=int, default=2, help="never fewer channels per layer (2)")
+    p.add_argument("--no-normalize", action="store_true", help="skip the layer-wise L2 score normalisation")
+
+
+def taylor_settings_from_args(args, **extra):
+    from nnunet_compress.taylor_prune import TaylorSettings
+    s = TaylorSettings(target_flops=args.target_flops, target_params=args.target_params, step=args.step,
+                       scope=args.scope, min_channels=args.min_channels, normalize=not args.no_normalize, **extra)
+    s.validate()
+    return s
+
+
+def write_pruning_plans(args, method: str, settings: dict, tag: str) -> None:
+    from nnunet_compress.cli import schedule_from_args
+    from nnunet_compress.plans import read_parent_plans, write_plans_beside
+    from nnunet_compress.taylor_prune import pruning_plans
+    folder, parent = read_parent_plans(args.dataset, args.plans)
+    plans = pruning_plans(parent, args.configuration, method, settings, args.plans_name or f"{args.plans}_{tag}",
+                          schedule_from_args(args))
+    print(write_plans_beside(folder, plans, args.overwrite))
+
+
+def cmd_plan_taylor(args) -> None:
+    settings = taylor_settings_from_args(args, importance=args.importance, prune_every=args.prune_every,
+                                         accumulate_batches=args.accumulate_batches)
+    write_pruning_plans(args, "taylor", settings.to_dict(), settings.tag())
+
+
+def cmd_plan_sauron(args) -> None:
+    from nnunet_compress.plans import format_number_tag
+    from nnunet_compress.pruning.sauron import SauronConfig
+    config = SauronConfig(lambda_=args.lambda_, tau_start=args.tau_start, tau_max=args.tau_max, kappa=args.kappa,
+                          rho=args.rho, mu=args.mu)
+    config.validate()
+    write_pruning_plans(args, "sauron", config.to_dict(), f"sauron{format_number_tag(args.tau_max)}")
+
+
+def cmd_prune(args) -> None:
+    from nnunet_compress.taylor_prune import prune_model_folder
+    settings = taylor_settings_from_args(args)
+    results = prune_model_folder(args.model_folder, args.output, args.method, settings, args.images, args.folds,
+                                 args.configuration, args.overwrite, args.checkpoint, args.calibration_batches,
+                                 args.seed)
+    for fold, r in results.items():
+        print(f"fold {fold}: {settings.metric} now {r['history'][-1]['fraction']:.3f} of the original; "
+              f"channels {list(r['channels'].values())}")
+    print(f"wrote {args.output}")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be a positive integer")
+    return value
+
+
+def register(sub, plan_sub) -> None:
+    from nnunet_compress.cli import add_plan_common, add_schedule_options
+
+    p = plan_sub.add_parser("taylor", help="plans for nnUNetTrainerTaylorPruning")
+    add_plan_common(p)
+    add_taylor_options(p)
+    p.add_argument("--importance", choices=("output_normalized", "loss"), default="output_normalized",
+                   help="output_normalized: Sapkota et al. 2023 (default); loss: classic Molchanov et al. 2019")
+    p.add_argument("--prune-every", type=positive_int, default=1, help="epochs between pruning steps (1)")
+    p.add_argument("--accumulate-batches", type=positive_int, default=8, help="batches scored per step (8)")
+    add_schedule_options(p)
+    p.set_defaults(func=cmd_plan_taylor)
+
+    p = plan_sub.add_parser("sauron", help="plans for nnUNetTrainerSauron")
+    add_plan_common(p)
+    p.add_argument("--lambda", dest="lambda_", type=float, default=0.5, help="weight of the δ_opt loss (0.5)")
+    p.add_argument("--tau-start", type=float, default=0.001)
+    p.add_argument("--tau-max", type=float, default=0.3)
+    p.add_argument("--kappa", type=int, default=15, help="steps from tau_start to tau_max (15)")
+    p.add_argument("--rho", type=int, default=5, help="patience in epochs (5)")
+    p.add_argument("--mu", type=float, default=0.02, help="convergence: fewer than this fraction removed (0.02)")
+    add_schedule_options(p)
+    p.set_defaults(func=cmd_plan_sauron)
+
+    p = sub.add_parser("prune", help="one-shot filter pruning of a trained model folder (no fine-tuning)")
+    p.add_argument("model_folder", type=Path)
+    p.add_argument("-o", "--output", type=Path, required=True)
+    p.add_argument("--method", choices=("taylor", "l1"), default="taylor")
+    p.add_argument("-i", "--images", type=Path, help="calibration images (nnU-Net naming), needed by taylor")
+    p.add_argument("--calibration-batches", type=positive_int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-c", "--configuration")
+    p.add_argument("-f", "--folds", nargs="+")
+    p.add_argument("--checkpoint", default="checkpoint_final.pth")
+    p.add_argument("--overwrite", action="store_true")
+    add_taylor_options(p)
+    p.set_defaults(func=cmd_prune)

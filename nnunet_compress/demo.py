@@ -1,0 +1,105 @@
+"""The end-to-end demo: synthetic CT -> tiny nnU-Net -> every compression method -> side-by-side table.
+
+Each step is the command a user would run (nnU-Net's CLI for planning, training and prediction; ours for the
+rest); the demo only strings them together and prints what each model costs and how well it segments.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from nnunet_compress import tiny
+from nnunet_compress.model_folder import atomic_write_file, load_fold_network, open_model_folder, input_channels_of
+from nnunet_compress.plans import resolved_configuration
+from nnunet_compress.profiling import profile_network
+
+
+@dataclass
+class DemoRow:
+    model: str
+    params: int
+    gflops: float
+    latency_ms: float
+    dice: float
+    dice_per_class: dict
+
+    def line(self, base: "DemoRow") -> str:
+        return (f"{self.model:<34} {self.params:>10,} {self.params / base.params:>6.2f} {self.gflops:>8.3f} "
+                f"{self.gflops / base.gflops:>6.2f} {self.latency_ms:>8.1f} {base.latency_ms / self.latency_ms:>6.2f}x"
+                f" {self.dice:>7.3f}")
+
+
+HEADER = (f"{'model':<34} {'params':>10} {'ratio':>6} {'GFLOPs':>8} {'ratio':>6} {'ms':>8} {'speed':>7} "
+          f"{'Dice':>7}")
+
+
+def measure(ws: tiny.TinyWorkspace, name: str, model_folder: Path, prediction_name: str) -> DemoRow:
+    """Profile one patch and predict the held-out cases with nnU-Net's predictor."""
+    folder = open_model_folder(model_folder, ["0"])
+    net, _, configuration = load_fold_network(folder, "0")
+    patch = tuple(resolved_configuration(folder.plans, configuration)["patch_size"])
+    prof = profile_network(net, input_channels_of(folder.plans, folder.dataset_json, configuration), patch,
+                           runs=7, warmup=2)
+    predictions = tiny.predict_folder(ws, model_folder, ws.root / "predictions" / prediction_name)
+    dice = tiny.dice_scores(ws, predictions)
+    return DemoRow(name, prof.params, prof.flops / 1e9, prof.latency_s * 1000, dice["mean_foreground"],
+                   dice["per_class"])
+
+
+def run_demo(workdir: Path, fast: bool = False) -> list[DemoRow]:
+    from nnunet_compress.cli import main as cli
+    t0 = time.time()
+    ws = tiny.default_workspace(workdir)
+    # the in-process steps (plans, profiling) read nnU-Net's folders from the environment like the CLI does
+    os.environ.update(ws.env())
+    epochs = 12 if fast else 25
+    print(f"[demo] workspace {ws.root}")
+    print("[demo] 1/4 synthetic CT dataset + nnUNetv2_plan_and_preprocess + tiny plans")
+    tiny.prepare_dataset(ws, num_epochs=epochs)
+    base_folder = ws.model_folder()
+    if not tiny.checkpoint_path(base_folder).exists():
+        print(f"[demo] 2/4 nnUNetv2_train (base model, {epochs} short epochs on the CPU)")
+        tiny.train(ws)
+    rows = [measure(ws, "base", base_folder, "base")]
+    print(f"[demo]      base model: mean foreground Dice {rows[0].dice:.3f}")
+
+    print("[demo] 3/4 Tucker: post-training compression (nnunet-compress tucker) and fine-tuning "
+          "(nnUNetv2_train -tr nnUNetTrainerTucker)")
+    for ratio in (0.5, 0.25):
+        out = ws.root / "compressed" / f"tucker{ratio}"
+        if not out.exists():
+            check(cli(["tucker", str(base_folder), "-o", str(out), "--rank-ratio", str(ratio), "--min-rank", "4"]))
+        rows.append(measure(ws, f"tucker {ratio} (no fine-tuning)", out, f"tucker{ratio}"))
+        plans_name = f"{tiny.TINY_PLANS}_tucker{ratio}"
+        finetuned = ws.model_folder("nnUNetTrainerTucker", plans_name)
+        if not tiny.checkpoint_path(finetuned).exists():
+            check(cli(["plan", "tucker", "-d", str(ws.dataset_id), "-c", tiny.CONFIGURATION, "-p", tiny.TINY_PLANS,
+                       "--rank-ratio", str(ratio), "--min-rank", "4", "--epochs", str(max(3, epochs // 5)),
+                       "--iterations-per-epoch", "25", "--lr", "1e-3", "--overwrite"]))
+            tiny.train(ws, plans_name, "nnUNetTrainerTucker", pretrained=tiny.checkpoint_path(base_folder))
+        rows.append(measure(ws, f"tucker {ratio} + fine-tuning", finetuned, f"tucker{ratio}_ft"))
+
+    for extra in DEMO_EXTENSIONS:
+        rows.extend(extra(ws, base_folder, epochs))
+
+    print("[demo] 4/4 summary (one 3D patch on the CPU; Dice = mean foreground Dice on the held-out cases)")
+    print(HEADER)
+    for row in rows:
+        print(row.line(rows[0]))
+    summary = ws.root / "demo_summary.json"
+    atomic_write_file(summary, lambda tmp: tmp.write_text(json.dumps([asdict(r) for r in rows], indent=2)))
+    print(f"[demo] done in {(time.time() - t0) / 60:.1f} min; figures in {summary}")
+    return rows
+
+
+def check(exit_code: int) -> None:
+    if exit_code != 0:
+        raise SystemExit(exit_code)
+
+
+# Pruning methods add their demo steps here: callables (ws, base_folder, epochs) -> list[DemoRow].
+DEMO_EXTENSIONS: list = []

@@ -1,0 +1,188 @@
+"""What every in-training pruning trainer needs from nnU-Net's trainer, written once.
+
+Removing channels mid-training replaces parameters, so the optimizer (and any torch.compile / DDP wrapper) must
+be rebuilt around the new ones; the checkpoint must carry the pruned shape and the method's state so that
+``nnUNetv2_train ... --c`` resumes exactly; and the model folder's plans.json must end up describing the pruned
+network so that ``nnUNetv2_predict`` rebuilds it. The methods (Taylor, Sauron) only decide *which* channels go.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from nnunet_compress.errors import CompressError
+from nnunet_compress.network import CompressedUNet, unwrap
+from nnunet_compress.training import SECTION
+
+CHECKPOINT_KEY = "nnunet_compress"
+
+
+def conv_flops(net: nn.Module, input_channels: int, patch_size) -> int:
+    """FLOPs of one patch, counted by torch's FlopCounterMode on a meta-device copy (no real compute)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    meta = copy.deepcopy(net).to("meta")
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        meta(torch.zeros((1, input_channels, *patch_size), device="meta"))
+    return int(counter.get_total_flops())
+
+
+def sliced_optimizer_state(net: nn.Module, optimizer: torch.optim.Optimizer, keep: dict) -> dict[str, dict]:
+    """Per-parameter optimizer state (e.g. SGD momentum) sliced to the kept channels, by parameter name.
+
+    The state tensors have the parameters' shapes, so a shadow copy of the network whose parameters hold the
+    state is pruned by the very same surgery; that keeps the slicing rule in one place.
+    """
+    from nnunet_compress.pruning.surgery import prune_channels
+    names = {id(p): n for n, p in net.named_parameters()}
+    by_name = {names[id(p)]: s for p, s in optimizer.state.items() if id(p) in names}
+    keys = sorted({k for s in by_name.values() for k, v in s.items() if torch.is_tensor(v) and v.dim() > 0})
+    result: dict[str, dict] = {n: {k: v for k, v in s.items() if not (torch.is_tensor(v) and v.dim() > 0)}
+                               for n, s in by_name.items()}
+    for key in keys:
+        shadow = copy.deepcopy(net)
+        with torch.no_grad():
+            for n, p in shadow.named_parameters():
+                if n in by_name and key in by_name[n]:
+                    p.data = by_name[n][key].detach().clone()
+                else:
+                    p.data = torch.full_like(p.data, float("nan"))
+        prune_channels(shadow, keep)
+        for n, p in shadow.named_parameters():
+            if n in by_name and key in by_name[n]:
+                result[n][key] = p.data
+    return result
+
+
+class PruningTrainerMixin:
+    """Mixed into an nnUNetTrainer subclass; the subclass decides what to prune and calls apply_pruning."""
+
+    method: str = ""
+
+    # ---- setup -------------------------------------------------------------------------------------------
+    def pruning_section(self) -> dict:
+        from nnunet_compress.training import compression_section
+        return compression_section(self.configuration_manager, required_method=self.method)
+
+    @property
+    def plain_network(self) -> CompressedUNet:
+        net = unwrap(self.network)
+        if not isinstance(net, CompressedUNet):
+            raise CompressError(f"{type(self).__name__} needs plans made by `nnunet-compress plan {self.method}` "
+                                f"(network class CompressedUNet), got {type(net).__name__}")
+        if net.tucker_ranks:
+            raise CompressError("pruning a Tucker-factorised network is not supported; prune first, then factorise")
+        return net
+
+    def prunable_groups(self):
+        from nnunet_compress.pruning.dependency import channel_groups
+        return [g for g in channel_groups(self.plain_network) if g.prunable]
+
+    def current_cost(self) -> tuple[int, int]:
+        net = self.plain_network
+        params = sum(p.numel() for p in net.parameters())
+        return params, conv_flops(net, self.num_input_channels, self.configuration_manager.patch_size)
+
+    # ---- the one operation: remove channels ----------------------------------------------------------------
+    def apply_pruning(self, keep: dict[str, list[int]], carry_optimizer_state: bool = True) -> None:
+        """Physically remove channels, then rebuild optimizer, LR scheduler and wrappers around the new weights."""
+        if not keep:
+            return
+        from nnunet_compress.pruning.surgery import prune_channels
+        net = self.plain_network
+        state = sliced_optimizer_state(net, self.optimizer, keep) if carry_optimizer_state else {}
+        prune_channels(net, keep)
+        self.rebuild_after_pruning(net, state)
+
+    def rebuild_after_pruning(self, net: CompressedUNet, state: dict[str, dict] | None = None) -> None:
+        net.to(self.device)
+        self.network = net
+        if self._do_i_compile():
+            self.network = torch.compile(self.network)
+        if self.is_ddp:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            self.network = DDP(self.network, device_ids=[self.local_rank])
+        self.optimizer, self.lr_scheduler = self.configure_optimizers()
+        if state:
+            params = dict(net.named_parameters())
+            for name, s in state.items():
+                if name in params:
+                    self.optimizer.state[params[name]] = {k: (v.to(self.device) if torch.is_tensor(v) else v)
+                                                          for k, v in s.items()}
+
+    # ---- logging ------------------------------------------------------------------------------------------
+    def log_pruning_status(self, removed: int = 0) -> None:
+        from nnunet_compress.pruning.surgery import channel_counts
+        params, flops = self.current_cost()
+        counts = channel_counts(self.plain_network)
+        self.print_to_log_file(f"[{self.method}] removed {removed} channels; now {params:,} params, "
+                               f"{flops / 1e9:.3f} GFLOPs/patch ({params / self.initial_cost[0]:.3f} / "
+                               f"{flops / self.initial_cost[1]:.3f} of the start)")
+        self.print_to_log_file(f"[{self.method}] channels per layer: {list(counts.values())}")
+
+    def on_train_start(self):
+        super().on_train_start()
+        self.initial_cost = getattr(self, "initial_cost", None) or self.current_cost()
+        self._epoch_wall_start = time.time()
+
+    def on_epoch_start(self):
+        self._epoch_wall_start = time.time()
+        super().on_epoch_start()
+
+    # ---- checkpoints: shape + method state --------------------------------------------------------------
+    def pruning_state(self) -> dict:
+        """Method state to save (subclasses extend)."""
+        return {"initial_cost": list(self.initial_cost) if getattr(self, "initial_cost", None) else None}
+
+    def load_pruning_state(self, state: dict) -> None:
+        cost = state.get("initial_cost")
+        self.initial_cost = tuple(cost) if cost else None
+
+    def save_checkpoint(self, filename: str) -> None:
+        super().save_checkpoint(filename)
+        if self.local_rank != 0 or self.disable_checkpointing:
+            return
+        from nnunet_compress.pruning.surgery import channel_counts
+        from nnunet_compress.model_folder import save_checkpoint
+        checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
+        checkpoint[CHECKPOINT_KEY] = {"method": self.method, "channels": channel_counts(self.plain_network),
+                                      "state": self.pruning_state()}
+        save_checkpoint(checkpoint, Path(filename))
+
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        if not self.was_initialized:
+            self.initialize()
+        checkpoint = filename_or_checkpoint if isinstance(filename_or_checkpoint, dict) else \
+            torch.load(filename_or_checkpoint, map_location=self.device, weights_only=False)
+        extra = checkpoint.get(CHECKPOINT_KEY)
+        if extra is not None:
+            from nnunet_compress.pruning.surgery import set_channel_counts
+            net = self.plain_network
+            set_channel_counts(net, extra["channels"])
+            self.rebuild_after_pruning(net)
+            self.load_pruning_state(extra.get("state", {}))
+        super().load_checkpoint(checkpoint)
+
+    # ---- the model folder describes the pruned network --------------------------------------------------
+    def on_train_end(self):
+        super().on_train_end()
+        if self.local_rank == 0:
+            self.write_pruned_plans()
+
+    def write_pruned_plans(self) -> None:
+        """Record this fold's final channel counts in the model folder's plans.json (atomically)."""
+        from nnunet_compress.model_folder import atomic_write_file, read_json, write_json
+        from nnunet_compress.pruning.surgery import channel_counts
+        path = Path(self.output_folder_base) / "plans.json"
+        if not path.is_file():
+            return
+        plans = read_json(path)
+        cfg = plans["configurations"][self.configuration_name]
+        cfg["architecture"]["arch_kwargs"]["channels"] = channel_counts(self.plain_network)
+        cfg.setdefault(SECTION, {})["channels_from_fold"] = self.fold
+        atomic_write_file(path, lambda tmp: write_json(tmp, plans))

@@ -1,0 +1,216 @@
+"""Taylor first-order (and L1) filter pruning of nnU-Net networks: settings, pruning steps, one-shot CLI.
+
+The in-training loop lives in ``trainers/nnUNetTrainerTaylorPruning.py``; this module holds what it shares with
+the post-training ``nnunet-compress prune`` command: the settings recorded in the plans, one pruning step (score,
+rank, remove) and the stopping rule.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from nnunet_compress.errors import CompressError
+from nnunet_compress.network import CompressedUNet, compressed_arch_kwargs
+from nnunet_compress.plans import derive_plans, format_number_tag, resolved_configuration
+
+IMPORTANCE_MODES = ("output_normalized", "loss")
+
+
+@dataclass
+class TaylorSettings:
+    """How far and how fast to prune; recorded in the plans' compression section."""
+
+    target_flops: float | None = None
+    target_params: float | None = None
+    importance: str = "output_normalized"   # or "loss" (classic Molchanov) — see pruning.importance
+    normalize: bool = True                  # layer-wise L2 normalisation before the global ranking
+    scope: str = "global"                   # or "layer"
+    step: float = 0.05                      # fraction of the prunable channels removed per pruning step
+    prune_every: int = 1                    # epochs between pruning steps
+    accumulate_batches: int = 8             # training batches whose Taylor scores are summed per step
+    min_channels: int = 2                   # never fewer channels than this in any layer
+
+    def validate(self) -> None:
+        targets = [t for t in (self.target_flops, self.target_params) if t is not None]
+        if len(targets) != 1:
+            raise CompressError("give exactly one of --target-flops and --target-params")
+        if not 0 < targets[0] < 1:
+            raise CompressError(f"target {targets[0]} is outside (0, 1); it is the fraction of the original to keep, "
+                                f"e.g. --target-flops 0.5")
+        if self.importance not in IMPORTANCE_MODES:
+            raise CompressError(f"--importance {self.importance!r} unknown; choose {' or '.join(IMPORTANCE_MODES)}")
+        if self.scope not in ("global", "layer"):
+            raise CompressError(f"--scope {self.scope!r} unknown; choose global or layer")
+        if not 0 < self.step < 1:
+            raise CompressError(f"--step {self.step} is outside (0, 1); e.g. 0.05 removes 5% of channels per step")
+        for name in ("prune_every", "accumulate_batches", "min_channels"):
+            if int(getattr(self, name)) < 1:
+                raise CompressError(f"--{name.replace('_', '-')} must be a positive integer")
+
+    @property
+    def metric(self) -> str:
+        return "flops" if self.target_flops is not None else "params"
+
+    @property
+    def target(self) -> float:
+        return self.target_flops if self.target_flops is not None else self.target_params
+
+    def tag(self) -> str:
+        return f"taylor{'F' if self.metric == 'flops' else 'P'}{format_number_tag(self.target)}"
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TaylorSettings":
+        unknown = set(d) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise CompressError(f"unknown Taylor setting(s) {sorted(unknown)} in the plans")
+        s = cls(**d)
+        s.validate()
+        return s
+
+
+def pruning_plans(parent_plans: dict, configuration: str, method: str, settings: dict, plans_name: str,
+                  schedule: dict | None = None) -> dict:
+    """Parent plans whose network can change shape per fold while training prunes it."""
+    arch = compressed_arch_kwargs(resolved_configuration(parent_plans, configuration), per_fold_channels=True)
+    if arch["arch_kwargs"].get("tucker_ranks"):
+        raise CompressError("the parent plans are Tucker-factorised; prune the uncompressed parent instead")
+    section = {"method": method, "settings": settings}
+    if schedule:
+        section["schedule"] = schedule
+    return derive_plans(parent_plans, configuration, plans_name, arch, section)
+
+
+def channels_to_remove(groups, fraction: float) -> int:
+    total = sum(g.size for g in groups)
+    return max(1, int(math.ceil(fraction * total)))
+
+
+def taylor_scores(net: nn.Module, groups, batches: Iterable[tuple[torch.Tensor, object]], mode: str,
+                  loss_fn: Callable | None = None) -> dict[str, torch.Tensor]:
+    """First-order Taylor importance of every channel, summed over `batches` of (input, target)."""
+    from nnunet_compress.pruning.importance import TaylorImportance, output_normalized_backward
+    was_training = net.training
+    net.train()
+    with TaylorImportance(net, groups, mode=mode) as importance:
+        for data, target in batches:
+            net.zero_grad(set_to_none=True)
+            output = net(data)
+            if mode == "loss":
+                if loss_fn is None:
+                    raise CompressError("loss-based Taylor importance needs labelled batches")
+                loss_fn(output, target).backward()
+            else:
+                output_normalized_backward(output)
+        scores = importance.scores()
+    net.zero_grad(set_to_none=True)
+    net.train(was_training)
+    return scores
+
+
+def choose_channels_to_keep(net: nn.Module, settings: TaylorSettings, scores: dict[str, torch.Tensor],
+                            n_remove: int) -> dict[str, list[int]]:
+    from nnunet_compress.pruning.dependency import channel_groups
+    from nnunet_compress.pruning.importance import normalize_per_layer, select_channels_to_keep
+    groups = [g for g in channel_groups(net) if g.prunable]
+    if settings.normalize:
+        scores = normalize_per_layer(scores)
+    return select_channels_to_keep(scores, n_remove, min_channels=settings.min_channels, scope=settings.scope,
+                                   groups=groups)
+
+
+def prune_until_target(net: nn.Module, settings: TaylorSettings, method: str, input_channels: int, patch_size,
+                       calibration: list[torch.Tensor] | None = None, progress=print) -> list[dict]:
+    """One-shot pruning without fine-tuning: score, remove a step, re-score ... until the target is met."""
+    from nnunet_compress.pruning.dependency import channel_groups
+    from nnunet_compress.pruning.importance import l1_importance
+    from nnunet_compress.pruning.surgery import prune_channels
+    from nnunet_compress.pruning_trainer import conv_flops
+
+    def cost() -> float:
+        if settings.metric == "flops":
+            return conv_flops(net, input_channels, patch_size)
+        return sum(p.numel() for p in net.parameters())
+
+    start, history = cost(), []
+    fraction = 1.0
+    while fraction > settings.target:
+        groups = [g for g in channel_groups(net) if g.prunable]
+        if all(g.size <= settings.min_channels for g in groups):
+            raise CompressError(f"cannot reach {settings.metric} {settings.target} without emptying layers "
+                                f"(every layer is at --min-channels {settings.min_channels}); "
+                                f"lower --min-channels or raise the target")
+        if method == "l1":
+            scores = l1_importance(net, groups)
+        else:
+            if not calibration:
+                raise CompressError("Taylor pruning needs calibration images: pass -i IMAGES_FOLDER")
+            scores = taylor_scores(net, groups, ((b, None) for b in calibration), "output_normalized")
+        keep = choose_channels_to_keep(net, settings, scores, channels_to_remove(groups, settings.step))
+        if not keep:
+            raise CompressError("no channel could be removed; lower --min-channels or raise the target")
+        removed = sum(g.size - len(keep[g.name]) for g in groups if g.name in keep)
+        prune_channels(net, keep)
+        fraction = cost() / start
+        history.append({"removed": removed, "fraction": fraction})
+        progress(f"  removed {removed} channels -> {settings.metric} {fraction:.3f} of the original")
+    return history
+
+
+def prune_model_folder(source: str | Path, output: str | Path, method: str, settings: TaylorSettings,
+                       images: Path | None = None, folds: list[str] | None = None,
+                       configuration: str | None = None, overwrite: bool = False,
+                       checkpoint_name: str = "checkpoint_final.pth", calibration_batches: int = 8,
+                       seed: int = 0, progress=print) -> dict:
+    """Write a pruned copy of a trained model folder (no fine-tuning); the source is only read."""
+    from nnunet_compress.calibration import preprocessed_cases, random_patches
+    from nnunet_compress.model_folder import (atomic_output_folder, check_output_location, copy_folder_metadata,
+                                              input_channels_of, load_fold_network, open_model_folder,
+                                              save_checkpoint, write_json)
+    from nnunet_compress.pruning.surgery import channel_counts
+    from nnunet_compress.tucker_compress import compressed_checkpoint
+
+    if method not in ("taylor", "l1"):
+        raise CompressError(f"--method {method!r} unknown; choose taylor or l1")
+    settings.validate()
+    source, output = Path(source), Path(output)
+    folder = open_model_folder(source, folds, checkpoint_name)
+    check_output_location(folder.path, output)
+    if method == "taylor" and images is None:
+        raise CompressError("Taylor pruning needs calibration images: pass -i IMAGES_FOLDER (nnU-Net naming, "
+                            "e.g. imagesTr or imagesTs)")
+    results, plans = {}, None
+    with atomic_output_folder(output, overwrite) as tmp:
+        for fold in folder.folds:
+            net, checkpoint, configuration = load_fold_network(folder, fold, configuration, deep_supervision=False)
+            if isinstance(net, CompressedUNet) and net.tucker_ranks:
+                raise CompressError(f"{source} is Tucker-factorised; prune its uncompressed parent instead")
+            cfg = resolved_configuration(folder.plans, configuration)
+            channels_in = input_channels_of(folder.plans, folder.dataset_json, configuration)
+            calibration = None
+            if method == "taylor":
+                volumes = preprocessed_cases(Path(images), folder.plans, folder.dataset_json, configuration)
+                calibration = random_patches(volumes, cfg["patch_size"], calibration_batches, seed=seed)
+            torch.manual_seed(seed)
+            progress(f"fold {fold}: {method} pruning to {settings.metric} {settings.target}")
+            history = prune_until_target(net, settings, method, channels_in, cfg["patch_size"], calibration, progress)
+            counts = channel_counts(net)
+            if plans is None:
+                arch = compressed_arch_kwargs(cfg, channels=counts, per_fold_channels=len(folder.folds) > 1)
+                plans = derive_plans(folder.plans, configuration, folder.plans.get("plans_name", "nnUNetPlans"), arch,
+                                     {"method": f"{method}_oneshot", "settings": settings.to_dict()})
+                write_json(tmp / "plans.json", plans)
+                copy_folder_metadata(folder.path, tmp)
+            save_checkpoint(compressed_checkpoint(checkpoint, net, plans), tmp / f"fold_{fold}" / checkpoint_name)
+            results[fold] = {"history": history, "channels": counts}
+        write_json(tmp / "compression_report.json", {"method": method, "settings": settings.to_dict(),
+                                                      "folds": results})
+    return results
