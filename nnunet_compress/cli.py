@@ -135,6 +135,8 @@ def add_schedule_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--iterations-per-epoch", type=int, dest="num_iterations_per_epoch")
     g.add_argument("--val-iterations", type=int, dest="num_val_iterations_per_epoch")
     g.add_argument("--lr", type=float, dest="initial_lr")
+    g.add_argument("--augmentation", choices=("nnunet", "none"),
+                   help="'none' trains without nnU-Net's augmentation (for quick CPU runs on easy data)")
 
 
 def schedule_from_args(args) -> dict:
@@ -145,6 +147,8 @@ def schedule_from_args(args) -> dict:
             if value <= 0:
                 raise CompressError(f"--{key} must be positive, got {value}")
             schedule[key] = value
+    if getattr(args, "augmentation", None):
+        schedule["augmentation"] = args.augmentation
     return schedule
 
 

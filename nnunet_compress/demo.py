@@ -79,7 +79,8 @@ def run_demo(workdir: Path, fast: bool = False) -> list[DemoRow]:
         if not tiny.checkpoint_path(finetuned).exists():
             check(cli(["plan", "tucker", "-d", str(ws.dataset_id), "-c", tiny.CONFIGURATION, "-p", tiny.TINY_PLANS,
                        "--rank-ratio", str(ratio), "--min-rank", "4", "--epochs", str(max(3, epochs // 5)),
-                       "--iterations-per-epoch", "25", "--lr", "1e-3", "--overwrite"]))
+                       "--iterations-per-epoch", "25", "--lr", "1e-3", "--augmentation", "none",
+                       "--overwrite"]))
             tiny.train(ws, plans_name, "nnUNetTrainerTucker", pretrained=tiny.checkpoint_path(base_folder))
         rows.append(measure(ws, f"tucker {ratio} + fine-tuning", finetuned, f"tucker{ratio}_ft"))
 

@@ -34,32 +34,22 @@ def locate_class(name: str) -> type:
     return cls
 
 
-def resolve_arch_kwargs(arch_kwargs: Mapping, requiring_import: Sequence[str]) -> dict:
-    """Turn the plans' dotted names (conv_op, norm_op, nonlin, ...) into classes, as nnU-Net does."""
-    resolved = dict(arch_kwargs)
-    for key in requiring_import:
-        if resolved.get(key) is not None:
-            resolved[key] = locate_class(resolved[key])
-    return resolved
-
-
-def build_base_network(base_network_class_name: str, base_arch_kwargs: Mapping,
-                       base_arch_kwargs_requiring_import: Sequence[str], input_channels: int, num_classes: int,
-                       deep_supervision: bool | None = None) -> nn.Module:
-    """The uncompressed parent network, built the way nnU-Net's get_network_from_plans would build it."""
-    kwargs = resolve_arch_kwargs(base_arch_kwargs, base_arch_kwargs_requiring_import)
-    if deep_supervision is not None:
-        kwargs["deep_supervision"] = deep_supervision
-    return locate_class(base_network_class_name)(input_channels=input_channels, num_classes=num_classes, **kwargs)
+def build_base_network(base_network_class_name: str, base_kwargs: Mapping, input_channels: int,
+                       num_classes: int) -> nn.Module:
+    """The uncompressed parent network from already-resolved kwargs (conv_op etc. as classes)."""
+    return locate_class(base_network_class_name)(input_channels=input_channels, num_classes=num_classes,
+                                                 **base_kwargs)
 
 
 class CompressedUNet(nn.Module):
     """A parent nnU-Net U-Net (``.encoder`` + ``.decoder``) with pruned channels and/or Tucker-factorised convs.
 
+    The plans' ``arch_kwargs`` are the parent's own (nnU-Net reads some of them, e.g. ``strides``, and resolves
+    ``conv_op`` & co. through ``_kw_requires_import`` as for the parent) plus the keys below.
+
     Args:
         input_channels, num_classes: passed by nnU-Net.
-        base_network_class_name, base_arch_kwargs, base_arch_kwargs_requiring_import: the parent architecture
-            exactly as the parent plans describe it.
+        base_network_class_name: the parent architecture's class (e.g. PlainConvUNet).
         channels: kept channel count per channel group (group name = its first producing conv), or None.
         tucker_ranks: ``{layer name: [rank_out, rank_in]}`` of factorised layers, or None.
         per_fold_channels: set by the in-training pruning trainers, whose folds end with different shapes. Then a
@@ -69,13 +59,11 @@ class CompressedUNet(nn.Module):
     """
 
     def __init__(self, input_channels: int, num_classes: int, base_network_class_name: str,
-                 base_arch_kwargs: Mapping, base_arch_kwargs_requiring_import: Sequence[str] = (),
                  channels: Mapping[str, int] | None = None,
                  tucker_ranks: Mapping[str, Sequence[int]] | None = None,
-                 per_fold_channels: bool = False, deep_supervision: bool | None = None):
+                 per_fold_channels: bool = False, **base_kwargs):
         super().__init__()
-        base = build_base_network(base_network_class_name, base_arch_kwargs, base_arch_kwargs_requiring_import,
-                                  input_channels, num_classes, deep_supervision)
+        base = build_base_network(base_network_class_name, base_kwargs, input_channels, num_classes)
         if not (hasattr(base, "encoder") and hasattr(base, "decoder")):
             raise CompressError(f"{base_network_class_name} has no .encoder/.decoder; nnunet-compress supports "
                                 f"nnU-Net's PlainConvUNet and ResidualEncoderUNet families")
@@ -85,8 +73,7 @@ class CompressedUNet(nn.Module):
         self.input_channels = input_channels
         self.num_classes = num_classes
         self.per_fold_channels = per_fold_channels
-        self._base_arch_kwargs = dict(base_arch_kwargs)
-        self._base_requiring_import = list(base_arch_kwargs_requiring_import)
+        self._base_kwargs = dict(base_kwargs)
         # nnU-Net's weight initialisation of the parent class (get_network_from_plans applies network.initialize)
         self._initialize = getattr(type(base), "initialize", None)
         for attr in ("key_to_encoder", "key_to_stem", "keys_to_in_proj"):
@@ -144,8 +131,8 @@ class CompressedUNet(nn.Module):
             self.load_state_dict(state_dict)
             return {}
         parent = CompressedUNet(self.input_channels, self.num_classes, self.base_network_class_name,
-                                self._base_arch_kwargs, self._base_requiring_import,
-                                deep_supervision=self.decoder.deep_supervision, per_fold_channels=True)
+                                per_fold_channels=True,
+                                **{**self._base_kwargs, "deep_supervision": self.decoder.deep_supervision})
         try:
             parent.load_state_dict(state_dict)
         except CompressError as e:
@@ -198,33 +185,35 @@ def unwrap(network: nn.Module) -> nn.Module:
     return network
 
 
+COMPRESSION_KEYS = ("base_network_class_name", "channels", "tucker_ranks", "per_fold_channels")
+
+
 def compressed_arch_kwargs(parent_configuration: Mapping, channels: Mapping[str, int] | None = None,
                            tucker_ranks: Mapping[str, Sequence[int]] | None = None,
                            per_fold_channels: bool = False) -> dict:
     """The ``architecture`` entry of a compressed configuration, derived from the parent configuration's one.
 
-    A parent that is already compressed is compressed further: its base architecture is kept, the new
-    compression replaces the corresponding part of the old one.
+    A parent that is already compressed is compressed further: its base architecture is kept, and the new
+    channels / ranks replace its old ones where given.
     """
     arch = parent_configuration["architecture"]
+    kwargs = dict(arch["arch_kwargs"])
     if arch["network_class_name"] == NETWORK_CLASS_NAME:
-        kwargs = dict(arch["arch_kwargs"])
-        base = {"base_network_class_name": kwargs["base_network_class_name"],
-                "base_arch_kwargs": kwargs["base_arch_kwargs"],
-                "base_arch_kwargs_requiring_import": kwargs.get("base_arch_kwargs_requiring_import", [])}
+        base_class = kwargs["base_network_class_name"]
         channels = channels if channels is not None else kwargs.get("channels")
         tucker_ranks = tucker_ranks if tucker_ranks is not None else kwargs.get("tucker_ranks")
+        for key in COMPRESSION_KEYS:
+            kwargs.pop(key, None)
     else:
-        base = {"base_network_class_name": arch["network_class_name"],
-                "base_arch_kwargs": dict(arch["arch_kwargs"]),
-                "base_arch_kwargs_requiring_import": list(arch.get("_kw_requires_import", []))}
+        base_class = arch["network_class_name"]
     return {
         "network_class_name": NETWORK_CLASS_NAME,
         "arch_kwargs": {
-            **base,
+            **kwargs,
+            "base_network_class_name": base_class,
             "channels": dict(channels) if channels else None,
             "tucker_ranks": {k: list(v) for k, v in tucker_ranks.items()} if tucker_ranks else None,
             "per_fold_channels": per_fold_channels,
         },
-        "_kw_requires_import": [],
+        "_kw_requires_import": list(arch.get("_kw_requires_import", [])),
     }

@@ -109,7 +109,8 @@ def taylor_scores(net: nn.Module, groups, batches: Iterable[tuple[torch.Tensor, 
                     raise CompressError("loss-based Taylor importance needs labelled batches")
                 loss_fn(output, target).backward()
             else:
-                output_normalized_backward(output)
+                labels = target[0] if isinstance(target, (list, tuple)) else target
+                output_normalized_backward(output, labels)
         scores = importance.scores()
     net.zero_grad(set_to_none=True)
     net.train(was_training)

@@ -84,7 +84,8 @@ def tiny_plans(parent: dict, num_epochs: int, iterations_per_epoch: int, feature
     cfg["patch_size"] = list(patch_size)
     cfg["batch_size"] = batch_size
     cfg["nnunet_compress"] = {"schedule": {"num_epochs": num_epochs, "num_iterations_per_epoch": iterations_per_epoch,
-                                           "num_val_iterations_per_epoch": 4, "initial_lr": 1e-2}}
+                                           "num_val_iterations_per_epoch": 4, "initial_lr": 1e-2,
+                                           "augmentation": "none"}}
     return plans
 
 
@@ -120,7 +121,7 @@ def predict_folder(ws: TinyWorkspace, model_folder: Path, output: Path, fold: st
     """``nnUNetv2_predict_from_modelfolder`` on the held-out images; returns the output folder."""
     input_folder = input_folder or ws.raw_dataset / "imagesTs"
     run_nnunet(["nnUNetv2_predict_from_modelfolder", "-i", str(input_folder), "-o", str(output), "-m",
-                str(model_folder), "-f", fold, "-device", "cpu", "--disable_progress_bar", "-npp", "1", "-nps", "1"],
+                str(model_folder), "-f", fold, "-device", "cpu", "--disable_progress_bar", "--disable_tta", "-npp", "1", "-nps", "1"],
                ws.env(), ws.root / "logs" / f"predict_{output.name}.log")
     return output
 

@@ -17,7 +17,7 @@ SECTION = "nnunet_compress"
 
 # nnU-Net's own defaults, used where the plans say nothing.
 SCHEDULE_KEYS = ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch", "initial_lr",
-                 "weight_decay", "save_every")
+                 "weight_decay", "save_every", "augmentation")
 
 
 def compression_section(configuration_manager, required_method: str | None = None) -> dict[str, Any]:
@@ -44,6 +44,7 @@ class ScheduleFromPlansMixin:
     """
 
     default_schedule: dict[str, Any] = {}
+    augmentation: str = "nnunet"
 
     def apply_schedule_from_plans(self) -> None:
         section = compression_section(self.configuration_manager)
@@ -53,8 +54,36 @@ class ScheduleFromPlansMixin:
                 raise CompressError(f"unknown schedule entry {key!r} in the plans' {SECTION} section "
                                     f"(known: {', '.join(SCHEDULE_KEYS)})")
             setattr(self, key, value)
+        if self.augmentation not in ("nnunet", "none"):
+            raise CompressError(f"schedule entry augmentation={self.augmentation!r} unknown; use 'nnunet' (default) "
+                                f"or 'none'")
         if schedule:
             self.print_to_log_file(f"nnunet-compress schedule from plans: {schedule}")
+
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        rotation, dummy_2d, initial_patch_size, mirror_axes = \
+            super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        if self.augmentation == "none":
+            # no spatial transform crops the loader's enlarged patch back, so load the patch size itself
+            self.inference_allowed_mirroring_axes = None
+            return rotation, dummy_2d, self.configuration_manager.patch_size, None
+        return rotation, dummy_2d, initial_patch_size, mirror_axes
+
+    def get_training_transforms(self, *args, **kwargs):
+        """nnU-Net's augmentation, or with ``augmentation: none`` only the transforms training needs.
+
+        'none' exists for the tiny CPU demo and tests, whose synthetic train and test cases come from one
+        distribution and where nnU-Net's spatial augmentation would dominate the run time on two cores.
+        """
+        import inspect
+        from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+        if self.augmentation == "nnunet":
+            return nnUNetTrainer.get_training_transforms(*args, **kwargs)
+        bound = inspect.signature(nnUNetTrainer.get_training_transforms).bind(*args, **kwargs)
+        bound.apply_defaults()
+        a = bound.arguments
+        return nnUNetTrainer.get_validation_transforms(a["deep_supervision_scales"], a["is_cascaded"],
+                                                       a["foreground_labels"], a["regions"], a["ignore_label"])
 
 
 def load_checkpoint_weights(fname: str) -> dict[str, torch.Tensor]:

@@ -48,9 +48,18 @@ def loss_of(output) -> torch.Tensor:
     return sum((o ** 2).mean() * w for o, w in zip(output, (1.0, 0.5))) + output[0][:, 1].sum() * 0.1
 
 
+def normalized_ce_gradient(logits: torch.Tensor) -> torch.Tensor:
+    """d CE(logits, argmax logits) / d logits = softmax - one-hot, per sample scaled to unit norm (by hand)."""
+    probs = torch.softmax(logits, 1)
+    onehot = torch.zeros_like(probs).scatter_(1, logits.argmax(1, keepdim=True), 1.0)
+    g = probs - onehot
+    return g / g.flatten(1).norm(dim=1).view(-1, *([1] * (g.dim() - 1)))
+
+
 def brute_force_taylor(net: nn.Module, xs: list[torch.Tensor], mode: str) -> dict[str, torch.Tensor]:
     """score_c = mean over batches of Σ_b (Σ_pos a_bc ∂y/∂a_bc)², summed over the group's activations; the gradients
-    come from torch.autograd.grad on the captured activation tensors, y = Σ_b ||out_b|| or the loss."""
+    come from torch.autograd.grad on the captured activation tensors, y = Σ_b <G_b, out_b> with G_b the analytic
+    cross-entropy gradient (softmax - one-hot of the argmax) scaled to unit norm, or y = the loss."""
     groups = [g for g in channel_groups(net) if g.prunable]
     scores = {g.name: torch.zeros(g.size, dtype=torch.double) for g in groups}
     for x in xs:
@@ -62,7 +71,7 @@ def brute_force_taylor(net: nn.Module, xs: list[torch.Tensor], mode: str) -> dic
             h.remove()
         names = list(captured)
         if mode == "output_normalized":
-            y = out[0].flatten(1).norm(dim=1).sum()
+            y = (normalized_ce_gradient(out[0].detach()) * out[0]).sum()
         else:
             y = loss_of(out)
         grads = dict(zip(names, torch.autograd.grad(y, [captured[n] for n in names])))
@@ -120,8 +129,7 @@ def test_output_normalized_backward_sends_unit_norm_per_sample_gradient_from_ful
     g = seen["full"]
     assert "low" not in seen  # deep-supervision heads at lower resolution get no gradient
     torch.testing.assert_close(g.flatten(1).norm(dim=1), torch.ones(2, dtype=torch.double))
-    y = out[0].detach()
-    torch.testing.assert_close(g, y / y.flatten(1).norm(dim=1).view(2, 1, 1, 1))
+    torch.testing.assert_close(g, normalized_ce_gradient(out[0].detach()))
 
 
 def test_output_normalized_backward_rejects_outputs_without_graph():

@@ -6,11 +6,14 @@ The score of channel c is the square of that sum, per sample, summed over the ba
 
 Two choices of y, which differ only in who calls ``backward``:
 
-* ``mode='output_normalized'`` (default; Sapkota et al., MIUA 2023, "Neural Network Pruning for Real-time
-  Polyp Segmentation"): y is the network OUTPUT. :meth:`TaylorImportance.output_normalized_backward` back-propagates
-  the gradient G_b = y_b / ||y_b|| for every sample b, i.e. the gradient of Σ_b ||y_b||. Each sample's upstream
-  gradient has unit norm, so no sample (and no class with large logits) dominates the scores, and no labels or
-  loss are needed: the score measures how much a channel moves the prediction.
+* ``mode='output_normalized'`` (default; after Sapkota et al., MIUA 2023, "Neural Network Pruning for Real-time
+  Polyp Segmentation"): the gradient starts at the network OUTPUT and is normalised there:
+  :meth:`TaylorImportance.output_normalized_backward` back-propagates, for every sample b, the voxel-wise
+  cross-entropy gradient at the output (against the labels, or the network's own argmax where there are none)
+  scaled to unit norm. So no sample and no class dominates the scores, and one-shot pruning needs no labels.
+  (We first tried G_b = y_b/||y_b||, the gradient of the logits' norm: it ranks channels by how much they move
+  the logits' magnitude, not the decision, and on the tiny nnU-Net it pruned the last decoder layer to 3 channels
+  and destroyed the segmentation.)
 * ``mode='loss'`` (classic Molchanov): y is the training LOSS; the caller computes it and calls
   ``loss.backward()`` (unscaled, or set :attr:`TaylorImportance.grad_scale` to the GradScaler's scale).
 
@@ -48,18 +51,30 @@ def full_resolution_output(output: NetworkOutput) -> torch.Tensor:
     return output
 
 
-def output_normalized_backward(output: NetworkOutput) -> None:
-    """Back-propagate G_b = y_b / ||y_b|| from the full-resolution output y (the gradient of Σ_b ||y_b||).
+def output_normalized_backward(output: NetworkOutput, target: Optional[torch.Tensor] = None) -> None:
+    """Back-propagate, from the full-resolution output y, each sample's loss gradient scaled to unit norm.
 
-    Parameters receive gradients too (as after any backward); zero them before the next optimizer step.
+    The gradient is that of the voxel-wise cross-entropy of y against `target` (integer labels, shape (B, 1, ...)
+    or (B, ...)), or, without labels, against the network's own prediction argmax(y) — so calibration images
+    need no annotations. Scaling every sample's output gradient G_b to ||G_b|| = 1 keeps any one sample (and any
+    class with large logits) from dominating the accumulated scores. Parameters receive gradients too (as after
+    any backward); zero them before the next optimizer step.
     """
     y = full_resolution_output(output)
     if not y.requires_grad:
         raise CompressError("the network output does not require gradients; run the forward pass for Taylor "
                             "scoring with gradients enabled (not under torch.no_grad() or inference_mode())")
-    values = y.detach().float()
-    norms = values.flatten(1).norm(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
-    gradient = values / norms.view(-1, *([1] * (y.dim() - 1)))
+    logits = y.detach().float().requires_grad_(True)
+    if target is None:
+        labels = logits.detach().argmax(1)
+    else:
+        labels = target[:, 0] if target.dim() == y.dim() else target
+        labels = labels.long().clamp(0, y.shape[1] - 1)
+    with torch.enable_grad():
+        loss = nn.functional.cross_entropy(logits, labels, reduction="sum")
+        (gradient,) = torch.autograd.grad(loss, logits)
+    norms = gradient.flatten(1).norm(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
+    gradient = gradient / norms.view(-1, *([1] * (y.dim() - 1)))
     y.backward(gradient.to(y.dtype))
 
 
@@ -130,12 +145,12 @@ class TaylorImportance:
         return {g.name: (self._sums[g.name].cpu() / self.num_batches) if g.name in self._sums
                 else torch.zeros(g.size) for g in self.groups}
 
-    def output_normalized_backward(self, output: NetworkOutput) -> None:
+    def output_normalized_backward(self, output: NetworkOutput, target: Optional[torch.Tensor] = None) -> None:
         """Back-propagate the unit-norm per-sample output gradient (see the module docstring)."""
         if self.mode != "output_normalized":
             raise CompressError("this TaylorImportance is in 'loss' mode: call loss.backward() yourself, or create "
                                 "it with mode='output_normalized'")
-        output_normalized_backward(output)
+        output_normalized_backward(output, target)
 
     def reset(self) -> None:
         self._sums.clear()

@@ -1,0 +1,104 @@
+"""End-to-end pruning: Taylor in nnU-Net's training loop, one-shot prune CLI, Sauron while training."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import run_cli
+from nnunet_compress import tiny
+
+pytestmark = pytest.mark.e2e
+
+
+def load_checkpoint(folder: Path, name: str = "checkpoint_final.pth") -> dict:
+    return torch.load(folder / "fold_0" / name, map_location="cpu", weights_only=False)
+
+
+def test_taylor_trainer_prunes_to_target_and_predicts(tiny_ws, tiny_base, tiny_base_dice):
+    plans_name = f"{tiny.TINY_PLANS}_taylorF0.6"
+    run_cli("plan", "taylor", "-d", tiny_ws.dataset_id, "-c", "3d_fullres", "-p", tiny.TINY_PLANS,
+            "--target-flops", "0.6", "--step", "0.15", "--accumulate-batches", "2", "--epochs", "4",
+            "--iterations-per-epoch", "10", "--lr", "1e-3", "--augmentation", "none", env=tiny_ws.env(), check=True)
+    folder = tiny.train(tiny_ws, plans_name, "nnUNetTrainerTaylorPruning", pretrained=tiny.checkpoint_path(tiny_base))
+    checkpoint = load_checkpoint(folder)
+    extra = checkpoint["nnunet_compress"]
+    assert extra["method"] == "taylor" and extra["state"]["target_reached"]
+    history = extra["state"]["history"]
+    assert history[-1]["fraction"] <= 0.6 < history[0]["fraction"] or len(history) == 1
+    # the final plans.json of the model folder describes the pruned network
+    plans = json.loads((folder / "plans.json").read_text())
+    assert plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["channels"] == extra["channels"]
+    base_weights = load_checkpoint(tiny_base)["network_weights"]
+    key = "encoder.stages.0.0.convs.0.conv.weight"
+    assert checkpoint["network_weights"][key].shape[0] <= base_weights[key].shape[0]
+    assert sum(v.numel() for k, v in checkpoint["network_weights"].items() if not k.startswith("decoder.encoder")) < \
+        sum(v.numel() for k, v in base_weights.items() if not k.startswith("decoder.encoder"))
+    pred = tiny.predict_folder(tiny_ws, folder, tiny_ws.root / "taylor_pred")
+    dice = tiny.dice_scores(tiny_ws, pred)
+    assert dice["mean_foreground"] >= tiny_base_dice["mean_foreground"] - 0.15, (dice, tiny_base_dice)
+
+
+@pytest.mark.parametrize("method", ["l1", "taylor"])
+def test_one_shot_prune_cli(tiny_ws, tiny_base, tmp_path, method):
+    out = tmp_path / f"pruned_{method}"
+    args = ["prune", tiny_base, "-o", out, "--method", method, "--target-flops", "0.7", "--step", "0.1"]
+    if method == "taylor":
+        args += ["-i", tiny_ws.raw_dataset / "imagesTr", "--calibration-batches", "2"]
+    run_cli(*args, env=tiny_ws.env(), check=True)
+    report = json.loads((out / "compression_report.json").read_text())
+    assert report["folds"]["0"]["history"][-1]["fraction"] <= 0.7
+    proc = run_cli("profile", out, "--runs", "1", "--warmup", "0", "--totals-only", check=True)
+    assert "parameters" in proc.stdout
+    pred = tiny.predict_folder(tiny_ws, out, tmp_path / "pred")
+    assert len(list(pred.glob("*.nii.gz"))) == len(list((tiny_ws.raw_dataset / "imagesTs").glob("*.nii.gz")))
+
+
+def test_prune_cli_bad_input(tiny_ws, tiny_base, tmp_path):
+    proc = run_cli("prune", tiny_base, "-o", tmp_path / "o", "--method", "taylor", "--target-flops", "0.5")
+    assert proc.returncode == 2 and "calibration images" in proc.stderr
+    proc = run_cli("prune", tiny_base, "-o", tmp_path / "o", "--method", "l1", "--target-flops", "1.5")
+    assert proc.returncode == 2 and "outside (0, 1)" in proc.stderr
+    proc = run_cli("prune", tiny_base, "-o", tmp_path / "o", "--method", "l1", "--target-flops", "0.01",
+                   "--min-channels", "4")
+    assert proc.returncode == 2 and "min-channels" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_sauron_trainer_removes_filters_and_predicts(tiny_ws):
+    plans_name = f"{tiny.TINY_PLANS}_sauron0.3"
+    # a short run from scratch: a low tau_start and rho=1 make thresholds bite within a few epochs
+    run_cli("plan", "sauron", "-d", tiny_ws.dataset_id, "-c", "3d_fullres", "-p", tiny.TINY_PLANS,
+            "--tau-start", "0.05", "--rho", "1", "--kappa", "3", "--epochs", "4", "--iterations-per-epoch", "10",
+            "--augmentation", "none", env=tiny_ws.env(), check=True)
+    folder = tiny.train(tiny_ws, plans_name, "nnUNetTrainerSauron")
+    checkpoint = load_checkpoint(folder)
+    extra = checkpoint["nnunet_compress"]
+    history = extra["state"]["channel_history"]
+    assert len(history) == 4
+    from nnunet_compress.model_folder import build_network
+    from nnunet_compress.pruning.surgery import channel_counts
+    parent = json.loads(tiny_ws.plans_path(tiny.TINY_PLANS).read_text())
+    dataset_json = json.loads((folder / "dataset.json").read_text())
+    full = sum(channel_counts(build_network(parent, dataset_json, "3d_fullres")).values())
+    assert sum(extra["channels"].values()) < full, "Sauron removed no filters"
+    assert history[-1]["params"] <= history[0]["params"]
+    plans = json.loads((folder / "plans.json").read_text())
+    assert plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["channels"] == extra["channels"]
+    log = next((folder / "fold_0").glob("training_log_*.txt")).read_text()
+    assert "[sauron] channels per layer" in log and "epoch time" in log
+    pred = tiny.predict_folder(tiny_ws, folder, tiny_ws.root / "sauron_pred")
+    assert len(list(pred.glob("*.nii.gz"))) > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lambda", "-1"], "lambda"),
+    (["--tau-max", "1.5"], "tau_max"),
+    (["--kappa", "0"], "kappa"),
+    (["--rho", "0"], "rho"),
+])
+def test_plan_sauron_bad_input(tiny_ws, args, message):
+    proc = run_cli("plan", "sauron", "-d", tiny_ws.dataset_id, "-c", "3d_fullres", "-p", tiny.TINY_PLANS, *args,
+                   env=tiny_ws.env())
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

@@ -1,0 +1,130 @@
+"""End-to-end Tucker: post-training CLI, plans + fine-tuning through nnUNetv2_train, prediction through nnU-Net."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from conftest import run_cli
+from nnunet_compress import tiny
+
+pytestmark = pytest.mark.e2e
+
+
+def tree_checksums(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def read_segmentations(folder: Path) -> dict[str, np.ndarray]:
+    return {p.name: sitk.GetArrayFromImage(sitk.ReadImage(str(p))) for p in sorted(folder.glob("*.nii.gz"))}
+
+
+@pytest.fixture(scope="module")
+def full_rank_folder(tiny_ws, tiny_base, tmp_path_factory):
+    """The base model compressed at full rank (ratio 1): must predict exactly what the base predicts."""
+    out = tmp_path_factory.mktemp("tucker") / "full"
+    before = tree_checksums(tiny_base)
+    run_cli("tucker", tiny_base, "-o", out, "--rank-ratio", "1", "--min-rank", "1", "--include-stem",
+            env=tiny_ws.env(), check=True)
+    assert tree_checksums(tiny_base) == before, "the source model folder was modified"
+    return out
+
+
+def test_full_rank_leaves_segmentations_unchanged(tiny_ws, tiny_base, full_rank_folder):
+    report = json.loads((full_rank_folder / "compression_report.json").read_text())
+    # at full rank every factorised layer reconstructs its kernel exactly
+    assert report["layers"] and max(max(f.values()) for f in report["folds"].values()) < 1e-5
+    plans = json.loads((full_rank_folder / "plans.json").read_text())
+    arch = plans["configurations"]["3d_fullres"]["architecture"]
+    assert arch["network_class_name"] == "nnunet_compress.network.CompressedUNet"
+    assert arch["arch_kwargs"]["tucker_ranks"]
+    base_pred = tiny.predict_folder(tiny_ws, tiny_base, tiny_ws.root / "tucker_test_base")
+    full_pred = tiny.predict_folder(tiny_ws, full_rank_folder, tiny_ws.root / "tucker_test_full")
+    base, full = read_segmentations(base_pred), read_segmentations(full_pred)
+    assert base.keys() == full.keys() and base
+    for name in base:
+        mismatch = np.mean(base[name] != full[name])
+        assert mismatch < 1e-4, f"{name}: {mismatch:.2e} of the voxels changed at full rank"
+
+
+def test_moderate_ratio_keeps_dice_and_cuts_cost(tiny_ws, tiny_base, tiny_base_dice, tmp_path):
+    out = tmp_path / "tucker0.5"
+    proc = run_cli("tucker", tiny_base, "-o", out, "--rank-ratio", "0.5", "--min-rank", "4", env=tiny_ws.env(),
+                   check=True)
+    assert "parameters" in proc.stdout
+    report = json.loads((out / "compression_report.json").read_text())
+    assert report["params_after"] < 0.6 * report["params_before"]
+    assert report["flops_after"] < 0.6 * report["flops_before"]
+    assert (out / "compression_report.md").read_text().count("|") > 10
+    dice = tiny.dice_scores(tiny_ws, tiny.predict_folder(tiny_ws, out, tiny_ws.root / "tucker_test_05"))
+    # without any fine-tuning, half the rank keeps the mean foreground Dice within 0.1 of the base
+    assert dice["mean_foreground"] >= tiny_base_dice["mean_foreground"] - 0.1, (dice, tiny_base_dice)
+
+
+def test_plan_and_finetune_through_nnunet_train(tiny_ws, tiny_base, tiny_base_dice):
+    plans_name = f"{tiny.TINY_PLANS}_tucker0.5"
+    run_cli("plan", "tucker", "-d", tiny_ws.dataset_id, "-c", "3d_fullres", "-p", tiny.TINY_PLANS, "--rank-ratio",
+            "0.5", "--min-rank", "4", "--epochs", "2", "--iterations-per-epoch", "10", "--lr", "1e-3",
+            "--augmentation", "none", env=tiny_ws.env(), check=True)
+    plans = json.loads(tiny_ws.plans_path(plans_name).read_text())
+    parent = json.loads(tiny_ws.plans_path(tiny.TINY_PLANS).read_text())
+    cfg = plans["configurations"]["3d_fullres"]
+    assert cfg["data_identifier"] == parent["configurations"]["3d_fullres"]["data_identifier"]
+    assert cfg["nnunet_compress"]["method"] == "tucker"
+    assert cfg["nnunet_compress"]["schedule"]["num_epochs"] == 2
+    folder = tiny.train(tiny_ws, plans_name, "nnUNetTrainerTucker", pretrained=tiny.checkpoint_path(tiny_base))
+    log = next((folder / "fold_0").glob("training_log_*.txt")).read_text()
+    assert "initialised every layer (segmentation heads included)" in \
+        (tiny_ws.root / "logs" / f"nnUNetTrainerTucker_{plans_name}_train.log").read_text()
+    assert "Epoch 1" in log and "Epoch 2" not in log
+    # the result predicts with nnU-Net's own predictor, as an ordinary model folder
+    dice = tiny.dice_scores(tiny_ws, tiny.predict_folder(tiny_ws, folder, tiny_ws.root / "tucker_test_ft"))
+    assert dice["mean_foreground"] >= tiny_base_dice["mean_foreground"] - 0.1, (dice, tiny_base_dice)
+
+
+def test_tucker_trainer_refuses_plans_without_compression_section(tiny_ws):
+    from nnunet_compress.errors import CompressError
+    with pytest.raises(CompressError, match="no 'nnunet_compress' section"):
+        tiny.train(tiny_ws, "nnUNetPlans", "nnUNetTrainerTucker")
+
+
+def test_tucker_cli_bad_input(tiny_ws, tiny_base, tmp_path):
+    before = tree_checksums(tiny_base)
+    cases = [
+        (["--rank-ratio", "1.5"], "outside (0, 1]"),
+        (["--rank-ratio", "0"], "outside (0, 1]"),
+        (["--rank-ratio", "0.3", "--energy", "0.9"], "exactly one rank policy"),
+        (["--target-flops", "1.2"], "outside (0, 1)"),
+    ]
+    for args, message in cases:
+        proc = run_cli("tucker", tiny_base, "-o", tmp_path / "out", *args)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    ranks = tmp_path / "ranks.json"
+    ranks.write_text(json.dumps({"decoder.stages.0.convs.0.conv": [999, 4]}))
+    proc = run_cli("tucker", tiny_base, "-o", tmp_path / "out", "--ranks", ranks)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "999" in proc.stderr, proc.stderr
+    proc = run_cli("tucker", tiny_base, "-o", tiny_base / "inside", "--rank-ratio", "0.5")
+    assert proc.returncode == 2 and "inside" in proc.stderr
+    (tmp_path / "exists").mkdir()
+    proc = run_cli("tucker", tiny_base, "-o", tmp_path / "exists", "--rank-ratio", "0.5")
+    assert proc.returncode == 2 and "--overwrite" in proc.stderr
+    assert not list(tmp_path.glob(".*partial*")), "a partial output was left behind"
+    assert tree_checksums(tiny_base) == before
+
+
+def test_checkpoint_not_matching_plans_is_refused(tiny_ws, full_rank_folder, tmp_path):
+    import shutil
+    broken = tmp_path / "broken"
+    shutil.copytree(full_rank_folder, broken)
+    plans = json.loads((broken / "plans.json").read_text())
+    ranks = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["tucker_ranks"]
+    name = next(iter(ranks))
+    ranks[name] = [max(1, ranks[name][0] - 1), ranks[name][1]]
+    (broken / "plans.json").write_text(json.dumps(plans))
+    proc = run_cli("profile", broken, "--runs", "1", "--warmup", "0")
+    assert proc.returncode == 2 and "does not match" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr

@@ -1,0 +1,162 @@
+"""Sauron: single-phase filter pruning during nnU-Net training (Valverde, Shatillo, Tohka 2022).
+
+    nnunet-compress plan sauron -d D -c C [--lambda 0.5 --tau-max 0.3 --kappa 15 --rho 5 --mu 0.02]
+    nnUNetv2_train D C F -p nnUNetPlans_sauron0.3 -tr nnUNetTrainerSauron [-pretrained_weights base.pth]
+
+During each training step the feature maps of every prunable block are average-pooled; δ_opt (distance of each
+min-max-normalised map to the first channel) joins nnU-Net's deep-supervised loss as λ·mean(δ_opt), which makes
+redundant maps cluster, and δ_prune (distance to a random reference channel, normalised by the maximum) is
+averaged over the epoch. At each epoch end every layer drops the channels whose δ_prune is below its own
+threshold τ — physically, with the inputs of the layers that read them — and τ adapts per layer. Training
+continues on the smaller network, so it speeds up as it prunes.
+"""
+
+import time
+
+import numpy as np
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.helpers import dummy_context
+from torch import autocast
+
+from nnunet_compress.pruning.sauron import (SauronConfig, ThresholdState, channels_to_keep, choose_reference,
+                                            delta_prune, sauron_regulariser)
+from nnunet_compress.pruning_trainer import PruningTrainerMixin
+from nnunet_compress.training import ScheduleFromPlansMixin, install_pretrained_weights_hook
+
+install_pretrained_weights_hook()
+
+
+class nnUNetTrainerSauron(PruningTrainerMixin, ScheduleFromPlansMixin, nnUNetTrainer):
+    method = "sauron"
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.sauron = SauronConfig.from_dict(self.pruning_section().get("settings", {})).validate()
+        self.apply_schedule_from_plans()
+        self.thresholds = None  # ThresholdState, created once the groups are known (on_train_start / resume)
+        self.channel_history: list[dict] = []
+        self._feature_maps: dict[str, list[torch.Tensor]] = {}
+        self._dprune_sum: dict[str, torch.Tensor] = {}
+        self._dprune_count: dict[str, int] = {}
+        self._references: dict[str, int] = {}
+        self._hooks = []
+        self._rng = torch.Generator().manual_seed(12345 + int(fold) if str(fold).isdigit() else 12345)
+
+    # ---- hooks on the feature maps of every prunable group --------------------------------------------------
+    def _register_feature_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        net = self.plain_network
+        for group in self.prunable_groups():
+            for name in group.activations:
+                module = net.get_submodule(name)
+                self._hooks.append(module.register_forward_hook(self._make_hook(group.name)))
+
+    def _make_hook(self, group_name: str):
+        def hook(module, inputs, output):
+            if module.training and torch.is_grad_enabled():
+                self._feature_maps.setdefault(group_name, []).append(output)
+        return hook
+
+    def _ensure_thresholds(self) -> None:
+        if self.thresholds is None:
+            self.thresholds = ThresholdState(self.sauron)
+
+    def on_train_start(self):
+        super().on_train_start()
+        self._ensure_thresholds()
+        self._register_feature_hooks()
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        self._dprune_sum, self._dprune_count = {}, {}
+        self._references = {g.name: choose_reference(g.size, self._rng) for g in self.prunable_groups()}
+
+    # ---- the training step: nnU-Net's, plus the δ_opt regulariser ---------------------------------------------
+    def train_step(self, batch: dict) -> dict:
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) else \
+            target.to(self.device, non_blocking=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        self._feature_maps = {}
+        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+            output = self.network(data)
+            seg_loss = self.loss(output, target)
+            fmaps = [f.float() for maps in self._feature_maps.values() for f in maps]
+            reg = sauron_regulariser(fmaps, self.sauron.lambda_, self.sauron.pool) if fmaps else seg_loss.new_zeros(())
+            loss = seg_loss + reg
+        with torch.no_grad():
+            for group, maps in self._feature_maps.items():
+                for f in maps:
+                    d = delta_prune(f.detach().float(), self._references[group], self.sauron.pool)
+                    self._dprune_sum[group] = self._dprune_sum.get(group, 0) + d
+                    self._dprune_count[group] = self._dprune_count.get(group, 0) + 1
+        self._feature_maps = {}
+        if self.grad_scaler is not None:
+            self.grad_scaler.scale(loss).backward()
+            self.grad_scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
+            self.optimizer.step()
+        return {"loss": seg_loss.detach().cpu().numpy(), "sauron_reg": reg.detach().cpu().numpy()}
+
+    def on_train_epoch_end(self, train_outputs):
+        super().on_train_epoch_end(train_outputs)
+        self._last_train_loss = float(np.mean([o["loss"] for o in train_outputs]))
+        self._last_reg = float(np.mean([o["sauron_reg"] for o in train_outputs]))
+
+    # ---- epoch end: remove channels, adapt thresholds, log ----------------------------------------------------
+    def on_epoch_end(self):
+        self.prune_by_thresholds()
+        super().on_epoch_end()
+
+    def prune_by_thresholds(self) -> None:
+        groups = self.prunable_groups()
+        # the plateau test reads the epoch's training loss including the λ term, as the reference does
+        loss = getattr(self, "_last_train_loss", float("nan")) + getattr(self, "_last_reg", 0.0)
+        converged = self.thresholds.record_train_loss(loss)
+        keep, removed_total = {}, 0
+        for g in groups:
+            tau = self.thresholds.step(g.name, self.thresholds.last_removed_fraction(g.name), converged)
+            if g.name not in self._dprune_sum:
+                continue
+            dprune = self._dprune_sum[g.name] / self._dprune_count[g.name]
+            kept = channels_to_keep(dprune.cpu(), tau, self._references[g.name])
+            self.thresholds.record_pruning(g.name, g.size, len(kept))
+            if len(kept) < g.size:
+                keep[g.name] = kept
+                removed_total += g.size - len(kept)
+        self.apply_pruning(keep)
+        if keep:
+            self._register_feature_hooks()
+        from nnunet_compress.pruning.surgery import channel_counts
+        params, flops = self.current_cost()
+        epoch_time = time.time() - self._epoch_wall_start
+        self.channel_history.append({"epoch": self.current_epoch, "channels": channel_counts(self.plain_network),
+                                     "params": params, "flops": flops, "epoch_time_s": epoch_time})
+        self.print_to_log_file(f"[sauron] δ_opt loss {getattr(self, '_last_reg', float('nan')):.4f}; "
+                               f"thresholds {[round(self.thresholds.tau(g.name), 4) for g in groups]}")
+        self.log_pruning_status(removed_total)
+        self.print_to_log_file(f"[sauron] epoch time (training + validation) {epoch_time:.1f} s")
+
+    # ---- resume ---------------------------------------------------------------------------------------------
+    def pruning_state(self) -> dict:
+        return {**super().pruning_state(), "thresholds": self.thresholds.state_dict() if self.thresholds else None,
+                "channel_history": self.channel_history, "rng": self._rng.get_state().tolist()}
+
+    def load_pruning_state(self, state: dict) -> None:
+        super().load_pruning_state(state)
+        self.channel_history = list(state.get("channel_history", []))
+        if state.get("thresholds") is not None:
+            self.thresholds = ThresholdState(self.sauron)
+            self.thresholds.load_state_dict(state["thresholds"])
+        if state.get("rng") is not None:
+            self._rng.set_state(torch.tensor(state["rng"], dtype=torch.uint8))
