@@ -27,6 +27,9 @@ def add_rank_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rank-multiple", type=int, default=1, help="round ranks up to a multiple (e.g. 8)")
     p.add_argument("--include-stem", action="store_true", help="also factorise the first conv")
     p.add_argument("--include-pointwise", action="store_true", help="also factorise 1x1 convs (heads)")
+    p.add_argument("--replace-all", action="store_true",
+                   help="also factorise layers where the replacement is not cheaper than the original "
+                        "(by default they are left alone); useful to check full-rank exactness")
 
 
 def rank_policy_from_args(args):
@@ -37,7 +40,8 @@ def rank_policy_from_args(args):
         ranks = read_json(args.ranks)
     policy = RankPolicy(ratio=args.rank_ratio, ranks=ranks, energy=args.energy, target_params=args.target_params,
                         target_flops=args.target_flops, min_rank=args.min_rank, multiple=args.rank_multiple,
-                        include_stem=args.include_stem, include_pointwise=args.include_pointwise)
+                        include_stem=args.include_stem, include_pointwise=args.include_pointwise,
+                        replace_all=args.replace_all)
     policy.validate()
     return policy
 

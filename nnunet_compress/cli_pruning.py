@@ -15,13 +15,16 @@ def add_taylor_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--step", type=float, default=0.05, help="fraction of channels removed per step (0.05)")
     p.add_argument("--scope", choices=("global", "layer"), default="global")
     p.add_argument("--min-channels", type=int, default=2, help="never fewer channels per layer (2)")
+    p.add_argument("--min-keep-fraction", type=float, default=0.25,
+                   help="never fewer than this share of a layer's starting channels (0.25)")
     p.add_argument("--no-normalize", action="store_true", help="skip the layer-wise L2 score normalisation")
 
 
 def taylor_settings_from_args(args, **extra):
     from nnunet_compress.taylor_prune import TaylorSettings
     s = TaylorSettings(target_flops=args.target_flops, target_params=args.target_params, step=args.step,
-                       scope=args.scope, min_channels=args.min_channels, normalize=not args.no_normalize, **extra)
+                       scope=args.scope, min_channels=args.min_channels,
+                       min_keep_fraction=args.min_keep_fraction, normalize=not args.no_normalize, **extra)
     s.validate()
     return s
 

@@ -74,6 +74,7 @@ class CompressedUNet(nn.Module):
         self.num_classes = num_classes
         self.per_fold_channels = per_fold_channels
         self._base_kwargs = dict(base_kwargs)
+        self.channels = dict(channels) if channels else None
         # nnU-Net's weight initialisation of the parent class (get_network_from_plans applies network.initialize)
         self._initialize = getattr(type(base), "initialize", None)
         for attr in ("key_to_encoder", "key_to_stem", "keys_to_in_proj"):
@@ -140,7 +141,11 @@ class CompressedUNet(nn.Module):
                                 f"network's ({e}); pass the checkpoint of the model these plans were derived "
                                 "from") from None
         from nnunet_compress.pruning.surgery import channel_counts
-        mine, theirs = channel_counts(self), channel_counts(parent)
+        # the channel map only knows plain convs, so compare against this architecture before factorisation
+        unfactorised = CompressedUNet(self.input_channels, self.num_classes, self.base_network_class_name,
+                                      channels=self.channels, **{**self._base_kwargs,
+                                                                 "deep_supervision": self.decoder.deep_supervision})
+        mine, theirs = channel_counts(unfactorised), channel_counts(parent)
         if mine != theirs:
             raise CompressError("the pretrained weights have other channel counts than these plans; pass the "
                                 "checkpoint of the model these plans were derived from")

@@ -35,6 +35,7 @@ class TaylorSettings:
     prune_every: int = 1                    # epochs between pruning steps
     accumulate_batches: int = 8             # training batches whose Taylor scores are summed per step
     min_channels: int = 2                   # never fewer channels than this in any layer
+    min_keep_fraction: float = 0.25         # ... nor fewer than this share of the layer's channels at the start
 
     def validate(self) -> None:
         targets = [t for t in (self.target_flops, self.target_params) if t is not None]
@@ -49,6 +50,8 @@ class TaylorSettings:
             raise CompressError(f"--scope {self.scope!r} unknown; choose global or layer")
         if not 0 < self.step < 1:
             raise CompressError(f"--step {self.step} is outside (0, 1); e.g. 0.05 removes 5% of channels per step")
+        if not 0 <= self.min_keep_fraction < 1:
+            raise CompressError(f"--min-keep-fraction {self.min_keep_fraction} is outside [0, 1)")
         for name in ("prune_every", "accumulate_batches", "min_channels"):
             if int(getattr(self, name)) < 1:
                 raise CompressError(f"--{name.replace('_', '-')} must be a positive integer")
@@ -94,6 +97,25 @@ def channels_to_remove(groups, fraction: float) -> int:
     return max(1, int(math.ceil(fraction * total)))
 
 
+def layer_floors(settings: TaylorSettings, initial_counts: dict[str, int] | None) -> dict[str, int] | int:
+    """Fewest channels each group may keep: min_channels, and min_keep_fraction of its count at the start.
+
+    A global ranking alone tends to strip a few layers (often the last decoder stage, whose normalised scores are
+    flat) down to a handful of channels, and small structures vanish with them; a per-layer floor keeps every
+    layer able to carry what it carried before, while the ranking still decides where most channels go.
+    """
+    if not initial_counts:
+        return settings.min_channels
+    return {name: max(settings.min_channels, int(math.ceil(settings.min_keep_fraction * n)))
+            for name, n in initial_counts.items()}
+
+
+def removable_channels(groups, floors) -> int:
+    """How many channels can still go without breaking a floor."""
+    floor_of = (lambda g: floors.get(g.name, 1)) if isinstance(floors, dict) else (lambda g: floors)
+    return sum(max(0, g.size - floor_of(g)) for g in groups)
+
+
 def taylor_scores(net: nn.Module, groups, batches: Iterable[tuple[torch.Tensor, object]], mode: str,
                   loss_fn: Callable | None = None) -> dict[str, torch.Tensor]:
     """First-order Taylor importance of every channel, summed over `batches` of (input, target)."""
@@ -118,14 +140,17 @@ def taylor_scores(net: nn.Module, groups, batches: Iterable[tuple[torch.Tensor, 
 
 
 def choose_channels_to_keep(net: nn.Module, settings: TaylorSettings, scores: dict[str, torch.Tensor],
-                            n_remove: int) -> dict[str, list[int]]:
+                            n_remove: int, initial_counts: dict[str, int] | None = None) -> dict[str, list[int]]:
     from nnunet_compress.pruning.dependency import channel_groups
     from nnunet_compress.pruning.importance import normalize_per_layer, select_channels_to_keep
     groups = [g for g in channel_groups(net) if g.prunable]
     if settings.normalize:
         scores = normalize_per_layer(scores)
-    return select_channels_to_keep(scores, n_remove, min_channels=settings.min_channels, scope=settings.scope,
-                                   groups=groups)
+    floors = layer_floors(settings, initial_counts)
+    n_remove = min(n_remove, removable_channels(groups, floors))
+    if n_remove == 0:
+        return {}
+    return select_channels_to_keep(scores, n_remove, min_channels=floors, scope=settings.scope, groups=groups)
 
 
 def prune_until_target(net: nn.Module, settings: TaylorSettings, method: str, input_channels: int, patch_size,
@@ -141,21 +166,24 @@ def prune_until_target(net: nn.Module, settings: TaylorSettings, method: str, in
             return conv_flops(net, input_channels, patch_size)
         return sum(p.numel() for p in net.parameters())
 
+    from nnunet_compress.pruning.surgery import channel_counts
     start, history = cost(), []
+    initial_counts = channel_counts(net)
     fraction = 1.0
     while fraction > settings.target:
         groups = [g for g in channel_groups(net) if g.prunable]
-        if all(g.size <= settings.min_channels for g in groups):
-            raise CompressError(f"cannot reach {settings.metric} {settings.target} without emptying layers "
-                                f"(every layer is at --min-channels {settings.min_channels}); "
-                                f"lower --min-channels or raise the target")
+        if removable_channels(groups, layer_floors(settings, initial_counts)) == 0:
+            raise CompressError(f"cannot reach {settings.metric} {settings.target} without emptying layers (every "
+                                f"layer is at its floor: --min-channels {settings.min_channels}, --min-keep-fraction "
+                                f"{settings.min_keep_fraction}); lower those or raise the target")
         if method == "l1":
             scores = l1_importance(net, groups)
         else:
             if not calibration:
                 raise CompressError("Taylor pruning needs calibration images: pass -i IMAGES_FOLDER")
             scores = taylor_scores(net, groups, ((b, None) for b in calibration), "output_normalized")
-        keep = choose_channels_to_keep(net, settings, scores, channels_to_remove(groups, settings.step))
+        keep = choose_channels_to_keep(net, settings, scores, channels_to_remove(groups, settings.step),
+                                       initial_counts)
         if not keep:
             raise CompressError("no channel could be removed; lower --min-channels or raise the target")
         removed = sum(g.size - len(keep[g.name]) for g in groups if g.name in keep)

@@ -90,7 +90,7 @@ def tiny_plans(parent: dict, num_epochs: int, iterations_per_epoch: int, feature
 
 
 def prepare_dataset(ws: TinyWorkspace, num_train: int = 12, num_test: int = 4, seed: int = 0,
-                    num_epochs: int = 25, iterations_per_epoch: int = 25) -> Path:
+                    num_epochs: int = 35, iterations_per_epoch: int = 25) -> Path:
     """Synthetic raw data -> nnU-Net planning and preprocessing -> tiny plans. Returns the tiny plans file."""
     from nnunet_compress.synthetic import write_synthetic_dataset
     if not ws.raw_dataset.exists():

@@ -39,6 +39,7 @@ class RankPolicy:
     multiple: int = 1
     include_stem: bool = False
     include_pointwise: bool = False
+    replace_all: bool = False  # also replace layers whose factorisation is not cheaper (e.g. full-rank checks)
 
     def kind(self) -> str:
         given = [k for k in ("ratio", "ranks", "energy", "target_params", "target_flops")
@@ -95,15 +96,17 @@ def choose_ranks(net: nn.Module, policy: RankPolicy, patch_size: tuple[int, ...]
     policy.validate()
     kind = policy.kind()
     layers = R.decomposable_layers(net, include_stem=policy.include_stem, include_pointwise=policy.include_pointwise)
+    io_shapes = layer_io_shapes(net, tuple(patch_size))
+    only_cheaper = not policy.replace_all
     if kind == "ranks":
         all_layers = R.decomposable_layers(net, include_stem=True, include_pointwise=True)
-        return R.ranks_fixed(all_layers, policy.ranks)
-    io_shapes = layer_io_shapes(net, tuple(patch_size))
+        return R.ranks_fixed(all_layers, policy.ranks, io_shapes=io_shapes, only_cheaper=only_cheaper)
     if kind == "ratio":
         return R.ranks_by_ratio(layers, policy.ratio, min_rank=policy.min_rank, multiple=policy.multiple,
-                                io_shapes=io_shapes)
+                                io_shapes=io_shapes, only_cheaper=only_cheaper)
     if kind == "energy":
-        return R.ranks_by_energy(layers, policy.energy, multiple=policy.multiple, io_shapes=io_shapes)
+        return R.ranks_by_energy(layers, policy.energy, multiple=policy.multiple, io_shapes=io_shapes,
+                                 only_cheaper=only_cheaper)
     base_params = count_parameters(net)
     base_macs = total_macs(net, io_shapes)
     metric = "params" if kind == "target_params" else "flops"

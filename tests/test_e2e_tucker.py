@@ -29,7 +29,7 @@ def full_rank_folder(tiny_ws, tiny_base, tmp_path_factory):
     """The base model compressed at full rank (ratio 1): must predict exactly what the base predicts."""
     out = tmp_path_factory.mktemp("tucker") / "full"
     before = tree_checksums(tiny_base)
-    run_cli("tucker", tiny_base, "-o", out, "--rank-ratio", "1", "--min-rank", "1", "--include-stem",
+    run_cli("tucker", tiny_base, "-o", out, "--rank-ratio", "1", "--min-rank", "1", "--include-stem", "--replace-all",
             env=tiny_ws.env(), check=True)
     assert tree_checksums(tiny_base) == before, "the source model folder was modified"
     return out

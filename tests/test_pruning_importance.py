@@ -207,6 +207,15 @@ def test_global_selection_respects_min_channels():
         select_channels_to_keep(SCORES, 4)
 
 
+def test_per_group_floors():
+    # a keeps at least 3 (all of it), so b's 0.5 and c's... c has 1 channel (floor 1): only b can lose one
+    assert select_channels_to_keep(SCORES, 1, min_channels={"a": 3}) == {"b": [1]}
+    # a floor of 2 on a: its 1.0 goes first, then 3.0 is protected and b's 0.5 goes
+    assert select_channels_to_keep(SCORES, 2, min_channels={"a": 2, "b": 1}) == {"a": [0, 2], "b": [1]}
+    with pytest.raises(CompressError, match="at most 1"):
+        select_channels_to_keep(SCORES, 2, min_channels={"a": 3})
+
+
 def test_layer_scope_splits_removal_in_proportion_to_size():
     scores = {"small": torch.tensor([4.0, 3.0, 2.0, 1.0]), "big": torch.arange(8.0, 0.0, -1.0) * 100}
     keep = select_channels_to_keep(scores, 3, scope="layer")  # shares 1 and 2

@@ -50,7 +50,15 @@ class nnUNetTrainerTaylorPruning(PruningTrainerMixin, ScheduleFromPlansMixin, nn
         groups = self.prunable_groups()
         scores = taylor_scores(net, groups, self.training_batches(), self.settings.importance, self.loss)
         n_remove = channels_to_remove(groups, self.settings.step)
-        keep = choose_channels_to_keep(net, self.settings, scores, n_remove)
+        if not getattr(self, "initial_channels", None):
+            from nnunet_compress.pruning.surgery import channel_counts
+            self.initial_channels = channel_counts(net)
+        keep = choose_channels_to_keep(net, self.settings, scores, n_remove, self.initial_channels)
+        if not keep:
+            self.target_reached = True
+            self.print_to_log_file("[taylor] every layer is at its floor (--min-channels / --min-keep-fraction); "
+                                   "the target cannot be reached, fine-tuning to the end")
+            return
         removed = sum(g.size - len(keep[g.name]) for g in groups if g.name in keep)
         self.apply_pruning(keep)
         params, flops = self.current_cost()
@@ -66,9 +74,10 @@ class nnUNetTrainerTaylorPruning(PruningTrainerMixin, ScheduleFromPlansMixin, nn
 
     def pruning_state(self) -> dict:
         return {**super().pruning_state(), "target_reached": self.target_reached,
-                "history": self.pruning_history}
+                "history": self.pruning_history, "initial_channels": getattr(self, "initial_channels", None)}
 
     def load_pruning_state(self, state: dict) -> None:
         super().load_pruning_state(state)
         self.target_reached = bool(state.get("target_reached", False))
         self.pruning_history = list(state.get("history", []))
+        self.initial_channels = state.get("initial_channels")

@@ -199,7 +199,8 @@ def normalize_per_layer(scores: Mapping[str, torch.Tensor]) -> dict[str, torch.T
     return normalized
 
 
-def select_channels_to_keep(scores: Mapping[str, torch.Tensor], n_remove: int, min_channels: int = 1,
+def select_channels_to_keep(scores: Mapping[str, torch.Tensor], n_remove: int,
+                            min_channels: int | Mapping[str, int] = 1,
                             scope: str = "global",
                             groups: Optional[Sequence[ChannelGroup]] = None) -> dict[str, list[int]]:
     """Choose the n_remove lowest-scoring channels to remove; return the kept indices of every group that changes.
@@ -207,18 +208,17 @@ def select_channels_to_keep(scores: Mapping[str, torch.Tensor], n_remove: int, m
     scope='global': the n_remove lowest scores over all groups (ties: earlier group, then lower index).
     scope='layer': n_remove is split over the groups in proportion to their sizes (largest remainder), and each
     group loses its lowest-scoring channels.
-    No group goes below min_channels. If `groups` is given, its non-prunable groups are skipped and the score
+    No group goes below min_channels (one int, or a per-group mapping). If `groups` is given, its non-prunable groups are skipped and the score
     vectors are checked against the group sizes. Exactly n_remove channels are removed, or CompressError.
     """
-    n_remove, min_channels = _non_negative_int("n_remove", n_remove), _non_negative_int("min_channels", min_channels)
-    if min_channels < 1:
-        raise CompressError("min_channels must be at least 1: a group without channels would cut the network")
+    n_remove = _non_negative_int("n_remove", n_remove)
     if scope not in SCOPES:
         raise CompressError(f"unknown pruning scope {scope!r}; use one of {SCOPES}")
     candidates = _candidate_scores(scores, groups)
-    capacity = {name: max(0, len(values) - min_channels) for name, values in candidates.items()}
+    floors = _floors(min_channels, candidates)
+    capacity = {name: max(0, len(values) - floors[name]) for name, values in candidates.items()}
     if n_remove > sum(capacity.values()):
-        raise CompressError(f"cannot remove {n_remove} channels while keeping at least {min_channels} per layer: at "
+        raise CompressError(f"cannot remove {n_remove} channels while keeping the minimum channels per layer: at "
                             f"most {sum(capacity.values())} can go; lower the pruning amount or min_channels")
     if n_remove == 0:
         return {}
@@ -228,6 +228,18 @@ def select_channels_to_keep(scores: Mapping[str, torch.Tensor], n_remove: int, m
         removed = _lowest_per_layer(candidates, _proportional_quotas(candidates, capacity, n_remove))
     return {name: [i for i in range(len(candidates[name])) if i not in gone]
             for name, gone in removed.items() if gone}
+
+
+def _floors(min_channels, candidates: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """Per-group minimum channel count from one int for all groups or a {group: int} mapping (default 1)."""
+    if isinstance(min_channels, Mapping):
+        floors = {name: _non_negative_int(f"min_channels[{name}]", min_channels.get(name, 1)) for name in candidates}
+    else:
+        value = _non_negative_int("min_channels", min_channels)
+        floors = {name: value for name in candidates}
+    if any(v < 1 for v in floors.values()):
+        raise CompressError("min_channels must be at least 1: a group without channels would cut the network")
+    return floors
 
 
 def _non_negative_int(what: str, value: int) -> int:

@@ -1,0 +1,101 @@
+"""TotalSegmentator-sized networks for the benchmarks, original and compressed.
+
+Random weights stand in for trained ones: speed depends on shapes, not on values (Tucker ranks by ratio and
+pruning by L1 norm need no data). The weights are initialised with nnU-Net's own ``InitWeights_He`` so that
+activations have realistic scales (denormals or overflow would distort CPU timings).
+
+Compressed networks are built exactly as the plugin builds them: Tucker through ``choose_ranks`` +
+``replace_convs`` (what ``nnunet-compress tucker`` does), pruning through the channel-group surgery with L1
+filter importance (what ``nnunet-compress prune --method l1`` does), kept at a comparable FLOP count.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+from dynamic_network_architectures.architectures.unet import PlainConvUNet
+from dynamic_network_architectures.initialization.weight_init import InitWeights_He
+from torch import nn
+
+from nnunet_compress.pruning.dependency import channel_groups
+from nnunet_compress.pruning.importance import l1_importance
+from nnunet_compress.pruning.surgery import prune_channels
+from nnunet_compress.tucker import replace_convs
+from nnunet_compress.tucker_compress import RankPolicy, choose_ranks
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """One TotalSegmentator configuration (DESIGN.md §6)."""
+
+    name: str
+    features: tuple[int, ...]
+    num_classes: int
+    patch: tuple[int, int, int]
+    spacing_mm: tuple[float, float, float]
+
+    @property
+    def n_stages(self) -> int:
+        return len(self.features)
+
+
+# 1.5 mm part models (organs: 25 outputs incl. background) and the 3 mm --fast model (118 outputs).
+ARCHITECTURES = {
+    "1.5mm": Architecture("1.5mm", (32, 64, 128, 256, 320, 320), 25, (128, 128, 128), (1.5, 1.5, 1.5)),
+    "3mm": Architecture("3mm", (32, 64, 128, 256, 320), 118, (112, 112, 128), (3.0, 3.0, 3.0)),
+}
+
+
+def build_original(arch: Architecture, seed: int = 0) -> nn.Module:
+    """PlainConvUNet as nnU-Net plans it for TotalSegmentator, He-initialised, eval mode, no deep supervision."""
+    torch.manual_seed(seed)
+    n = arch.n_stages
+    net = PlainConvUNet(1, n, list(arch.features), nn.Conv3d, 3, [1] + [2] * (n - 1), 2, arch.num_classes, 2,
+                        conv_bias=True, norm_op=nn.InstanceNorm3d, norm_op_kwargs={"eps": 1e-5, "affine": True},
+                        nonlin=nn.LeakyReLU, nonlin_kwargs={"inplace": True}, deep_supervision=False)
+    net.apply(InitWeights_He(1e-2))
+    return net.eval()
+
+
+def tucker(net: nn.Module, ratio: float, patch: tuple[int, ...], multiple: int = 1) -> nn.Module:
+    """A Tucker-factorised copy at channel ratio `ratio` (the paper's rule, min rank 8)."""
+    out = copy.deepcopy(net)
+    ranks = choose_ranks(out, RankPolicy(ratio=ratio, min_rank=8, multiple=multiple), patch)
+    replace_convs(out, ranks, decompose=True)
+    return out.eval()
+
+
+def prune_to_ratio(net: nn.Module, keep: float, multiple: int = 1) -> nn.Module:
+    """A copy with every prunable channel group cut to ceil(keep·C) channels (rounded up to `multiple`), L1-chosen.
+
+    A uniform channel ratio k cuts conv FLOPs by about k² (both channel modes shrink), so keep≈sqrt(FLOP target).
+    """
+    out = copy.deepcopy(net)
+    groups = channel_groups(out)
+    scores = l1_importance(out, groups)
+    plan = {}
+    for g in groups:
+        if not g.prunable:
+            continue
+        count = min(g.size, max(1, math.ceil(math.ceil(g.size * keep) / multiple) * multiple))
+        order = torch.argsort(scores[g.name], descending=True)[:count]
+        plan[g.name] = sorted(order.tolist())
+    prune_channels(out, plan)
+    return out.eval()
+
+
+def flops(net: nn.Module, patch: tuple[int, ...]) -> int:
+    """FLOPs of one forward pass (torch FlopCounterMode; shapes only, so a meta-device copy suffices)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    meta = copy.deepcopy(net).to("meta")
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        meta(torch.zeros((1, 1, *patch), device="meta"))
+    return int(counter.get_total_flops())
+
+
+def params(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
