@@ -59,6 +59,20 @@ def sliced_optimizer_state(net: nn.Module, optimizer: torch.optim.Optimizer, kee
     return result
 
 
+def agree_across_ranks(obj):
+    """Rank 0's `obj` on every rank of an initialised process group (else `obj` itself).
+
+    Under DDP each rank scores channels on its own batches, so left alone the ranks would remove different
+    channels and their parameters would stop matching; rank 0 decides and the others follow.
+    """
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return obj
+    holder = [obj if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
 class PruningTrainerMixin:
     """Mixed into an nnUNetTrainer subclass; the subclass decides what to prune and calls apply_pruning."""
 
@@ -91,6 +105,7 @@ class PruningTrainerMixin:
     # ---- the one operation: remove channels ----------------------------------------------------------------
     def apply_pruning(self, keep: dict[str, list[int]], carry_optimizer_state: bool = True) -> None:
         """Physically remove channels, then rebuild optimizer, LR scheduler and wrappers around the new weights."""
+        keep = agree_across_ranks(keep) if self.is_ddp else keep
         if not keep:
             return
         from nnunet_compress.pruning.surgery import prune_channels
@@ -106,7 +121,8 @@ class PruningTrainerMixin:
             self.network = torch.compile(self.network)
         if self.is_ddp:
             from torch.nn.parallel import DistributedDataParallel as DDP
-            self.network = DDP(self.network, device_ids=[self.local_rank])
+            device_ids = [self.local_rank] if self.device.type == "cuda" else None
+            self.network = DDP(self.network, device_ids=device_ids)
         self.optimizer, self.lr_scheduler = self.configure_optimizers()
         if state:
             params = dict(net.named_parameters())

@@ -126,6 +126,15 @@ def predict_folder(ws: TinyWorkspace, model_folder: Path, output: Path, fold: st
     return output
 
 
+def predict_dataset(ws: TinyWorkspace, trainer: str, plans: str, output: Path, fold: str = "0") -> Path:
+    """``nnUNetv2_predict -d -c -f -tr -p`` on the held-out images: the model found by names, as users call it."""
+    run_nnunet(["nnUNetv2_predict", "-i", str(ws.raw_dataset / "imagesTs"), "-o", str(output), "-d",
+                str(ws.dataset_id), "-c", CONFIGURATION, "-f", fold, "-tr", trainer, "-p", plans, "-device", "cpu",
+                "--disable_progress_bar", "--disable_tta", "-npp", "1", "-nps", "1"],
+               ws.env(), ws.root / "logs" / f"predict_{output.name}.log")
+    return output
+
+
 def dice_scores(ws: TinyWorkspace, prediction_folder: Path) -> dict:
     """Per-class and mean foreground Dice of predictions against labelsTs, by nnU-Net's own compute_metrics."""
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder

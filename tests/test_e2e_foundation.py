@@ -56,3 +56,18 @@ def test_profile_cli_errors(tiny_base, tmp_path):
     assert proc.returncode == 2 and "plans.json is missing" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_cli("profile", tiny_base, "-c", "2d")
     assert proc.returncode == 2 and "configuration '2d' does not exist" in proc.stderr
+
+
+def test_missing_nnunet_env_vars_are_named(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("nnUNet_")}
+    proc = run_cli("plan", "tucker", "-d", "501", "-c", "3d_fullres", "--rank-ratio", "0.5", env=env)
+    assert proc.returncode == 2 and "nnUNet_preprocessed not set" in proc.stderr, proc.stderr
+    assert "export nnUNet_preprocessed=" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_demo_data_cli_writes_a_dataset(tmp_path):
+    proc = run_cli("demo-data", "-d", "77", "-o", tmp_path, "--num-train", "2", "--num-test", "1", check=True)
+    folder = Path(proc.stdout.strip().splitlines()[-1])
+    assert folder.parent == tmp_path and (folder / "dataset.json").is_file()
+    assert len(list((folder / "imagesTr").glob("*_0000.nii.gz"))) == 2
+    assert len(list((folder / "labelsTs").glob("*.nii.gz"))) == 1

@@ -19,8 +19,8 @@ def load_checkpoint(folder: Path, name: str = "checkpoint_final.pth") -> dict:
 def test_taylor_trainer_prunes_to_target_and_predicts(tiny_ws, tiny_base, tiny_base_dice):
     plans_name = f"{tiny.TINY_PLANS}_taylorF0.6"
     run_cli("plan", "taylor", "-d", tiny_ws.dataset_id, "-c", "3d_fullres", "-p", tiny.TINY_PLANS,
-            "--target-flops", "0.6", "--step", "0.15", "--accumulate-batches", "2", "--epochs", "4",
-            "--iterations-per-epoch", "10", "--lr", "1e-3", "--augmentation", "none", env=tiny_ws.env(), check=True)
+            "--target-flops", "0.6", "--step", "0.1", "--accumulate-batches", "2", "--epochs", "6",
+            "--iterations-per-epoch", "15", "--lr", "1e-3", "--augmentation", "none", env=tiny_ws.env(), check=True)
     folder = tiny.train(tiny_ws, plans_name, "nnUNetTrainerTaylorPruning", pretrained=tiny.checkpoint_path(tiny_base))
     checkpoint = load_checkpoint(folder)
     extra = checkpoint["nnunet_compress"]
@@ -35,7 +35,7 @@ def test_taylor_trainer_prunes_to_target_and_predicts(tiny_ws, tiny_base, tiny_b
     assert checkpoint["network_weights"][key].shape[0] <= base_weights[key].shape[0]
     assert sum(v.numel() for k, v in checkpoint["network_weights"].items() if not k.startswith("decoder.encoder")) < \
         sum(v.numel() for k, v in base_weights.items() if not k.startswith("decoder.encoder"))
-    pred = tiny.predict_folder(tiny_ws, folder, tiny_ws.root / "taylor_pred")
+    pred = tiny.predict_dataset(tiny_ws, "nnUNetTrainerTaylorPruning", plans_name, tiny_ws.root / "taylor_pred")
     dice = tiny.dice_scores(tiny_ws, pred)
     assert dice["mean_foreground"] >= tiny_base_dice["mean_foreground"] - 0.15, (dice, tiny_base_dice)
 
@@ -88,7 +88,7 @@ def test_sauron_trainer_removes_filters_and_predicts(tiny_ws):
     assert plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["channels"] == extra["channels"]
     log = next((folder / "fold_0").glob("training_log_*.txt")).read_text()
     assert "[sauron] channels per layer" in log and "epoch time" in log
-    pred = tiny.predict_folder(tiny_ws, folder, tiny_ws.root / "sauron_pred")
+    pred = tiny.predict_dataset(tiny_ws, "nnUNetTrainerSauron", plans_name, tiny_ws.root / "sauron_pred")
     assert len(list(pred.glob("*.nii.gz"))) > 0
 
 

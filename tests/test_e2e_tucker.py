@@ -83,7 +83,8 @@ def test_plan_and_finetune_through_nnunet_train(tiny_ws, tiny_base, tiny_base_di
         (tiny_ws.root / "logs" / f"nnUNetTrainerTucker_{plans_name}_train.log").read_text()
     assert "Epoch 1" in log and "Epoch 2" not in log
     # the result predicts with nnU-Net's own predictor, as an ordinary model folder
-    dice = tiny.dice_scores(tiny_ws, tiny.predict_folder(tiny_ws, folder, tiny_ws.root / "tucker_test_ft"))
+    dice = tiny.dice_scores(tiny_ws, tiny.predict_dataset(tiny_ws, "nnUNetTrainerTucker", plans_name,
+                                                          tiny_ws.root / "tucker_test_ft"))
     assert dice["mean_foreground"] >= tiny_base_dice["mean_foreground"] - 0.1, (dice, tiny_base_dice)
 
 

@@ -21,7 +21,7 @@ from torch import autocast
 
 from nnunet_compress.pruning.sauron import (SauronConfig, ThresholdState, channels_to_keep, choose_reference,
                                             delta_prune, sauron_regulariser)
-from nnunet_compress.pruning_trainer import PruningTrainerMixin
+from nnunet_compress.pruning_trainer import PruningTrainerMixin, agree_across_ranks
 from nnunet_compress.training import ScheduleFromPlansMixin, install_pretrained_weights_hook
 
 install_pretrained_weights_hook()
@@ -122,14 +122,21 @@ class nnUNetTrainerSauron(PruningTrainerMixin, ScheduleFromPlansMixin, nnUNetTra
         groups = self.prunable_groups()
         # the plateau test reads the epoch's training loss including the λ term, as the reference does
         loss = getattr(self, "_last_train_loss", float("nan")) + getattr(self, "_last_reg", 0.0)
+        loss = agree_across_ranks(loss) if self.is_ddp else loss  # one plateau test for all ranks
         converged = self.thresholds.record_train_loss(loss)
-        keep, removed_total = {}, 0
+        proposal = {}
         for g in groups:
             tau = self.thresholds.step(g.name, self.thresholds.last_removed_fraction(g.name), converged)
-            if g.name not in self._dprune_sum:
+            if g.name in self._dprune_sum:
+                dprune = self._dprune_sum[g.name] / self._dprune_count[g.name]
+                proposal[g.name] = channels_to_keep(dprune.cpu(), tau, self._references[g.name])
+        # under DDP every rank must remove the same channels and keep the same threshold state: rank 0 decides
+        proposal = agree_across_ranks(proposal) if self.is_ddp else proposal
+        keep, removed_total = {}, 0
+        for g in groups:
+            if g.name not in proposal:
                 continue
-            dprune = self._dprune_sum[g.name] / self._dprune_count[g.name]
-            kept = channels_to_keep(dprune.cpu(), tau, self._references[g.name])
+            kept = proposal[g.name]
             self.thresholds.record_pruning(g.name, g.size, len(kept))
             if len(kept) < g.size:
                 keep[g.name] = kept
