@@ -17,10 +17,16 @@ import torch
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+# Developers may point this at a workspace kept between runs (its base model is then trained only once);
+# CI leaves it unset and every run starts from nothing.
+REUSE_WORKSPACE = os.environ.get("NNUNET_COMPRESS_TEST_WORKSPACE")
+
+
 @pytest.fixture(scope="session")
 def tiny_ws(tmp_path_factory):
     from nnunet_compress.tiny import default_workspace, prepare_dataset
-    ws = default_workspace(tmp_path_factory.mktemp("tiny"), dataset_id=501)
+    root = Path(REUSE_WORKSPACE) if REUSE_WORKSPACE else tmp_path_factory.mktemp("tiny")
+    ws = default_workspace(root, dataset_id=501)
     prepare_dataset(ws)
     return ws
 
@@ -28,7 +34,9 @@ def tiny_ws(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_base(tiny_ws) -> Path:
     """Model folder of the tiny base model (fold 0), trained with nnUNetv2_train on the CPU."""
-    from nnunet_compress.tiny import train
+    from nnunet_compress.tiny import checkpoint_path, train
+    if REUSE_WORKSPACE and checkpoint_path(tiny_ws.model_folder()).is_file():
+        return tiny_ws.model_folder()
     return train(tiny_ws)
 
 
