@@ -227,12 +227,18 @@ def add_plan_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("-p", "--plans", default="nnUNetPlans", help="parent plans (default nnUNetPlans)")
     p.add_argument("--plans-name", help="name of the new plans (default: derived from the parent and options)")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--preset", help="start from a preset in plans/ (e.g. tucker_paper, tucker_cpu, "
+                                    "taylor_half_flops, sauron_paper); explicit options win")
+    p.set_defaults(_parser=p)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "preset", None):
+            from nnunet_compress.presets import apply_preset
+            apply_preset(args, args._parser)
         args.func(args)
     except CompressError as e:
         if args.debug:
