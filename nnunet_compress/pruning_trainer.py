@@ -118,6 +118,9 @@ class PruningTrainerMixin:
         net.to(self.device)
         self.network = net
         if self._do_i_compile():
+            # the old graphs are for the old shapes; without a reset every pruning step would use up one of
+            # dynamo's limited recompilations and it would eventually fall back to eager mode
+            torch._dynamo.reset()
             self.network = torch.compile(self.network)
         if self.is_ddp:
             from torch.nn.parallel import DistributedDataParallel as DDP

@@ -21,6 +21,7 @@ from torch import autocast
 
 from nnunet_compress.pruning.sauron import (SauronConfig, ThresholdState, channels_to_keep, choose_reference,
                                             delta_prune, sauron_regulariser)
+from nnunet_compress.pruning.feature_maps import FeatureMapRecorder
 from nnunet_compress.pruning_trainer import PruningTrainerMixin, agree_across_ranks
 from nnunet_compress.training import ScheduleFromPlansMixin, install_pretrained_weights_hook
 
@@ -37,29 +38,15 @@ class nnUNetTrainerSauron(PruningTrainerMixin, ScheduleFromPlansMixin, nnUNetTra
         self.apply_schedule_from_plans()
         self.thresholds = None  # ThresholdState, created once the groups are known (on_train_start / resume)
         self.channel_history: list[dict] = []
-        self._feature_maps: dict[str, list[torch.Tensor]] = {}
+        self._recorder = FeatureMapRecorder()
         self._dprune_sum: dict[str, torch.Tensor] = {}
         self._dprune_count: dict[str, int] = {}
         self._references: dict[str, int] = {}
-        self._hooks = []
         self._rng = torch.Generator().manual_seed(12345 + int(fold) if str(fold).isdigit() else 12345)
 
-    # ---- hooks on the feature maps of every prunable group --------------------------------------------------
+    # ---- feature maps of every prunable group, recorded by forward hooks ----------------------------------
     def _register_feature_hooks(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
-        net = self.plain_network
-        for group in self.prunable_groups():
-            for name in group.activations:
-                module = net.get_submodule(name)
-                self._hooks.append(module.register_forward_hook(self._make_hook(group.name)))
-
-    def _make_hook(self, group_name: str):
-        def hook(module, inputs, output):
-            if module.training and torch.is_grad_enabled():
-                self._feature_maps.setdefault(group_name, []).append(output)
-        return hook
+        self._recorder.attach(self.plain_network, self.prunable_groups())
 
     def _ensure_thresholds(self) -> None:
         if self.thresholds is None:
@@ -82,20 +69,20 @@ class nnUNetTrainerSauron(PruningTrainerMixin, ScheduleFromPlansMixin, nnUNetTra
         target = [t.to(self.device, non_blocking=True) for t in target] if isinstance(target, list) else \
             target.to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
-        self._feature_maps = {}
+        self._recorder.take()
         with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
             output = self.network(data)
             seg_loss = self.loss(output, target)
-            fmaps = [f.float() for maps in self._feature_maps.values() for f in maps]
+            feature_maps = self._recorder.take()
+            fmaps = [f.float() for maps in feature_maps.values() for f in maps]
             reg = sauron_regulariser(fmaps, self.sauron.lambda_, self.sauron.pool) if fmaps else seg_loss.new_zeros(())
             loss = seg_loss + reg
         with torch.no_grad():
-            for group, maps in self._feature_maps.items():
+            for group, maps in feature_maps.items():
                 for f in maps:
                     d = delta_prune(f.detach().float(), self._references[group], self.sauron.pool)
                     self._dprune_sum[group] = self._dprune_sum.get(group, 0) + d
                     self._dprune_count[group] = self._dprune_count.get(group, 0) + 1
-        self._feature_maps = {}
         if self.grad_scaler is not None:
             self.grad_scaler.scale(loss).backward()
             self.grad_scaler.unscale_(self.optimizer)
