@@ -196,6 +196,43 @@ def check_output_location(source: Path, output: Path) -> None:
         raise CompressError(f"output {output} contains the source folder {source}; choose another output folder")
 
 
+def _partial_prefix(name: str) -> str:
+    """Temporary siblings carry the writer's PID, so a later run can tell an abandoned one from a live one."""
+    return f".{name}.partial-{os.getpid()}-"
+
+
+def remove_abandoned_partials(parent: Path, name: str) -> list[Path]:
+    """Delete temporary siblings of `name` left by writers that no longer run (e.g. killed with SIGKILL).
+
+    They are hidden (dot) folders that nnU-Net never reads; removing them keeps a killed run from leaving
+    clutter behind, while a concurrent writer's folder (its process still alive) is left alone.
+    """
+    removed = []
+    for path in parent.glob(f".{name}.partial-*"):
+        try:
+            pid = int(path.name[len(f".{name}.partial-"):].split("-", 1)[0])
+        except ValueError:
+            continue
+        if pid == os.getpid() or _process_alive(pid):
+            continue
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextmanager
 def atomic_output_folder(output: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling folder to fill; on success it replaces `output` in one rename.
@@ -209,7 +246,8 @@ def atomic_output_folder(output: str | os.PathLike, overwrite: bool = False) -> 
     parent = output.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=parent))
+        remove_abandoned_partials(parent, output.name)
+        tmp = Path(tempfile.mkdtemp(prefix=_partial_prefix(output.name), dir=parent))
     except OSError as e:
         raise CompressError(f"cannot write to {parent} ({e.strerror}); choose a writable output folder") from None
     try:
@@ -229,7 +267,8 @@ def atomic_output_folder(output: str | os.PathLike, overwrite: bool = False) -> 
 def atomic_write_file(path: Path, write) -> None:
     """Write a file via `write(tmp_path)` into a temporary sibling, then rename it into place."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.partial-", dir=path.parent)
+    remove_abandoned_partials(path.parent, path.name)
+    fd, tmp = tempfile.mkstemp(prefix=_partial_prefix(path.name), dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
