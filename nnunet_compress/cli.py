@@ -139,13 +139,15 @@ def add_schedule_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--iterations-per-epoch", type=int, dest="num_iterations_per_epoch")
     g.add_argument("--val-iterations", type=int, dest="num_val_iterations_per_epoch")
     g.add_argument("--lr", type=float, dest="initial_lr")
+    g.add_argument("--save-every", type=int, dest="save_every",
+                   help="epochs between checkpoint_latest.pth saves (nnU-Net: 50); what --c resumes from")
     g.add_argument("--augmentation", choices=("nnunet", "none"),
                    help="'none' trains without nnU-Net's augmentation (for quick CPU runs on easy data)")
 
 
 def schedule_from_args(args) -> dict:
     schedule = {}
-    for key in ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch", "initial_lr"):
+    for key in ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch", "initial_lr", "save_every"):
         value = getattr(args, key, None)
         if value is not None:
             if value <= 0:

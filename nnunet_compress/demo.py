@@ -84,8 +84,8 @@ def run_demo(workdir: Path, fast: bool = False) -> list[DemoRow]:
             tiny.train(ws, plans_name, "nnUNetTrainerTucker", pretrained=tiny.checkpoint_path(base_folder))
         rows.append(measure(ws, f"tucker {ratio} + fine-tuning", finetuned, f"tucker{ratio}_ft"))
 
-    for extra in DEMO_EXTENSIONS:
-        rows.extend(extra(ws, base_folder, epochs))
+    rows.extend(taylor_rows(ws, base_folder, epochs))
+    rows.extend(sauron_rows(ws, base_folder, epochs))
 
     print("[demo] 4/4 summary (one 3D patch on the CPU; Dice = mean foreground Dice on the held-out cases)")
     print(HEADER)
@@ -102,5 +102,40 @@ def check(exit_code: int) -> None:
         raise SystemExit(exit_code)
 
 
-# Pruning methods add their demo steps here: callables (ws, base_folder, epochs) -> list[DemoRow].
-DEMO_EXTENSIONS: list = []
+def taylor_rows(ws: tiny.TinyWorkspace, base_folder: Path, epochs: int) -> list[DemoRow]:
+    """One-shot L1 pruning (no fine-tuning) and Taylor pruning inside nnU-Net's training loop, to half the FLOPs."""
+    from nnunet_compress.cli import main as cli
+    print("[demo] pruning: one-shot L1 (nnunet-compress prune) and Taylor in the training loop "
+          "(nnUNetv2_train -tr nnUNetTrainerTaylorPruning), both to about half the FLOPs")
+    rows = []
+    l1 = ws.root / "compressed" / "l1_F0.5"
+    if not l1.exists():
+        check(cli(["prune", str(base_folder), "-o", str(l1), "--method", "l1", "--target-flops", "0.5",
+                   "--step", "0.05"]))
+    rows.append(measure(ws, "L1 prune F0.5 (no fine-tuning)", l1, "l1_F0.5"))
+    plans_name = f"{tiny.TINY_PLANS}_taylorF0.5"
+    folder = ws.model_folder("nnUNetTrainerTaylorPruning", plans_name)
+    if not tiny.checkpoint_path(folder).exists():
+        check(cli(["plan", "taylor", "-d", str(ws.dataset_id), "-c", tiny.CONFIGURATION, "-p", tiny.TINY_PLANS,
+                   "--target-flops", "0.5", "--step", "0.1", "--accumulate-batches", "4",
+                   "--epochs", str(max(8, epochs // 3)), "--iterations-per-epoch", "20", "--lr", "1e-3",
+                   "--augmentation", "none", "--overwrite"]))
+        tiny.train(ws, plans_name, "nnUNetTrainerTaylorPruning", pretrained=tiny.checkpoint_path(base_folder))
+    rows.append(measure(ws, "Taylor F0.5 + fine-tuning", folder, "taylor_F0.5"))
+    return rows
+
+
+def sauron_rows(ws: tiny.TinyWorkspace, base_folder: Path, epochs: int) -> list[DemoRow]:
+    """Sauron pruning while (re)training, started from the base model's weights."""
+    from nnunet_compress.cli import main as cli
+    print("[demo] Sauron: pruning during training (nnUNetv2_train -tr nnUNetTrainerSauron -pretrained_weights)")
+    plans_name = f"{tiny.TINY_PLANS}_sauron_demo"
+    folder = ws.model_folder("nnUNetTrainerSauron", plans_name)
+    if not tiny.checkpoint_path(folder).exists():
+        # a short run needs thresholds that move quickly: start higher, step after 1 epoch of patience
+        check(cli(["plan", "sauron", "-d", str(ws.dataset_id), "-c", tiny.CONFIGURATION, "-p", tiny.TINY_PLANS,
+                   "--plans-name", plans_name, "--tau-start", "0.05", "--tau-max", "0.3", "--kappa", "5",
+                   "--rho", "1", "--epochs", str(max(10, epochs // 3)), "--iterations-per-epoch", "20",
+                   "--lr", "1e-3", "--augmentation", "none", "--overwrite"]))
+        tiny.train(ws, plans_name, "nnUNetTrainerSauron", pretrained=tiny.checkpoint_path(base_folder))
+    return [measure(ws, "Sauron (pruned while training)", folder, "sauron")]

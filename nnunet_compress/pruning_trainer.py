@@ -185,7 +185,16 @@ class PruningTrainerMixin:
             set_channel_counts(net, extra["channels"])
             self.rebuild_after_pruning(net)
             self.load_pruning_state(extra.get("state", {}))
-        super().load_checkpoint(checkpoint)
+        if isinstance(filename_or_checkpoint, dict):
+            # nnU-Net 2.8's load_checkpoint only works when given a file name (its dict branch never binds the
+            # checkpoint), so hand it one
+            import tempfile
+            with tempfile.TemporaryDirectory() as tmp:
+                path = str(Path(tmp) / "checkpoint.pth")
+                torch.save(checkpoint, path)
+                super().load_checkpoint(path)
+        else:
+            super().load_checkpoint(str(filename_or_checkpoint))
 
     # ---- the model folder describes the pruned network --------------------------------------------------
     def on_train_end(self):
