@@ -129,3 +129,22 @@ def test_checkpoint_not_matching_plans_is_refused(tiny_ws, full_rank_folder, tmp
     (broken / "plans.json").write_text(json.dumps(plans))
     proc = run_cli("profile", broken, "--runs", "1", "--warmup", "0")
     assert proc.returncode == 2 and "does not match" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("trainer_name", ["nnUNetTrainer", "nnUNetTrainerNoMirroring"])
+def test_compressed_folder_predicts_with_nnunet_trainers(tiny_ws, full_rank_folder, tmp_path, trainer_name):
+    """nnU-Net's predictor rebuilds the compressed network through whichever trainer the checkpoint names."""
+    import shutil
+    folder = shutil.copytree(full_rank_folder, tmp_path / f"{trainer_name}__nnUNetPlans_tiny__3d_fullres")
+    ckpt_path = folder / "fold_0" / "checkpoint_final.pth"
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    checkpoint["trainer_name"] = trainer_name
+    torch.save(checkpoint, ckpt_path)
+    pred = tiny.predict_folder(tiny_ws, folder, tmp_path / "pred")
+    reference_dir = tiny_ws.root / "tucker_test_full"
+    if not reference_dir.exists():
+        tiny.predict_folder(tiny_ws, full_rank_folder, reference_dir)
+    reference = read_segmentations(reference_dir)
+    assert read_segmentations(pred).keys() == reference.keys()
+    for name, seg in read_segmentations(pred).items():
+        assert np.array_equal(seg, reference[name]), name
