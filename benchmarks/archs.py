@@ -60,11 +60,49 @@ def build_original(arch: Architecture, seed: int = 0) -> nn.Module:
     return net.eval()
 
 
-def tucker(net: nn.Module, ratio: float, patch: tuple[int, ...], multiple: int = 1) -> nn.Module:
-    """A Tucker-factorised copy at channel ratio `ratio` (the paper's rule, min rank 8)."""
+PLAIN_CONV_UNET = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
+
+
+def as_compressed_unet(arch: Architecture, original: nn.Module) -> nn.Module:
+    """The original as the plugin's CompressedUNet (no compression yet), holding the same weights.
+
+    Compressed variants are derived from this, so they run CompressedUNet.forward exactly as nnUNetv2_predict
+    runs a compressed model folder (fast paths included).
+    """
+    from nnunet_compress.network import CompressedUNet
+    n = arch.n_stages
+    net = CompressedUNet(1, arch.num_classes, PLAIN_CONV_UNET, n_stages=n, features_per_stage=list(arch.features),
+                         conv_op=nn.Conv3d, kernel_sizes=3, strides=[1] + [2] * (n - 1), n_conv_per_stage=2,
+                         n_conv_per_stage_decoder=2, conv_bias=True, norm_op=nn.InstanceNorm3d,
+                         norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=nn.LeakyReLU,
+                         nonlin_kwargs={"inplace": True}, deep_supervision=False)
+    net.load_state_dict(original.state_dict())
+    return net.eval()
+
+
+class FastOriginal(nn.Module):
+    """The uncompressed network run with the same fast paths, for an honest "best original" baseline."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        from nnunet_compress.fast_inference import fast_convolutions
+        with fast_convolutions(x):
+            return self.net(x)
+
+
+def tucker(net: nn.Module, ratio: float, patch: tuple[int, ...], multiple: int = 1, decompose: bool = False
+           ) -> nn.Module:
+    """A Tucker-factorised copy at channel ratio `ratio` (the paper's rule, min rank 8).
+
+    decompose=False gives the factorised structure with default-initialised factors: the same shapes and hence
+    the same speed as a real decomposition, without minutes of HOOI on a 2-core machine.
+    """
     out = copy.deepcopy(net)
     ranks = choose_ranks(out, RankPolicy(ratio=ratio, min_rank=8, multiple=multiple), patch)
-    replace_convs(out, ranks, decompose=True)
+    replace_convs(out, ranks, decompose=decompose)
     return out.eval()
 
 

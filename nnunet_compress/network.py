@@ -93,7 +93,10 @@ class CompressedUNet(nn.Module):
             self._initialize(module)
 
     def forward(self, x: torch.Tensor):
-        return self.decoder(self.encoder(x))
+        # CPU inference: thin convs go to oneDNN / GEMMs instead of torch's slow generic kernel (fast_inference.py)
+        from nnunet_compress.fast_inference import fast_convolutions
+        with fast_convolutions(x):
+            return self.decoder(self.encoder(x))
 
     def compute_conv_feature_map_size(self, input_size):
         return self.encoder.compute_conv_feature_map_size(input_size) + \

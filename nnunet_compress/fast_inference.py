@@ -1,0 +1,122 @@
+"""Speed options for compressed networks on the CPU: same outputs, much less wall-clock time.
+
+Why they are needed: a Tucker-factorised network does ~9× fewer FLOPs at channel ratio 0.25, yet ran only ~1.9×
+faster on a CPU (DESIGN.md §4). Profiling (docs/performance.md) showed where the time goes: torch's CPU
+convolution dispatch chooses oneDNN only when ``N·C·D·H > 20480`` (a heuristic written for 2-d images that
+ignores the last spatial axis). Thin 3-d convolutions — a Tucker core with 16 channels at 32³, 32 at 16³ — fail
+it and fall onto the generic vol2col + GEMM kernel (``slow_conv3d_forward``), which runs at 1–2 GMAC/s instead
+of oneDNN's 15–40; 1×1×1 convolutions pay for a generic conv path although they are one matrix product. Pruned
+networks have the same thin layers. So, on the CPU and at inference time:
+
+* every dense 1×1(×1) stride-1 convolution runs as one GEMM (``torch.addmm`` on the (C, voxels) view);
+* every other float32 convolution goes straight to ``torch.mkldnn_convolution`` (oneDNN), whatever its size.
+
+Both are applied by :func:`fast_convolutions`, a ``TorchFunctionMode`` that :class:`CompressedUNet` enters around
+its forward pass; it re-routes ``conv2d``/``conv3d`` calls and leaves every other op alone. Modules, parameters and
+state-dict keys are untouched, so checkpoints, nnU-Net's strict loading, hooks and training are unaffected. It is
+off where it would not help or could not be exact: on CUDA (cuDNN has no such gap), while autograd records
+(training), under another torch dispatch mode (e.g. FlopCounterMode, which must see ``aten.convolution`` to count
+it) and inside torch.compile. Results differ from the plain path by float32 summation order only (~1e-6
+relative). ``with plain_inference():`` switches it off, e.g. to compare.
+
+Tried and dropped (measured in docs/performance.md): ``channels_last_3d`` (oneDNN likes it for large thin convs,
+but InstanceNorm is ~3× slower in it on the CPU and hands back NCDHW, so the layout cannot be kept through the
+network), and a GEMM-plus-shuffle for the 2×2×2 transposed convolutions (the shuffle copy eats the gain).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+
+@dataclass
+class FastOptions:
+    """Process-wide switches (both on by default; measured to help on the CPU, see docs/performance.md)."""
+
+    pointwise_gemm: bool = True  # 1×1(×1) convolutions as one matrix product
+    force_onednn: bool = True  # all other float32 CPU convolutions through oneDNN, bypassing torch's size heuristic
+
+
+OPTIONS = FastOptions()
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def plain_inference():
+    """Run the enclosed code on torch's plain paths in this thread (for comparisons and tests)."""
+    previous = getattr(_local, "plain", False)
+    _local.plain = True
+    try:
+        yield
+    finally:
+        _local.plain = previous
+
+
+def fast_paths_apply(x: torch.Tensor) -> bool:
+    """Whether :func:`fast_convolutions` would re-route convolutions for a network input `x` right now."""
+    if getattr(_local, "plain", False) or not (OPTIONS.pointwise_gemm or OPTIONS.force_onednn):
+        return False
+    if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() not in (4, 5):
+        return False
+    if torch.is_grad_enabled():  # training or an autograd-recording evaluation: stay on the differentiable path
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+    return not _get_current_dispatch_mode_stack()  # FlopCounterMode & co. must see aten.convolution
+
+
+def fast_convolutions(x: torch.Tensor):
+    """Context manager for a forward pass on input `x`: the fast CPU convolutions where they apply, else nothing."""
+    return _FastConvMode() if fast_paths_apply(x) else contextlib.nullcontext()
+
+
+class _FastConvMode(TorchFunctionMode):
+    """Re-routes conv2d/conv3d (``F.convNd`` is ``torch.convNd``) to :func:`fast_conv`; all else passes through."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.conv3d or func is torch.conv2d:
+            out = fast_conv(*args, **kwargs)
+            if out is not None:
+                return out
+        return func(*args, **kwargs)
+
+
+def _tuple(value, n: int) -> list[int]:
+    return [int(v) for v in value] if isinstance(value, (tuple, list)) else [int(value)] * n
+
+
+def fast_conv(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0,
+              dilation=1, groups: int = 1) -> torch.Tensor | None:
+    """The fast equivalent of ``F.convNd(...)``, or None where it has none (then the caller uses torch's own)."""
+    if isinstance(padding, str) or input.device.type != "cpu" or input.dtype != torch.float32 \
+            or weight.dtype != torch.float32 or input.dim() not in (4, 5) or input.dim() != weight.dim():
+        return None
+    n = input.dim() - 2
+    stride, padding, dilation = _tuple(stride, n), _tuple(padding, n), _tuple(dilation, n)
+    pointwise = (groups == 1 and all(k == 1 for k in weight.shape[2:]) and all(s == 1 for s in stride)
+                 and all(p == 0 for p in padding))
+    if pointwise and OPTIONS.pointwise_gemm:
+        return pointwise_gemm(input, weight, bias)
+    if OPTIONS.force_onednn and torch.backends.mkldnn.is_available():
+        return torch.mkldnn_convolution(input.contiguous(), weight.contiguous(), bias, padding, stride, dilation,
+                                        groups)
+    return None
+
+
+def pointwise_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A 1×1(×1) convolution as (out, in) @ (in, voxels), the bias fused into the GEMM (``addmm``)."""
+    out_ch, in_ch = weight.shape[:2]
+    w = weight.reshape(out_ch, in_ch)
+    x = x.contiguous()
+    batch, spatial = x.shape[0], x.shape[2:]
+    flat = x.view(batch, in_ch, -1)
+    outs = [torch.mm(w, flat[b]) if bias is None else torch.addmm(bias[:, None], w, flat[b]) for b in range(batch)]
+    y = outs[0].unsqueeze(0) if batch == 1 else torch.stack(outs)
+    return y.view(batch, out_ch, *spatial)
