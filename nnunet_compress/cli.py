@@ -220,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from nnunet_compress import cli_pruning
     cli_pruning.register(sub, plan_sub)
+    from nnunet_compress import cli_eval
+    cli_eval.register(sub)
     return parser
 
 

@@ -162,6 +162,10 @@ def load_fold_network(folder: ModelFolder, fold: str, configuration: str | None 
     """The network of one fold with its trained weights, its checkpoint, and the configuration used."""
     checkpoint = load_checkpoint(folder.folds[fold])
     configuration = resolve_configuration(folder, configuration, checkpoint)
+    trained_as = checkpoint.get("init_args", {}).get("configuration")
+    if trained_as and trained_as != configuration:
+        raise CompressError(f"{folder.folds[fold]} was trained with configuration {trained_as!r}, not "
+                            f"{configuration!r}; pass -c {trained_as} (or the model folder of that configuration)")
     net = build_network(folder.plans, folder.dataset_json, configuration, deep_supervision)
     weights = strip_wrapper_prefixes(checkpoint["network_weights"])
     try:

@@ -71,8 +71,10 @@ def catalogue(base: Path, d: dict[str, Path], tmp: Path):
     yield "no dataset.json", ["tucker", d["no_dataset_json"], "-o", out, "--rank-ratio", "0.5"], "dataset.json is missing"
     yield "checkpoint of another architecture", ["tucker", d["other_configuration"], "-o", out, "--rank-ratio", "0.5"], \
         "does not match"
-    yield "unknown configuration", ["tucker", base, "-o", out, "-c", "2d", "--rank-ratio", "0.5"], \
-        "configuration '2d' does not exist"
+    yield "unknown configuration", ["tucker", base, "-o", out, "-c", "4d_fullres", "--rank-ratio", "0.5"], \
+        "configuration '4d_fullres' does not exist"
+    yield "model of another configuration", ["tucker", base, "-o", out, "-c", "2d", "--rank-ratio", "0.5"], \
+        "trained with configuration '3d_fullres', not '2d'"
     yield "unknown fold", ["tucker", base, "-o", out, "-f", "3", "--rank-ratio", "0.5"], "fold(s) 3"
     yield "not a model folder", ["profile", tmp], "plans.json is missing"
     yield "rank ratio out of range", ["tucker", base, "-o", out, "--rank-ratio", "0"], "outside (0, 1]"

@@ -54,8 +54,11 @@ def test_profile_cli_on_model_folder(tiny_base, tmp_path):
 def test_profile_cli_errors(tiny_base, tmp_path):
     proc = run_cli("profile", tmp_path)
     assert proc.returncode == 2 and "plans.json is missing" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("profile", tiny_base, "-c", "4d_fullres")
+    assert proc.returncode == 2 and "configuration '4d_fullres' does not exist" in proc.stderr
+    # 2d exists in the plans, but this model was trained as 3d_fullres
     proc = run_cli("profile", tiny_base, "-c", "2d")
-    assert proc.returncode == 2 and "configuration '2d' does not exist" in proc.stderr
+    assert proc.returncode == 2 and "trained with configuration '3d_fullres', not '2d'" in proc.stderr, proc.stderr
 
 
 def test_missing_nnunet_env_vars_are_named(tmp_path):
@@ -66,8 +69,9 @@ def test_missing_nnunet_env_vars_are_named(tmp_path):
 
 
 def test_demo_data_cli_writes_a_dataset(tmp_path):
-    proc = run_cli("demo-data", "-d", "77", "-o", tmp_path, "--num-train", "2", "--num-test", "1", check=True)
+    proc = run_cli("demo-data", "-d", "77", "-o", tmp_path, "--num-train", "5", "--num-test", "1", check=True)
+    assert run_cli("demo-data", "-d", "78", "-o", tmp_path, "--num-train", "2").returncode == 2
     folder = Path(proc.stdout.strip().splitlines()[-1])
     assert folder.parent == tmp_path and (folder / "dataset.json").is_file()
-    assert len(list((folder / "imagesTr").glob("*_0000.nii.gz"))) == 2
+    assert len(list((folder / "imagesTr").glob("*_0000.nii.gz"))) == 5
     assert len(list((folder / "labelsTs").glob("*.nii.gz"))) == 1
