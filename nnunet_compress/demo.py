@@ -79,7 +79,7 @@ def run_demo(workdir: Path, fast: bool = False) -> list[DemoRow]:
         if not tiny.checkpoint_path(finetuned).exists():
             check(cli(["plan", "tucker", "-d", str(ws.dataset_id), "-c", tiny.CONFIGURATION, "-p", tiny.TINY_PLANS,
                        "--rank-ratio", str(ratio), "--min-rank", "4", "--epochs", str(max(3, epochs // 5)),
-                       "--iterations-per-epoch", "25", "--lr", "1e-3", "--augmentation", "none",
+                       "--iterations-per-epoch", "25", "--val-iterations", "2", "--lr", "1e-3", "--augmentation", "none",
                        "--overwrite"]))
             tiny.train(ws, plans_name, "nnUNetTrainerTucker", pretrained=tiny.checkpoint_path(base_folder))
         rows.append(measure(ws, f"tucker {ratio} + fine-tuning", finetuned, f"tucker{ratio}_ft"))
@@ -118,7 +118,7 @@ def taylor_rows(ws: tiny.TinyWorkspace, base_folder: Path, epochs: int) -> list[
     if not tiny.checkpoint_path(folder).exists():
         check(cli(["plan", "taylor", "-d", str(ws.dataset_id), "-c", tiny.CONFIGURATION, "-p", tiny.TINY_PLANS,
                    "--target-flops", "0.5", "--step", "0.1", "--accumulate-batches", "4",
-                   "--epochs", str(max(8, epochs // 3)), "--iterations-per-epoch", "20", "--lr", "1e-3",
+                   "--epochs", str(max(8, epochs // 3)), "--iterations-per-epoch", "20", "--val-iterations", "2", "--lr", "1e-3",
                    "--augmentation", "none", "--overwrite"]))
         tiny.train(ws, plans_name, "nnUNetTrainerTaylorPruning", pretrained=tiny.checkpoint_path(base_folder))
     rows.append(measure(ws, "Taylor F0.5 + fine-tuning", folder, "taylor_F0.5"))
@@ -135,7 +135,7 @@ def sauron_rows(ws: tiny.TinyWorkspace, base_folder: Path, epochs: int) -> list[
         # a short run needs thresholds that move quickly: start higher, step after 1 epoch of patience
         check(cli(["plan", "sauron", "-d", str(ws.dataset_id), "-c", tiny.CONFIGURATION, "-p", tiny.TINY_PLANS,
                    "--plans-name", plans_name, "--tau-start", "0.05", "--tau-max", "0.3", "--kappa", "5",
-                   "--rho", "1", "--epochs", str(max(10, epochs // 3)), "--iterations-per-epoch", "20",
+                   "--rho", "1", "--epochs", str(max(10, epochs // 3)), "--iterations-per-epoch", "20", "--val-iterations", "2",
                    "--lr", "1e-3", "--augmentation", "none", "--overwrite"]))
         tiny.train(ws, plans_name, "nnUNetTrainerSauron", pretrained=tiny.checkpoint_path(base_folder))
     return [measure(ws, "Sauron (pruned while training)", folder, "sauron")]

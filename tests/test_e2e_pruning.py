@@ -20,7 +20,7 @@ def test_taylor_trainer_prunes_to_target_and_predicts(tiny_ws, tiny_base, tiny_b
     plans_name = f"{tiny.TINY_PLANS}_taylorF0.6"
     run_cli("plan", "taylor", "-d", tiny_ws.dataset_id, "-c", "3d_fullres", "-p", tiny.TINY_PLANS,
             "--target-flops", "0.6", "--step", "0.1", "--accumulate-batches", "2", "--epochs", "6",
-            "--iterations-per-epoch", "15", "--lr", "1e-3", "--augmentation", "none", env=tiny_ws.env(), check=True)
+            "--iterations-per-epoch", "15", "--val-iterations", "2", "--lr", "1e-3", "--augmentation", "none", env=tiny_ws.env(), check=True)
     folder = tiny.train(tiny_ws, plans_name, "nnUNetTrainerTaylorPruning", pretrained=tiny.checkpoint_path(tiny_base))
     checkpoint = load_checkpoint(folder)
     extra = checkpoint["nnunet_compress"]
@@ -70,7 +70,7 @@ def test_sauron_trainer_removes_filters_and_predicts(tiny_ws):
     plans_name = f"{tiny.TINY_PLANS}_sauron0.3"
     # a short run from scratch: a low tau_start and rho=1 make thresholds bite within a few epochs
     run_cli("plan", "sauron", "-d", tiny_ws.dataset_id, "-c", "3d_fullres", "-p", tiny.TINY_PLANS,
-            "--tau-start", "0.05", "--rho", "1", "--kappa", "3", "--epochs", "4", "--iterations-per-epoch", "10",
+            "--tau-start", "0.05", "--rho", "1", "--kappa", "3", "--epochs", "4", "--iterations-per-epoch", "10", "--val-iterations", "2",
             "--augmentation", "none", env=tiny_ws.env(), check=True)
     folder = tiny.train(tiny_ws, plans_name, "nnUNetTrainerSauron")
     checkpoint = load_checkpoint(folder)

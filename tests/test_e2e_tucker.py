@@ -71,7 +71,7 @@ def test_moderate_ratio_keeps_dice_and_cuts_cost(tiny_ws, tiny_base, tiny_base_d
 def test_plan_and_finetune_through_nnunet_train(tiny_ws, tiny_base, tiny_base_dice):
     plans_name = f"{tiny.TINY_PLANS}_tucker0.5"
     run_cli("plan", "tucker", "-d", tiny_ws.dataset_id, "-c", "3d_fullres", "-p", tiny.TINY_PLANS, "--rank-ratio",
-            "0.5", "--min-rank", "4", "--epochs", "2", "--iterations-per-epoch", "10", "--lr", "1e-3",
+            "0.5", "--min-rank", "4", "--epochs", "2", "--iterations-per-epoch", "10", "--val-iterations", "2", "--lr", "1e-3",
             "--augmentation", "none", env=tiny_ws.env(), check=True)
     plans = json.loads(tiny_ws.plans_path(plans_name).read_text())
     parent = json.loads(tiny_ws.plans_path(tiny.TINY_PLANS).read_text())
