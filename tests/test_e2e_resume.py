@@ -113,7 +113,7 @@ def check_exact_reload(state: dict, pruning: bool) -> None:
 def test_sauron_resumes_exactly(tiny_ws):
     plans = f"{tiny.TINY_PLANS}_sauron_resume"
     run_cli("plan", "sauron", "-d", tiny_ws.dataset_id, "-c", "3d_fullres", "-p", tiny.TINY_PLANS, "--plans-name",
-            plans, "--tau-start", "0.05", "--rho", "1", "--kappa", "3", *SCHEDULE, env=tiny_ws.env(), check=True)
+            plans, "--tau-start", "0.3", "--tau-max", "0.4", "--rho", "2", "--kappa", "3", *SCHEDULE, env=tiny_ws.env(), check=True)
     snapshot = kill_after_epochs(tiny_ws, "nnUNetTrainerSauron", plans, 2)
     saved = torch.load(snapshot, map_location="cpu", weights_only=False)["nnunet_compress"]
     assert len(saved["state"]["channel_history"]) == 2 and saved["state"]["thresholds"]
