@@ -32,7 +32,12 @@ def refuse(*args, **kwargs):
     raise OSError("network disabled by the test")
 import requests
 requests.get = requests.post = requests.request = refuse
-socket.socket.connect = lambda self, *args: refuse(*args)
+plain_connect = socket.socket.connect
+def guarded_connect(self, address):  # internet sockets only: multiprocessing talks over local sockets
+    if self.family in (socket.AF_INET, socket.AF_INET6):
+        refuse(address)
+    return plain_connect(self, address)
+socket.socket.connect = guarded_connect
 loaded = []
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 original = nnUNetPredictor.initialize_from_trained_model_folder
