@@ -33,9 +33,10 @@ from batchgenerators.utilities.file_and_folder_operations import load_json
 from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 from nnunet_compress.network import unwrap
 trainer_name, plans_file, dataset_json_file, ckpt_file = sys.argv[1:]
-import nnunetv2, os
 cls = recursive_find_trainer_class_by_name(trainer_name)
-trainer = cls(load_json(plans_file), "3d_fullres", 0, load_json(dataset_json_file), device=torch.device("cpu"))
+plans = load_json(plans_file)
+plans["continue_training"] = True  # nnU-Net 2.8's run_training puts this into the plans before building trainers
+trainer = cls(plans, "3d_fullres", 0, load_json(dataset_json_file), device=torch.device("cpu"))
 trainer.load_checkpoint(ckpt_file)
 ckpt = torch.load(ckpt_file, map_location="cpu", weights_only=False)
 net = unwrap(trainer.network)
