@@ -173,8 +173,13 @@ def build_report(base_net: nn.Module, ranks: dict, errors: dict[str, float], pat
     rows, saved_params, saved_macs = [], 0, 0
     for name, (r_out, r_in) in ranks.items():
         conv = base_net.get_submodule(name)
-        p0, m0 = conv_costs(conv, *io_shapes[name])
-        p1, m1 = conv_costs(conv, *io_shapes[name], ranks=(r_out, r_in))
+        # deep-supervision heads of the lower stages exist but do not run at inference: parameters, no FLOPs
+        ones = (1,) * len(conv.kernel_size)
+        sizes = io_shapes.get(name, (ones, ones))
+        p0, m0 = conv_costs(conv, *sizes)
+        p1, m1 = conv_costs(conv, *sizes, ranks=(r_out, r_in))
+        if name not in io_shapes:
+            m0 = m1 = 0
         saved_params += p0 - p1
         saved_macs += m0 - m1
         shape = f"({conv.out_channels}, {conv.in_channels}, {'x'.join(map(str, conv.kernel_size))})"

@@ -150,3 +150,16 @@ def test_compressed_folder_predicts_with_nnunet_trainers(tiny_ws, full_rank_fold
     assert read_segmentations(pred).keys() == reference.keys()
     for name, seg in read_segmentations(pred).items():
         assert np.array_equal(seg, reference[name]), name
+
+
+def test_paper_setting_factorises_every_layer_heads_included(tiny_ws, tiny_base, tmp_path):
+    """The reference code's setting: every conv, stem and 1x1 heads included (heads that inference never runs
+    count with their parameters and no FLOPs)."""
+    out = tmp_path / "paper"
+    run_cli("tucker", tiny_base, "-o", out, "--rank-ratio", "0.5", "--min-rank", "4", "--include-stem",
+            "--include-pointwise", "--replace-all", env=tiny_ws.env(), check=True)
+    report = json.loads((out / "compression_report.json").read_text())
+    names = {row["name"] for row in report["layers"]}
+    assert "encoder.stages.0.0.convs.0.conv" in names and any(".seg_layers." in n for n in names)
+    weights = torch.load(out / "fold_0" / "checkpoint_final.pth", weights_only=False)["network_weights"]
+    assert any(k.endswith("seg_layers.0.1.weight") for k in weights), "heads were not factorised"
