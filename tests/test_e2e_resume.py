@@ -113,7 +113,7 @@ def check_exact_reload(state: dict, pruning: bool) -> None:
 
 def test_sauron_resumes_exactly(tiny_ws):
     plans = f"{tiny.TINY_PLANS}_sauron_resume"
-    run_cli("plan", "sauron", "-d", tiny_ws.dataset_id, "-c", "3d_fullres", "-p", tiny.TINY_PLANS, "--plans-name",
+    run_cli("plan", "sauron", "-d", tiny_ws.dataset_id, "-c", "3d_fullres", "-p", tiny.TINY_PLANS, "--overwrite", "--plans-name",
             plans, "--tau-start", "0.3", "--tau-max", "0.4", "--rho", "2", "--kappa", "3", *SCHEDULE, env=tiny_ws.env(), check=True)
     snapshot = kill_after_epochs(tiny_ws, "nnUNetTrainerSauron", plans, 2)
     saved = torch.load(snapshot, map_location="cpu", weights_only=False)["nnunet_compress"]
@@ -130,7 +130,7 @@ def test_sauron_resumes_exactly(tiny_ws):
 
 def test_taylor_resumes_exactly(tiny_ws, tiny_base):
     plans = f"{tiny.TINY_PLANS}_taylor_resume"
-    run_cli("plan", "taylor", "-d", tiny_ws.dataset_id, "-c", "3d_fullres", "-p", tiny.TINY_PLANS, "--plans-name",
+    run_cli("plan", "taylor", "-d", tiny_ws.dataset_id, "-c", "3d_fullres", "-p", tiny.TINY_PLANS, "--overwrite", "--plans-name",
             plans, "--target-flops", "0.5", "--step", "0.05", "--accumulate-batches", "1", *SCHEDULE,
             env=tiny_ws.env(), check=True)
     snapshot = kill_after_epochs(tiny_ws, "nnUNetTrainerTaylorPruning", plans, 2, tiny.checkpoint_path(tiny_base))
@@ -146,7 +146,7 @@ def test_taylor_resumes_exactly(tiny_ws, tiny_base):
 
 def test_tucker_resumes_exactly(tiny_ws, tiny_base):
     plans = f"{tiny.TINY_PLANS}_tucker_resume"
-    run_cli("plan", "tucker", "-d", tiny_ws.dataset_id, "-c", "3d_fullres", "-p", tiny.TINY_PLANS, "--plans-name",
+    run_cli("plan", "tucker", "-d", tiny_ws.dataset_id, "-c", "3d_fullres", "-p", tiny.TINY_PLANS, "--overwrite", "--plans-name",
             plans, "--rank-ratio", "0.5", "--min-rank", "4", *SCHEDULE, env=tiny_ws.env(), check=True)
     snapshot = kill_after_epochs(tiny_ws, "nnUNetTrainerTucker", plans, 2, tiny.checkpoint_path(tiny_base))
     check_exact_reload(reloaded_state(tiny_ws, "nnUNetTrainerTucker", plans, snapshot), pruning=False)
