@@ -20,7 +20,7 @@ import torch
 from conftest import run_cli
 from test_compare_metrics import brute_force_nsd
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow]  # not yet seen passing on a quiet machine; see README
+pytestmark = pytest.mark.e2e
 
 
 def tree_checksums(folder: Path) -> dict[str, str]:
