@@ -43,17 +43,18 @@ def test_same_inputs_and_seed_give_bit_identical_weights(tiny_ws, tiny_base, tmp
 
 
 def test_multi_part_prediction_with_a_compressed_model(tiny_ws, tiny_base, tmp_path):
-    """-num_parts 2 / -part_id 0,1 split the cases between two predictor processes, as on a cluster."""
-    folder = tmp_path / "tucker"
-    run_cli("tucker", tiny_base, "-o", folder, "--rank-ratio", "0.5", "--min-rank", "4", env=tiny_ws.env(),
-            check=True)
-    images = tiny_ws.raw_dataset / "imagesTs"
-    common = ["-i", str(images), "-m", str(folder), "-f", "0", "-device", "cpu", "--disable_progress_bar",
-              "--disable_tta", "-npp", "1", "-nps", "1"]
+    """nnUNetv2_predict -num_parts 2 / -part_id 0,1 split the cases between two processes, as on a cluster."""
+    plans = f"{tiny.TINY_PLANS}_tuckerparts"
+    # a compressed model folder where nnUNetv2_predict looks for it: results/Dataset/TRAINER__PLANS__CONFIGURATION
+    folder = tiny_ws.model_folder(tiny.BASE_TRAINER, plans)
+    run_cli("tucker", tiny_base, "-o", folder, "--rank-ratio", "0.5", "--min-rank", "4", "--overwrite",
+            env=tiny_ws.env(), check=True)
     parts = tmp_path / "parts"
     for part in ("0", "1"):
-        run_nnunet(["nnUNetv2_predict_from_modelfolder", *common, "-o", str(parts), "-num_parts", "2", "-part_id",
-                    part], tiny_ws.env(), tiny_ws.root / "logs" / f"predict_part{part}.log")
+        run_nnunet(["nnUNetv2_predict", "-i", str(tiny_ws.raw_dataset / "imagesTs"), "-o", str(parts), "-d",
+                    str(tiny_ws.dataset_id), "-c", tiny.CONFIGURATION, "-f", "0", "-tr", tiny.BASE_TRAINER, "-p", plans,
+                    "-device", "cpu", "--disable_progress_bar", "--disable_tta", "-npp", "1", "-nps", "1",
+                    "-num_parts", "2", "-part_id", part], tiny_ws.env(), tiny_ws.root / "logs" / f"predict_part{part}.log")
     whole = tiny.predict_folder(tiny_ws, folder, tmp_path / "whole")
     names = sorted(p.name for p in whole.glob("*.nii.gz"))
     assert names and sorted(p.name for p in parts.glob("*.nii.gz")) == names
