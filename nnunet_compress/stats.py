@@ -61,7 +61,10 @@ def paired_wilcoxon(base: Sequence[float], compressed: Sequence[float]) -> Paire
 
 
 def holm(p_values: Sequence[float]) -> list[float]:
-    """Holm-Bonferroni step-down adjusted p-values (NaNs stay NaN and do not count as tests)."""
+    """Holm-Bonferroni step-down adjusted p-values (NaNs stay NaN and do not count as tests).
+
+    Written here because scipy has no Holm correction and statsmodels would be a dependency for ten lines.
+    """
     p = np.asarray(p_values, dtype=float)
     out = np.full(p.shape, np.nan)
     idx = np.flatnonzero(~np.isnan(p))
@@ -75,17 +78,13 @@ def holm(p_values: Sequence[float]) -> list[float]:
 
 
 def benjamini_hochberg(p_values: Sequence[float]) -> list[float]:
-    """Benjamini-Hochberg step-up adjusted p-values (q-values); NaNs stay NaN and do not count as tests."""
+    """Benjamini-Hochberg adjusted p-values (scipy's false_discovery_control); NaNs stay NaN and are not tests."""
+    from scipy.stats import false_discovery_control
     p = np.asarray(p_values, dtype=float)
     out = np.full(p.shape, np.nan)
-    idx = np.flatnonzero(~np.isnan(p))
-    m = idx.size
-    order = idx[np.argsort(p[idx], kind="stable")]
-    running = 1.0
-    for rank in range(m - 1, -1, -1):  # step-up: from the largest p down, adjusted p never increases
-        i = order[rank]
-        running = min(running, p[i] * m / (rank + 1))
-        out[i] = running
+    valid = ~np.isnan(p)
+    if valid.any():
+        out[valid] = false_discovery_control(p[valid], method="bh")
     return out.tolist()
 
 

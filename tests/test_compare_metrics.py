@@ -63,6 +63,10 @@ def test_boundary_of_a_solid_cube_by_hand():
     # boundary is x=2: face (16), x=3: rim (12), x=4: rim (12), x=5: face (16); B's at x=3: face, x=4, x=5: rims.
     # A's counted voxels: x=3 rim 12 (in B's face), x=4 rim 12, x=5 the 12 of its face on B's rim -> 36;
     # by symmetry also 36 for B. NSD = 72 / 112. Tolerance 1 mm: every boundary voxel is within one voxel.
+    a = np.zeros((9, 8, 8), dtype=bool)
+    b = np.zeros((9, 8, 8), dtype=bool)
+    a[2:6, 2:6, 2:6] = True
+    b[3:7, 2:6, 2:6] = True
     assert normalized_surface_dice(a, b, (1, 1, 1), 0.0) == pytest.approx(72 / 112)
     assert normalized_surface_dice(a, b, (1, 1, 1), 1.0) == 1.0
 
