@@ -118,6 +118,11 @@ class CompressedUNet(nn.Module):
                 "compressed model folder from its parent") from e
 
 
+    def _sibling(self, **compression) -> "CompressedUNet":
+        """A network of the same parent architecture (and deep-supervision setting) with other compression."""
+        return CompressedUNet(self.input_channels, self.num_classes, self.base_network_class_name, **compression,
+                              **{**self._base_kwargs, "deep_supervision": self.decoder.deep_supervision})
+
     def load_parent_weights(self, state_dict: Mapping[str, torch.Tensor]) -> dict[str, float]:
         """Initialise every layer (segmentation heads included) from the trained PARENT network's weights.
 
@@ -134,9 +139,7 @@ class CompressedUNet(nn.Module):
         if own.keys() == state_dict.keys() and all(own[k].shape == state_dict[k].shape for k in own):
             self.load_state_dict(state_dict)
             return {}
-        parent = CompressedUNet(self.input_channels, self.num_classes, self.base_network_class_name,
-                                per_fold_channels=True,
-                                **{**self._base_kwargs, "deep_supervision": self.decoder.deep_supervision})
+        parent = self._sibling(per_fold_channels=True)
         try:
             parent.load_state_dict(state_dict)
         except CompressError as e:
@@ -145,9 +148,7 @@ class CompressedUNet(nn.Module):
                                 "from") from None
         from nnunet_compress.pruning.surgery import channel_counts
         # the channel map only knows plain convs, so compare against this architecture before factorisation
-        unfactorised = CompressedUNet(self.input_channels, self.num_classes, self.base_network_class_name,
-                                      channels=self.channels, **{**self._base_kwargs,
-                                                                 "deep_supervision": self.decoder.deep_supervision})
+        unfactorised = self._sibling(channels=self.channels)
         mine, theirs = channel_counts(unfactorised), channel_counts(parent)
         if mine != theirs:
             raise CompressError("the pretrained weights have other channel counts than these plans; pass the "
