@@ -18,13 +18,17 @@ def add_taylor_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-keep-fraction", type=float, default=0.25,
                    help="never fewer than this share of a layer's starting channels (0.25)")
     p.add_argument("--no-normalize", action="store_true", help="skip the layer-wise L2 score normalisation")
+    p.add_argument("--no-class-balance", action="store_true",
+                   help="Taylor: weight every voxel alike instead of giving each class an equal share of the "
+                        "output gradient (the default protects small structures)")
 
 
 def taylor_settings_from_args(args, **extra):
     from nnunet_compress.taylor_prune import TaylorSettings
     s = TaylorSettings(target_flops=args.target_flops, target_params=args.target_params, step=args.step,
                        scope=args.scope, min_channels=args.min_channels,
-                       min_keep_fraction=args.min_keep_fraction, normalize=not args.no_normalize, **extra)
+                       min_keep_fraction=args.min_keep_fraction, normalize=not args.no_normalize,
+                       balance_classes=not args.no_class_balance, **extra)
     s.validate()
     return s
 

@@ -30,6 +30,7 @@ class TaylorSettings:
     target_params: float | None = None
     importance: str = "output_normalized"   # or "loss" (classic Molchanov) — see pruning.importance
     normalize: bool = True                  # layer-wise L2 normalisation before the global ranking
+    balance_classes: bool = True            # output_normalized: each class gets an equal share of the gradient
     scope: str = "global"                   # or "layer"
     step: float = 0.05                      # fraction of the prunable channels removed per pruning step
     prune_every: int = 1                    # epochs between pruning steps
@@ -117,7 +118,7 @@ def removable_channels(groups, floors) -> int:
 
 
 def taylor_scores(net: nn.Module, groups, batches: Iterable[tuple[torch.Tensor, object]], mode: str,
-                  loss_fn: Callable | None = None) -> dict[str, torch.Tensor]:
+                  loss_fn: Callable | None = None, balance_classes: bool = True) -> dict[str, torch.Tensor]:
     """First-order Taylor importance of every channel, summed over `batches` of (input, target)."""
     from nnunet_compress.pruning.importance import TaylorImportance, output_normalized_backward
     was_training = net.training
@@ -132,7 +133,7 @@ def taylor_scores(net: nn.Module, groups, batches: Iterable[tuple[torch.Tensor, 
                 loss_fn(output, target).backward()
             else:
                 labels = target[0] if isinstance(target, (list, tuple)) else target
-                output_normalized_backward(output, labels)
+                output_normalized_backward(output, labels, balance_classes)
         scores = importance.scores()
     net.zero_grad(set_to_none=True)
     net.train(was_training)
@@ -181,7 +182,8 @@ def prune_until_target(net: nn.Module, settings: TaylorSettings, method: str, in
         else:
             if not calibration:
                 raise CompressError("Taylor pruning needs calibration images: pass -i IMAGES_FOLDER")
-            scores = taylor_scores(net, groups, ((b, None) for b in calibration), "output_normalized")
+            scores = taylor_scores(net, groups, ((b, None) for b in calibration), "output_normalized",
+                                   balance_classes=settings.balance_classes)
         keep = choose_channels_to_keep(net, settings, scores, channels_to_remove(groups, settings.step),
                                        initial_counts)
         if not keep:

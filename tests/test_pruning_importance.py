@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -48,11 +49,25 @@ def loss_of(output) -> torch.Tensor:
     return sum((o ** 2).mean() * w for o, w in zip(output, (1.0, 0.5))) + output[0][:, 1].sum() * 0.1
 
 
-def normalized_ce_gradient(logits: torch.Tensor) -> torch.Tensor:
-    """d CE(logits, argmax logits) / d logits = softmax - one-hot, per sample scaled to unit norm (by hand)."""
+def class_weights_by_hand(labels: torch.Tensor) -> torch.Tensor:
+    """1 / (voxels of the same label in the same sample), counted with numpy's bincount."""
+    weights = torch.empty(labels.shape, dtype=torch.double)
+    for b in range(labels.shape[0]):
+        flat = labels[b].flatten().numpy()
+        counts = np.bincount(flat)
+        weights[b] = torch.from_numpy(1.0 / counts[flat]).view(labels.shape[1:])
+    return weights
+
+
+def normalized_ce_gradient(logits: torch.Tensor, balance_classes: bool = True) -> torch.Tensor:
+    """d CE(logits, argmax logits) / d logits = softmax - one-hot (times the voxel's class weight), per sample
+    scaled to unit norm (by hand)."""
     probs = torch.softmax(logits, 1)
-    onehot = torch.zeros_like(probs).scatter_(1, logits.argmax(1, keepdim=True), 1.0)
+    labels = logits.argmax(1)
+    onehot = torch.zeros_like(probs).scatter_(1, labels.unsqueeze(1), 1.0)
     g = probs - onehot
+    if balance_classes:
+        g = g * class_weights_by_hand(labels).unsqueeze(1)
     return g / g.flatten(1).norm(dim=1).view(-1, *([1] * (g.dim() - 1)))
 
 
@@ -130,6 +145,26 @@ def test_output_normalized_backward_sends_unit_norm_per_sample_gradient_from_ful
     assert "low" not in seen  # deep-supervision heads at lower resolution get no gradient
     torch.testing.assert_close(g.flatten(1).norm(dim=1), torch.ones(2, dtype=torch.double))
     torch.testing.assert_close(g, normalized_ce_gradient(out[0].detach()))
+
+
+def test_class_balance_gives_a_small_class_the_same_gradient_share_as_a_large_one():
+    # 3 classes: label 2 covers 4 voxels of 256, label 1 a quarter, label 0 the rest
+    labels = torch.zeros(1, 1, 16, 16, dtype=torch.long)
+    labels[..., :4, :] = 1
+    labels[..., 10:12, 10:12] = 2
+    logits = torch.zeros(1, 3, 16, 16, dtype=torch.double, requires_grad=True)
+    shares = {}
+    for balance in (True, False):
+        logits.grad = None
+        output_normalized_backward(logits * 1.0, labels, balance_classes=balance)
+        g = logits.grad[0]
+        # Taylor scores are linear in the output gradient, so a class's share is the L1 mass of its voxels'
+        # gradients; with uniform logits every voxel's gradient has the same size, so that share is its voxel
+        # count without balancing, and equal for every class with it
+        mass = torch.stack([g[:, labels[0, 0] == k].abs().sum() for k in range(3)])
+        shares[balance] = mass / mass.sum()
+    torch.testing.assert_close(shares[True], torch.full((3,), 1 / 3, dtype=torch.double))
+    torch.testing.assert_close(shares[False], torch.tensor([188, 64, 4], dtype=torch.double) / 256)
 
 
 def test_output_normalized_backward_rejects_outputs_without_graph():

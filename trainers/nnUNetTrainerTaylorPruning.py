@@ -48,7 +48,8 @@ class nnUNetTrainerTaylorPruning(PruningTrainerMixin, ScheduleFromPlansMixin, nn
     def pruning_step(self) -> None:
         net = self.plain_network
         groups = self.prunable_groups()
-        scores = taylor_scores(net, groups, self.training_batches(), self.settings.importance, self.loss)
+        scores = taylor_scores(net, groups, self.training_batches(), self.settings.importance, self.loss,
+                               self.settings.balance_classes)
         n_remove = channels_to_remove(groups, self.settings.step)
         if not getattr(self, "initial_channels", None):
             from nnunet_compress.pruning.surgery import channel_counts
