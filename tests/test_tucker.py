@@ -25,7 +25,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from nnunet_compress.errors import CompressError
-from nnunet_compress.tucker import TuckerConv, conv_costs, decompose_conv, layer_io_shapes, replace_convs
+from nnunet_compress.tucker import (TuckerConv, conv_costs, decompose_conv, gram_svd, layer_io_shapes,
+                                    replace_convs)
 
 torch.set_num_threads(1)
 
@@ -411,3 +412,17 @@ def test_tensorly_global_backend_is_left_alone():
         assert tl.get_backend() == "pytorch" and 0 < error < 1
     finally:
         tl.set_backend(previous)
+
+
+@pytest.mark.parametrize("shape, n", [((12, 90), 5), ((12, 90), None), ((30, 8), 6)])
+def test_gram_svd_matches_lapack_svd(shape, n):
+    rng = np.random.default_rng(4)
+    matrix = rng.standard_normal(shape) * np.logspace(0, -3, shape[1])  # distinct, decaying singular values
+    u, s, vt = gram_svd(matrix, n_eigenvecs=n)
+    u_ref, s_ref, vt_ref = np.linalg.svd(matrix, full_matrices=False)
+    k = len(s_ref) if n is None else n
+    assert u.shape == (shape[0], k) and s.shape == (k,) and vt.shape == (k, shape[1])
+    np.testing.assert_allclose(s, s_ref[:k], rtol=1e-9)
+    # the same singular vectors up to sign
+    np.testing.assert_allclose(np.abs(np.sum(u * u_ref[:, :k], axis=0)), np.ones(k), atol=1e-8)
+    np.testing.assert_allclose(u @ np.diag(s) @ vt, u_ref[:, :k] @ np.diag(s_ref[:k]) @ vt_ref[:k], atol=1e-9)

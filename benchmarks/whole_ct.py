@@ -1,0 +1,127 @@
+"""A whole CT on the CPU: compressed 1.5 mm TotalSegmentator networks vs the uncompressed 3 mm ``--fast`` model.
+
+    .venv/bin/python benchmarks/whole_ct.py [--fov 366 303 336] [--ratios 0.25 0.125] [--runs 1]
+
+What a user without a GPU would otherwise pick is TotalSegmentator's ``--fast`` model: 3 mm voxels, one network.
+This times, side by side in one process (interleaved, as benchmarks/speed.py does), nnU-Net's own sliding-window
+prediction of one CT-sized volume by
+
+* the 3 mm ``--fast`` network on the CT resampled to 3 mm,
+* one 1.5 mm part network on the CT resampled to 1.5 mm (8x the voxels), uncompressed and Tucker-factorised at
+  each ``--ratios`` channel ratio (fast paths on, as ``nnUNetv2_predict`` runs a compressed folder).
+
+TotalSegmentator's default ``total`` task runs FIVE such 1.5 mm part networks (organs, vertebrae, cardiac,
+muscles, ribs) with the same architecture; the table reports one network's seconds and the five-network total
+(5x: the part networks differ only in their 1x1x1 head, 25 outputs here for all of them, so their times are the
+same to within noise).
+
+The field of view defaults to the example CT shipped in tests/data (TotalSegmentator's example_ct: 122x101x112
+voxels at 3 mm = 366x303x336 mm). Weights are random (nnU-Net's He init); speed does not depend on them.
+Outputs a Markdown table on stdout and JSON + Markdown under benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.archs import ARCHITECTURES, as_compressed_unet, build_original, flops, params, tucker  # noqa: E402
+from benchmarks.speed import RESULTS, device_name, make_predictor, sliding_window_patches, time_interleaved  # noqa: E402
+
+PART_MODELS = 5  # TotalSegmentator's default 'total' task at 1.5 mm
+
+
+def voxels(fov_mm, spacing_mm) -> tuple[int, ...]:
+    return tuple(int(round(f / s)) for f, s in zip(fov_mm, spacing_mm))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--fov", nargs=3, type=float, default=[366.0, 303.0, 336.0], help="field of view in mm")
+    ap.add_argument("--ratios", nargs="+", type=float, default=[0.25, 0.125])
+    ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    ap.add_argument("--tag", default="cpu")
+    args = ap.parse_args(argv)
+
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    fast_arch, part_arch = ARCHITECTURES["3mm"], ARCHITECTURES["1.5mm"]
+    fast_net = build_original(fast_arch)
+    part_original = build_original(part_arch)
+    part_base = as_compressed_unet(part_arch, part_original)
+    # (name, network, plain torch paths?, architecture)
+    variants = [("3mm --fast (original)", fast_net, True, fast_arch),
+                ("1.5mm part (original)", part_original, True, part_arch)]
+    variants += [(f"1.5mm part tucker{r}+fast", tucker(part_base, r, part_arch.patch), False, part_arch)
+                 for r in args.ratios]
+    volumes = {a.name: voxels(args.fov, a.spacing_mm) for a in (fast_arch, part_arch)}
+    images = {name: torch.randn(1, *shape) for name, shape in volumes.items()}
+    arch_of = {name: arch for name, _, _, arch in variants}
+
+    def sliding(entry_name, net):
+        arch = arch_of[entry_name]
+        predictor = make_predictor(net, arch.patch, arch.num_classes, torch.device("cpu"))
+        predictor.predict_sliding_window_return_logits(images[arch.name])
+
+    timed = [(name, _Named(name, net, sliding), plain) for name, net, plain, _ in variants]
+    wall, cpu = time_interleaved(timed, lambda n: n(), args.runs, warmup=0)
+
+    rows = []
+    for name, net, _, arch in variants:
+        patches = sliding_window_patches(volumes[arch.name], arch.patch)
+        models = PART_MODELS if arch is part_arch else 1
+        rows.append({"variant": name, "spacing_mm": arch.spacing_mm[0], "volume": list(volumes[arch.name]),
+                     "patches": patches, "params": params(net), "gflops_per_patch": flops(net, arch.patch) / 1e9,
+                     "seconds_one_network": statistics.median(wall[name]),
+                     "cpu_seconds_one_network": statistics.median(cpu[name]), "networks_per_ct": models})
+    fast_s = rows[0]["seconds_one_network"]
+    for r in rows:
+        r["seconds_per_ct"] = r["seconds_one_network"] * r["networks_per_ct"]
+        r["vs_fast"] = r["seconds_per_ct"] / fast_s
+    report = {"device": device_name(torch.device("cpu")), "threads": torch.get_num_threads(), "fov_mm": args.fov,
+              "runs": args.runs, "rows": rows}
+    table = markdown(report)
+    print(table)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"whole_ct_{args.tag}.json").write_text(json.dumps(report, indent=1))
+    (RESULTS / f"whole_ct_{args.tag}.md").write_text(table + "\n")
+    print(f"wrote {RESULTS / f'whole_ct_{args.tag}.json'}")
+    return 0
+
+
+class _Named:
+    """A zero-argument callable bound to one variant, so that time_interleaved's fn(net) runs its sliding window."""
+
+    def __init__(self, name, net, sliding):
+        self.name, self.net, self.sliding = name, net, sliding
+
+    def __call__(self):
+        with torch.inference_mode():
+            self.sliding(self.name, self.net)
+
+
+def markdown(report) -> str:
+    fov = "×".join(f"{f:g}" for f in report["fov_mm"])
+    lines = [f"### Whole CT ({fov} mm) on {report['device']}, {report['threads']} threads, median of "
+             f"{report['runs']} run(s)\n",
+             "| variant | voxels | patches | params (M) | GFLOPs/patch | s, one network | networks per CT "
+             "| s per CT | × `--fast` |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in report["rows"]:
+        lines.append(f"| {r['variant']} | {'×'.join(map(str, r['volume']))} | {r['patches']} | "
+                     f"{r['params'] / 1e6:.2f} | {r['gflops_per_patch']:.1f} | {r['seconds_one_network']:.1f} | "
+                     f"{r['networks_per_ct']} | {r['seconds_per_ct']:.1f} | {r['vs_fast']:.2f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
