@@ -60,8 +60,10 @@ def make_predictor(net, patch, num_classes, device):
 
 
 def sliding_window_patches(volume, patch) -> int:
+    """Patches nnU-Net's sliding window (step 0.5) runs; a volume smaller than the patch is padded to it first."""
     from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
-    steps = compute_steps_for_sliding_window(tuple(volume), tuple(patch), 0.5)
+    padded = tuple(max(v, p) for v, p in zip(volume, patch))
+    steps = compute_steps_for_sliding_window(padded, tuple(patch), 0.5)
     return math.prod(len(s) for s in steps)
 
 

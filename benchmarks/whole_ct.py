@@ -113,7 +113,7 @@ def markdown(report) -> str:
     fov = "×".join(f"{f:g}" for f in report["fov_mm"])
     lines = [f"### Whole CT ({fov} mm) on {report['device']}, {report['threads']} threads, median of "
              f"{report['runs']} run(s)\n",
-             "| variant | voxels | patches | params (M) | GFLOPs/patch | s, one network | networks per CT "
+             "| variant | voxels | patches | params (M) | GFLOPs/patch (FlopCounterMode) | s, one network | networks per CT "
              "| s per CT | × `--fast` |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["rows"]:

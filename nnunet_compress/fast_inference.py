@@ -1,7 +1,7 @@
 """Speed options for compressed networks on the CPU: same outputs, much less wall-clock time.
 
 Why they are needed: a Tucker-factorised network does ~9× fewer FLOPs at channel ratio 0.25, yet ran only ~1.9×
-faster on a CPU (DESIGN.md §4). Profiling (docs/performance.md) showed where the time goes: torch's CPU
+faster on a CPU (DESIGN.md §4). Profiling (README, "Performance") showed where the time goes: torch's CPU
 convolution dispatch chooses oneDNN only when ``N·C·D·H > 20480`` (a heuristic written for 2-d images that
 ignores the last spatial axis). Thin 3-d convolutions — a Tucker core with 16 channels at 32³, 32 at 16³ — fail
 it and fall onto the generic vol2col + GEMM kernel (``slow_conv3d_forward``), which runs at 1–2 GMAC/s instead
@@ -9,7 +9,9 @@ of oneDNN's 15–40; 1×1×1 convolutions pay for a generic conv path although t
 networks have the same thin layers. So, on the CPU and at inference time:
 
 * every dense 1×1(×1) stride-1 convolution runs as one GEMM (``torch.addmm`` on the (C, voxels) view);
-* every other float32 convolution goes straight to ``torch.mkldnn_convolution`` (oneDNN), whatever its size.
+* every other float32 convolution goes straight to ``torch.mkldnn_convolution`` (oneDNN), whatever its size;
+* memory freed during the forward pass is kept for the next layers instead of being unmapped and faulted in
+  again (:mod:`nnunet_compress.freed_memory`; glibc only, bit-identical results).
 
 Both are applied by :func:`fast_convolutions`, a ``TorchFunctionMode`` that :class:`CompressedUNet` enters around
 its forward pass; it re-routes ``conv2d``/``conv3d`` calls and leaves every other op alone. Modules, parameters and
@@ -19,7 +21,7 @@ off where it would not help or could not be exact: on CUDA (cuDNN has no such ga
 it) and inside torch.compile. Results differ from the plain path by float32 summation order only (~1e-6
 relative). ``with plain_inference():`` switches it off, e.g. to compare.
 
-Tried and dropped (measured in docs/performance.md): ``channels_last_3d`` (oneDNN likes it for large thin convs,
+Tried and dropped (measured in README, "Performance"): ``channels_last_3d`` (oneDNN likes it for large thin convs,
 but InstanceNorm is ~3× slower in it on the CPU and hands back NCDHW, so the layout cannot be kept through the
 network), and a GEMM-plus-shuffle for the 2×2×2 transposed convolutions (the shuffle copy eats the gain).
 """
@@ -36,10 +38,11 @@ from torch.overrides import TorchFunctionMode
 
 @dataclass
 class FastOptions:
-    """Process-wide switches (both on by default; measured to help on the CPU, see docs/performance.md)."""
+    """Process-wide switches (both on by default; measured to help on the CPU, see README, "Performance")."""
 
     pointwise_gemm: bool = True  # 1×1(×1) convolutions as one matrix product
     force_onednn: bool = True  # all other float32 CPU convolutions through oneDNN, bypassing torch's size heuristic
+    keep_freed_memory: bool = True  # reuse freed feature-map memory within a forward (see freed_memory.py)
 
 
 OPTIONS = FastOptions()
@@ -71,9 +74,15 @@ def fast_paths_apply(x: torch.Tensor) -> bool:
     return not _get_current_dispatch_mode_stack()  # FlopCounterMode & co. must see aten.convolution
 
 
+@contextlib.contextmanager
 def fast_convolutions(x: torch.Tensor):
-    """Context manager for a forward pass on input `x`: the fast CPU convolutions where they apply, else nothing."""
-    return _FastConvMode() if fast_paths_apply(x) else contextlib.nullcontext()
+    """Context manager for a forward pass on input `x`: the fast CPU paths where they apply, else nothing."""
+    if not fast_paths_apply(x):
+        yield
+        return
+    from nnunet_compress.freed_memory import keep_freed_memory
+    with (keep_freed_memory() if OPTIONS.keep_freed_memory else contextlib.nullcontext()), _FastConvMode():
+        yield
 
 
 class _FastConvMode(TorchFunctionMode):
