@@ -11,7 +11,9 @@ networks have the same thin layers. So, on the CPU and at inference time:
 * every dense 1×1(×1) stride-1 convolution runs as one GEMM (``torch.addmm`` on the (C, voxels) view);
 * every other float32 convolution goes straight to ``torch.mkldnn_convolution`` (oneDNN), whatever its size;
 * memory freed during the forward pass is kept for the next layers instead of being unmapped and faulted in
-  again (:mod:`nnunet_compress.freed_memory`; glibc only, bit-identical results).
+  again (:mod:`nnunet_compress.freed_memory`; glibc only, bit-identical results);
+* the InstanceNorm after a Tucker-factorised conv is folded into its last 1×1 factor, so the normalised output is
+  written by one GEMM from the thin core output (:mod:`nnunet_compress.norm_folding`, entered by CompressedUNet).
 
 Both are applied by :func:`fast_convolutions`, a ``TorchFunctionMode`` that :class:`CompressedUNet` enters around
 its forward pass; it re-routes ``conv2d``/``conv3d`` calls and leaves every other op alone. Modules, parameters and
@@ -43,6 +45,7 @@ class FastOptions:
     pointwise_gemm: bool = True  # 1×1(×1) convolutions as one matrix product
     force_onednn: bool = True  # all other float32 CPU convolutions through oneDNN, bypassing torch's size heuristic
     keep_freed_memory: bool = True  # reuse freed feature-map memory within a forward (see freed_memory.py)
+    fold_instance_norm: bool = True  # InstanceNorm folded into a factorised conv's last 1×1 (see norm_folding.py)
 
 
 OPTIONS = FastOptions()

@@ -94,7 +94,11 @@ class CompressedUNet(nn.Module):
 
     def forward(self, x: torch.Tensor):
         # CPU inference: thin convs go to oneDNN / GEMMs instead of torch's slow generic kernel (fast_inference.py)
-        from nnunet_compress.fast_inference import fast_convolutions
+        # and the InstanceNorm after a factorised conv is folded into its last 1×1 factor (norm_folding.py)
+        from nnunet_compress.fast_inference import OPTIONS, fast_convolutions, fast_paths_apply
+        if OPTIONS.fold_instance_norm and fast_paths_apply(x):
+            from nnunet_compress import norm_folding
+            norm_folding.install(self)
         with fast_convolutions(x):
             return self.decoder(self.encoder(x))
 
