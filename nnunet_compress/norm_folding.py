@@ -10,8 +10,7 @@ var(y_k) = u_kᵀ Cov(z) u_k with the r×r covariance of z. Hence
     IN(y) = γ ⊙ (y − mean y) / sqrt(var y + ε) + β = (diag(s) U) (z − mean z) + β,  s = γ / sqrt(var y + ε)
 
 — one GEMM from the thin z straight to the normalised output, the conv bias c cancelling out. The r×r statistics
-are computed in float64 and z is centred before the GEMM (no cancellation however large z's mean); both
-cost passes over the thin z only. The nonlinearity
+come from the centred z (no cancellation however large z's mean) and cost passes over the thin z only. The nonlinearity
 that follows (LeakyReLU/ReLU) is applied in place on that output.
 
 :class:`FoldableConvNormAct` is nnU-Net's ``ConvDropoutNormReLU.all_modules`` Sequential (the same child modules,
@@ -63,13 +62,14 @@ def normalized_expansion(z: torch.Tensor, expansion_weight: torch.Tensor, norm: 
     out = torch.empty((batch, out_channels, voxels), dtype=z.dtype, device=z.device)
     gamma, beta = norm.weight.double(), norm.bias.double()
     for b in range(batch):
-        z64 = flat[b].double()
-        mean = z64.mean(dim=1)
-        covariance = (z64 @ z64.T) / voxels - torch.outer(mean, mean)
+        # centre z first (one pass over the thin z): the covariance and the GEMM below then work on values of the
+        # size of z's spread, so float32 loses nothing to cancellation however large z's mean is; the r×r and
+        # C×r algebra is done in float64
+        mean = flat[b].mean(dim=1, keepdim=True)
+        centered = flat[b] - mean
+        covariance = (centered @ centered.T).double() / voxels
         variance = ((u @ covariance) * u).sum(dim=1).clamp_min(0.0)
         weight = (gamma / torch.sqrt(variance + norm.eps))[:, None] * u
-        # W (z - mean z) + β rather than W z + (β - W mean z): no float32 cancellation when |mean z| ≫ std z
-        centered = (z64 - mean[:, None]).to(z.dtype)
         torch.addmm(beta.to(z.dtype)[:, None], weight.to(z.dtype), centered, out=out[b])
     return out.view(batch, out_channels, *spatial)
 
