@@ -4,6 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-# The TotalSegmentator-sized round trip (marker "slow") is left out unless asked for: bash scripts/test.sh -m slow
-if [ "$#" -eq 0 ]; then set -- -m "not slow"; fi
 exec .venv/bin/python -m pytest -q -rs "$@"

@@ -122,7 +122,7 @@ def tree_files(folder: Path) -> dict[str, int]:
     return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
 
 
-@pytest.mark.slow  # compresses the real 16.5 M-parameter 3 mm model and runs TotalSegmentator on the CPU
+@pytest.mark.totalseg  # compresses the real 16.5 M-parameter 3 mm model and runs TotalSegmentator on the CPU
 def test_compressed_home_runs_in_totalsegmentator_offline(fast_source_home, synthetic_ct, tmp_path):
     from totalsegmentator.map_to_binary import class_map
     before = tree_files(fast_source_home / "nnunet")
