@@ -83,10 +83,7 @@ def main(argv=None) -> int:
                      "patches": patches, "params": params(net), "gflops_per_patch": flops(net, arch.patch) / 1e9,
                      "seconds_one_network": statistics.median(wall[name]),
                      "cpu_seconds_one_network": statistics.median(cpu[name]), "networks_per_ct": models})
-    fast_s = rows[0]["seconds_one_network"]
-    for r in rows:
-        r["seconds_per_ct"] = r["seconds_one_network"] * r["networks_per_ct"]
-        r["vs_fast"] = r["seconds_per_ct"] / fast_s
+    add_per_ct(rows)
     report = {"device": device_name(torch.device("cpu")), "threads": torch.get_num_threads(), "fov_mm": args.fov,
               "runs": args.runs, "rows": rows}
     table = markdown(report)
@@ -109,17 +106,27 @@ class _Named:
             self.sliding(self.name, self.net)
 
 
+def add_per_ct(rows) -> None:
+    """Seconds per CT (one network × networks per CT) and their ratio to the --fast model (row 0), wall and CPU."""
+    for kind in ("seconds", "cpu_seconds"):
+        fast = rows[0][f"{kind}_one_network"]
+        for r in rows:
+            r[f"{kind}_per_ct"] = r[f"{kind}_one_network"] * r["networks_per_ct"]
+            r[f"{kind}_vs_fast"] = r[f"{kind}_per_ct"] / fast
+
+
 def markdown(report) -> str:
     fov = "×".join(f"{f:g}" for f in report["fov_mm"])
     lines = [f"### Whole CT ({fov} mm) on {report['device']}, {report['threads']} threads, median of "
              f"{report['runs']} run(s)\n",
-             "| variant | voxels | patches | params (M) | GFLOPs/patch (FlopCounterMode) | s, one network | networks per CT "
-             "| s per CT | × `--fast` |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| variant | voxels | patches | params (M) | GFLOPs/patch (FlopCounterMode) | networks per CT "
+             "| wall s, one network | wall s per CT | × `--fast` | CPU-s per CT | × `--fast` (CPU) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["rows"]:
         lines.append(f"| {r['variant']} | {'×'.join(map(str, r['volume']))} | {r['patches']} | "
-                     f"{r['params'] / 1e6:.2f} | {r['gflops_per_patch']:.1f} | {r['seconds_one_network']:.1f} | "
-                     f"{r['networks_per_ct']} | {r['seconds_per_ct']:.1f} | {r['vs_fast']:.2f} |")
+                     f"{r['params'] / 1e6:.2f} | {r['gflops_per_patch']:.1f} | {r['networks_per_ct']} | "
+                     f"{r['seconds_one_network']:.1f} | {r['seconds_per_ct']:.1f} | {r['seconds_vs_fast']:.2f} | "
+                     f"{r['cpu_seconds_per_ct']:.1f} | {r['cpu_seconds_vs_fast']:.2f} |")
     return "\n".join(lines)
 
 
