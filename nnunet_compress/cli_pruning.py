@@ -45,7 +45,9 @@ def write_pruning_plans(args, method: str, settings: dict, tag: str) -> None:
 
 def cmd_plan_taylor(args) -> None:
     settings = taylor_settings_from_args(args, importance=args.importance, prune_every=args.prune_every,
-                                         accumulate_batches=args.accumulate_batches)
+                                         accumulate_batches=args.accumulate_batches,
+                                         max_accumulate_batches=(args.max_accumulate_batches or
+                                                                 max(32, args.accumulate_batches)))
     write_pruning_plans(args, "taylor", settings.to_dict(), settings.tag())
 
 
@@ -90,6 +92,9 @@ def register(sub, plan_sub) -> None:
                    help="output_normalized: Sapkota et al. 2023 (default); loss: classic Molchanov et al. 2019")
     p.add_argument("--prune-every", type=positive_int, default=1, help="epochs between pruning steps (1)")
     p.add_argument("--accumulate-batches", type=positive_int, default=8, help="batches scored per step (8)")
+    p.add_argument("--max-accumulate-batches", type=positive_int,
+                   help="keep scoring more batches, up to this many, until every class has appeared in one "
+                        "(default: 32, or --accumulate-batches if larger)")
     add_schedule_options(p)
     p.set_defaults(func=cmd_plan_taylor)
 

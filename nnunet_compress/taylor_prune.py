@@ -35,6 +35,7 @@ class TaylorSettings:
     step: float = 0.05                      # fraction of the prunable channels removed per pruning step
     prune_every: int = 1                    # epochs between pruning steps
     accumulate_batches: int = 8             # training batches whose Taylor scores are summed per step
+    max_accumulate_batches: int = 32        # ... drawing more, up to this many, until every class has appeared
     min_channels: int = 2                   # never fewer channels than this in any layer
     min_keep_fraction: float = 0.25         # ... nor fewer than this share of the layer's channels at the start
 
@@ -56,6 +57,9 @@ class TaylorSettings:
         for name in ("prune_every", "accumulate_batches", "min_channels"):
             if int(getattr(self, name)) < 1:
                 raise CompressError(f"--{name.replace('_', '-')} must be a positive integer")
+        if self.max_accumulate_batches < self.accumulate_batches:
+            raise CompressError(f"--max-accumulate-batches {self.max_accumulate_batches} is below "
+                                f"--accumulate-batches {self.accumulate_batches}; give at least as many")
 
     @property
     def metric(self) -> str:
@@ -115,6 +119,30 @@ def removable_channels(groups, floors) -> int:
     """How many channels can still go without breaking a floor."""
     floor_of = (lambda g: floors.get(g.name, 1)) if isinstance(floors, dict) else (lambda g: floors)
     return sum(max(0, g.size - floor_of(g)) for g in groups)
+
+
+def batches_covering_classes(draw: Callable[[], tuple[torch.Tensor, object]], num_classes: int, minimum: int,
+                             maximum: int, on_missing: Callable[[list[int]], None] | None = None):
+    """Yield at least `minimum` labelled batches from `draw()`, and keep drawing (up to `maximum`) until every
+    foreground class 1..num_classes-1 has appeared in some batch's labels.
+
+    Why: a filter that only serves a small structure gets a Taylor score of zero from every batch that does not
+    contain that structure. nnU-Net's sampler puts a given small class into a patch only now and then, so a step
+    scored on a few batches without it ranks that class's filters last and removes them — the tiny nnU-Net lost
+    its lesion class this way in CI. `on_missing` hears the classes still unseen after `maximum` batches.
+    """
+    if minimum < 1 or maximum < minimum:
+        raise CompressError(f"need 1 <= minimum <= maximum scoring batches, got {minimum} and {maximum}")
+    wanted, seen = set(range(1, num_classes)), set()
+    for i in range(maximum):
+        if i >= minimum and wanted <= seen:
+            break
+        data, target = draw()
+        labels = target[0] if isinstance(target, (list, tuple)) else target
+        seen.update(int(v) for v in torch.unique(labels).tolist())
+        yield data, target
+    if on_missing is not None and not wanted <= seen:
+        on_missing(sorted(wanted - seen))
 
 
 def taylor_scores(net: nn.Module, groups, batches: Iterable[tuple[torch.Tensor, object]], mode: str,

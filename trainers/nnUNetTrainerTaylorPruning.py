@@ -13,8 +13,8 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_compress.pruning_trainer import PruningTrainerMixin
-from nnunet_compress.taylor_prune import (TaylorSettings, channels_to_remove, choose_channels_to_keep,
-                                          taylor_scores)
+from nnunet_compress.taylor_prune import (TaylorSettings, batches_covering_classes, channels_to_remove,
+                                          choose_channels_to_keep, taylor_scores)
 from nnunet_compress.training import ScheduleFromPlansMixin, install_pretrained_weights_hook
 
 install_pretrained_weights_hook()
@@ -37,13 +37,27 @@ class nnUNetTrainerTaylorPruning(PruningTrainerMixin, ScheduleFromPlansMixin, nn
             self.pruning_step()
         super().on_train_epoch_start()
 
+    def next_training_batch(self):
+        batch = next(self.dataloader_train)
+        data = batch["data"].to(self.device, non_blocking=True)
+        target = batch["target"]
+        target = [t.to(self.device) for t in target] if isinstance(target, list) else target.to(self.device)
+        return data, target
+
     def training_batches(self):
-        for _ in range(self.settings.accumulate_batches):
-            batch = next(self.dataloader_train)
-            data = batch["data"].to(self.device, non_blocking=True)
-            target = batch["target"]
-            target = [t.to(self.device) for t in target] if isinstance(target, list) else target.to(self.device)
-            yield data, target
+        """`accumulate_batches` training batches, more (up to `max_accumulate_batches`) until every class showed up.
+
+        Region-based training has no single label map to check, so there it is exactly `accumulate_batches`.
+        """
+        if self.label_manager.has_regions:
+            return (self.next_training_batch() for _ in range(self.settings.accumulate_batches))
+
+        def report(missing):
+            self.print_to_log_file(f"[taylor] classes {missing} did not appear in {self.settings.max_accumulate_batches}"
+                                   f" scoring batches; their filters are ranked without them")
+        return batches_covering_classes(self.next_training_batch, self.label_manager.num_segmentation_heads,
+                                        self.settings.accumulate_batches, self.settings.max_accumulate_batches,
+                                        report)
 
     def pruning_step(self) -> None:
         net = self.plain_network

@@ -1,0 +1,51 @@
+"""Taylor pruning's pure helpers: the scoring batches cover every class, the settings reject bad counts."""
+
+import pytest
+import torch
+
+from nnunet_compress.errors import CompressError
+from nnunet_compress.taylor_prune import TaylorSettings, batches_covering_classes
+
+
+def label_batches(label_sets):
+    """draw() returning batches whose (deep-supervision list of) label maps hold exactly the given labels."""
+    it = iter(label_sets)
+
+    def draw():
+        labels = torch.zeros(2, 1, 4, 4, 4, dtype=torch.long)
+        for i, label in enumerate(next(it)):
+            labels.view(-1)[i] = label
+        return torch.zeros(2, 1, 4, 4, 4), [labels, labels[:, :, ::2, ::2, ::2]]
+    return draw
+
+
+def test_draws_the_minimum_when_every_class_is_already_there():
+    draw = label_batches([[1, 2, 3], [1], [4], [4]])
+    assert len(list(batches_covering_classes(draw, 5, minimum=2, maximum=10))) == 3  # the third brings class 4
+    draw = label_batches([[1, 2, 3, 4], [1], [2]])
+    assert len(list(batches_covering_classes(draw, 5, minimum=2, maximum=10))) == 2
+
+
+def test_keeps_drawing_until_a_rare_class_appears():
+    sets = [[1, 2]] * 6 + [[2, 3]] + [[1]] * 5
+    assert len(list(batches_covering_classes(label_batches(sets), 4, minimum=2, maximum=20))) == 7
+
+
+def test_stops_at_the_maximum_and_reports_the_missing_classes():
+    missing = []
+    got = list(batches_covering_classes(label_batches([[1]] * 10), 4, 2, 5, on_missing=missing.extend))
+    assert len(got) == 5 and missing == [2, 3]
+
+
+def test_plain_tensor_targets_and_bad_counts():
+    def draw():
+        return torch.zeros(1), torch.tensor([[0, 1]])
+    assert len(list(batches_covering_classes(draw, 2, 3, 3))) == 3
+    with pytest.raises(CompressError, match="minimum"):
+        list(batches_covering_classes(draw, 2, 3, 2))
+
+
+def test_settings_reject_a_maximum_below_the_minimum():
+    with pytest.raises(CompressError, match="max-accumulate-batches"):
+        TaylorSettings(target_flops=0.5, accumulate_batches=8, max_accumulate_batches=4).validate()
+    TaylorSettings(target_flops=0.5, accumulate_batches=8, max_accumulate_batches=8).validate()
