@@ -17,6 +17,8 @@ def add_taylor_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--min-channels", type=int, default=2, help="never fewer channels per layer (2)")
     p.add_argument("--min-keep-fraction", type=float, default=0.25,
                    help="never fewer than this share of a layer's starting channels (0.25)")
+    p.add_argument("--max-layer-step", type=float, default=0.2,
+                   help="no layer loses more than this share of its channels in one step (0.2)")
     p.add_argument("--no-normalize", action="store_true", help="skip the layer-wise L2 score normalisation")
     p.add_argument("--no-class-balance", action="store_true",
                    help="Taylor: weight every voxel alike instead of giving each class an equal share of the "
@@ -27,7 +29,7 @@ def taylor_settings_from_args(args, **extra):
     from nnunet_compress.taylor_prune import TaylorSettings
     s = TaylorSettings(target_flops=args.target_flops, target_params=args.target_params, step=args.step,
                        scope=args.scope, min_channels=args.min_channels,
-                       min_keep_fraction=args.min_keep_fraction, normalize=not args.no_normalize,
+                       min_keep_fraction=args.min_keep_fraction, max_layer_step=args.max_layer_step, normalize=not args.no_normalize,
                        balance_classes=not args.no_class_balance, **extra)
     s.validate()
     return s

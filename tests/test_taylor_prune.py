@@ -49,3 +49,26 @@ def test_settings_reject_a_maximum_below_the_minimum():
     with pytest.raises(CompressError, match="max-accumulate-batches"):
         TaylorSettings(target_flops=0.5, accumulate_batches=8, max_accumulate_batches=4).validate()
     TaylorSettings(target_flops=0.5, accumulate_batches=8, max_accumulate_batches=8).validate()
+
+
+class Group:
+    def __init__(self, name, size):
+        self.name, self.size = name, size
+
+
+def test_step_floors_cap_what_one_step_takes_from_a_layer():
+    from nnunet_compress.taylor_prune import removable_channels, step_floors
+    groups = [Group("narrow", 8), Group("wide", 64), Group("at_floor", 4)]
+    floors = step_floors(groups, {"narrow": 2, "wide": 16, "at_floor": 4}, max_layer_step=0.2)
+    # 20% of 8 is 1.6 -> one channel; 20% of 64 -> 12; a layer at its floor keeps it
+    assert floors == {"narrow": 7, "wide": 52, "at_floor": 4}
+    assert removable_channels(groups, floors) == 13
+    # never above the layer floor, and at least one channel may always go
+    assert step_floors(groups, 2, max_layer_step=1.0) == {"narrow": 2, "wide": 2, "at_floor": 2}
+    assert step_floors([Group("tiny", 3)], 1, max_layer_step=0.01) == {"tiny": 2}
+
+
+def test_settings_reject_a_layer_step_outside_zero_one():
+    for bad in (0.0, 1.5):
+        with pytest.raises(CompressError, match="max-layer-step"):
+            TaylorSettings(target_flops=0.5, max_layer_step=bad).validate()
