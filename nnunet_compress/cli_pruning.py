@@ -29,7 +29,8 @@ def taylor_settings_from_args(args, **extra):
     from nnunet_compress.taylor_prune import TaylorSettings
     s = TaylorSettings(target_flops=args.target_flops, target_params=args.target_params, step=args.step,
                        scope=args.scope, min_channels=args.min_channels,
-                       min_keep_fraction=args.min_keep_fraction, max_layer_step=args.max_layer_step, normalize=not args.no_normalize,
+                       min_keep_fraction=args.min_keep_fraction, max_layer_step=args.max_layer_step,
+                       normalize=not args.no_normalize,
                        balance_classes=not args.no_class_balance, **extra)
     s.validate()
     return s
@@ -48,8 +49,7 @@ def write_pruning_plans(args, method: str, settings: dict, tag: str) -> None:
 def cmd_plan_taylor(args) -> None:
     settings = taylor_settings_from_args(args, importance=args.importance, prune_every=args.prune_every,
                                          accumulate_batches=args.accumulate_batches,
-                                         max_accumulate_batches=(args.max_accumulate_batches or
-                                                                 max(32, args.accumulate_batches)))
+                                         max_accumulate_batches=args.max_accumulate_batches)
     write_pruning_plans(args, "taylor", settings.to_dict(), settings.tag())
 
 

@@ -35,7 +35,8 @@ class TaylorSettings:
     step: float = 0.05                      # fraction of the prunable channels removed per pruning step
     prune_every: int = 1                    # epochs between pruning steps
     accumulate_batches: int = 8             # training batches whose Taylor scores are summed per step
-    max_accumulate_batches: int = 32        # ... drawing more, up to this many, until every class has appeared
+    max_accumulate_batches: int | None = None  # ... drawing more, up to this many (None: 32, or more if
+                                               # accumulate_batches is larger), until every class has appeared
     min_channels: int = 2                   # never fewer channels than this in any layer
     min_keep_fraction: float = 0.25         # ... nor fewer than this share of the layer's channels at the start
     max_layer_step: float = 0.2             # no layer loses more than this share of its channels in one step
@@ -61,9 +62,16 @@ class TaylorSettings:
         for name in ("prune_every", "accumulate_batches", "min_channels"):
             if int(getattr(self, name)) < 1:
                 raise CompressError(f"--{name.replace('_', '-')} must be a positive integer")
-        if self.max_accumulate_batches < self.accumulate_batches:
+        if self.max_accumulate_batches is not None and self.max_accumulate_batches < self.accumulate_batches:
             raise CompressError(f"--max-accumulate-batches {self.max_accumulate_batches} is below "
                                 f"--accumulate-batches {self.accumulate_batches}; give at least as many")
+
+    @property
+    def scoring_batch_cap(self) -> int:
+        """Most training batches one pruning step scores while waiting for every class to appear."""
+        if self.max_accumulate_batches is not None:
+            return self.max_accumulate_batches
+        return max(32, self.accumulate_batches)
 
     @property
     def metric(self) -> str:

@@ -51,6 +51,14 @@ def test_settings_reject_a_maximum_below_the_minimum():
     TaylorSettings(target_flops=0.5, accumulate_batches=8, max_accumulate_batches=8).validate()
 
 
+def test_scoring_batch_cap_defaults_to_32_or_the_minimum_if_larger():
+    assert TaylorSettings(target_flops=0.5, accumulate_batches=8).scoring_batch_cap == 32
+    assert TaylorSettings(target_flops=0.5, accumulate_batches=40).scoring_batch_cap == 40
+    assert TaylorSettings(target_flops=0.5, accumulate_batches=8, max_accumulate_batches=12).scoring_batch_cap == 12
+    # plans written before the setting existed (or with a large accumulate_batches) still load
+    assert TaylorSettings.from_dict({"target_flops": 0.5, "accumulate_batches": 64}).scoring_batch_cap == 64
+
+
 class Group:
     def __init__(self, name, size):
         self.name, self.size = name, size

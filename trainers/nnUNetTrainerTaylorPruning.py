@@ -45,7 +45,7 @@ class nnUNetTrainerTaylorPruning(PruningTrainerMixin, ScheduleFromPlansMixin, nn
         return data, target
 
     def training_batches(self):
-        """`accumulate_batches` training batches, more (up to `max_accumulate_batches`) until every class showed up.
+        """`accumulate_batches` training batches, more (up to `scoring_batch_cap`) until every class showed up.
 
         Region-based training has no single label map to check, so there it is exactly `accumulate_batches`.
         """
@@ -53,10 +53,10 @@ class nnUNetTrainerTaylorPruning(PruningTrainerMixin, ScheduleFromPlansMixin, nn
             return (self.next_training_batch() for _ in range(self.settings.accumulate_batches))
 
         def report(missing):
-            self.print_to_log_file(f"[taylor] classes {missing} did not appear in {self.settings.max_accumulate_batches}"
-                                   f" scoring batches; their filters are ranked without them")
+            self.print_to_log_file(f"[taylor] classes {missing} did not appear in {self.settings.scoring_batch_cap} "
+                                   f"scoring batches; their filters are ranked without them")
         return batches_covering_classes(self.next_training_batch, self.label_manager.num_segmentation_heads,
-                                        self.settings.accumulate_batches, self.settings.max_accumulate_batches,
+                                        self.settings.accumulate_batches, self.settings.scoring_batch_cap,
                                         report)
 
     def pruning_step(self) -> None:
