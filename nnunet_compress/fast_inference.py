@@ -46,6 +46,8 @@ class FastOptions:
     force_onednn: bool = True  # all other float32 CPU convolutions through oneDNN, bypassing torch's size heuristic
     keep_freed_memory: bool = True  # reuse freed feature-map memory within a forward (see freed_memory.py)
     fold_instance_norm: bool = True  # InstanceNorm folded into a factorised conv's last 1×1 (see norm_folding.py)
+    # activations kept factorised between layers, never written at full width (see factorised_forward.py)
+    factorised_activations: bool = True
 
 
 OPTIONS = FastOptions()

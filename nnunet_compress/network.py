@@ -95,10 +95,14 @@ class CompressedUNet(nn.Module):
     def forward(self, x: torch.Tensor):
         # CPU inference: thin convs go to oneDNN / GEMMs instead of torch's slow generic kernel (fast_inference.py)
         # and the InstanceNorm after a factorised conv is folded into its last 1×1 factor (norm_folding.py)
+        # and, with factorised layers, activations stay factorised between layers (factorised_forward.py)
         from nnunet_compress.fast_inference import OPTIONS, fast_convolutions, fast_paths_apply
         if OPTIONS.fold_instance_norm and fast_paths_apply(x):
-            from nnunet_compress import norm_folding
+            from nnunet_compress import factorised_forward, norm_folding
             norm_folding.install(self)
+            if OPTIONS.factorised_activations and factorised_forward.supported(self):
+                with fast_convolutions(x):
+                    return factorised_forward.forward(self, x)
         with fast_convolutions(x):
             return self.decoder(self.encoder(x))
 

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.nn.modules.instancenorm import _InstanceNorm
 
+from nnunet_compress.factorised_maps import AffineMap, FactorisedMap, factorised_instance_norm
 from nnunet_compress.tucker import TuckerConv
 
 
@@ -36,15 +37,31 @@ class FoldableConvNormAct(nn.Sequential):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (folding_applies(x) and foldable(self)):
             return super().forward(x)
-        conv, norm = self[0], self[1]
-        act = self[2] if len(self) > 2 else None
-        z = conv[1](conv[0](x))  # the thin core output; conv[0] and conv[1] run through the fast paths
-        y = normalized_expansion(z, conv[2].weight, norm)
-        if isinstance(act, nn.LeakyReLU):
-            torch.nn.functional.leaky_relu_(y, act.negative_slope)
-        elif isinstance(act, nn.ReLU):
-            torch.relu_(y)
-        return y
+        return folded_block(self, x).materialize()
+
+
+def folded_block(chain: nn.Sequential, x) -> FactorisedMap:
+    """A foldable chain applied to x (a tensor, or a factorised map whose activation is the input), kept factorised.
+
+    The first 1×1 factor is applied straight to a factorised input (never writing it out), the core runs through
+    the fast convolution paths, and the norm and activation stay folded into the returned map.
+    """
+    conv, norm = chain[0], chain[1]
+    first = conv[0].weight.flatten(1)
+    reduced = x.project(first) if isinstance(x, (FactorisedMap, AffineMap)) else conv[0](x)
+    z = conv[1](reduced)  # the thin core output
+    return factorised_instance_norm(z, conv[2].weight, norm, activation_slope(chain[2] if len(chain) > 2 else None))
+
+
+def activation_slope(act: nn.Module | None) -> float | None:
+    """LeakyReLU's negative slope, 0.0 for ReLU, None for no activation (the forms factorised maps apply)."""
+    if act is None:
+        return None
+    if isinstance(act, nn.LeakyReLU):
+        return float(act.negative_slope)
+    if isinstance(act, nn.ReLU):
+        return 0.0
+    raise TypeError(f"no folded form for {type(act).__name__}")
 
 
 def folding_applies(x: torch.Tensor) -> bool:
@@ -54,24 +71,7 @@ def folding_applies(x: torch.Tensor) -> bool:
 
 def normalized_expansion(z: torch.Tensor, expansion_weight: torch.Tensor, norm: _InstanceNorm) -> torch.Tensor:
     """InstanceNorm(U z + c) computed as one GEMM from z (see the module docstring); z is (B, r, *spatial)."""
-    batch, rank, spatial = z.shape[0], z.shape[1], z.shape[2:]
-    out_channels = expansion_weight.shape[0]
-    u = expansion_weight.reshape(out_channels, rank).double()
-    flat = z.reshape(batch, rank, -1)
-    voxels = flat.shape[-1]
-    out = torch.empty((batch, out_channels, voxels), dtype=z.dtype, device=z.device)
-    gamma, beta = norm.weight.double(), norm.bias.double()
-    for b in range(batch):
-        # centre z first (one pass over the thin z): the covariance and the GEMM below then work on values of the
-        # size of z's spread, so float32 loses nothing to cancellation however large z's mean is; the r×r and
-        # C×r algebra is done in float64
-        mean = flat[b].mean(dim=1, keepdim=True)
-        centered = flat[b] - mean
-        covariance = (centered @ centered.T).double() / voxels
-        variance = ((u @ covariance) * u).sum(dim=1).clamp_min(0.0)
-        weight = (gamma / torch.sqrt(variance + norm.eps))[:, None] * u
-        torch.addmm(beta.to(z.dtype)[:, None], weight.to(z.dtype), centered, out=out[b])
-    return out.view(batch, out_channels, *spatial)
+    return factorised_instance_norm(z, expansion_weight, norm, None).materialize()
 
 
 def foldable(chain: nn.Sequential) -> bool:

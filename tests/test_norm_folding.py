@@ -55,6 +55,8 @@ def test_chains_with_dropout_or_without_affine_norm_are_not_folded():
 
 
 def test_folded_network_skips_the_norms_at_inference_and_matches_the_plain_path(monkeypatch):
+    # the module-by-module forward (factorised activations would also fold the unfactorised stem's norm)
+    monkeypatch.setattr(fi.OPTIONS, "factorised_activations", False)
     net = tucker_unet()
     with torch.no_grad():  # factors with non-trivial values, so that a wrong fold would show
         for m in net.modules():
