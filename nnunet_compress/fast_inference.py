@@ -13,12 +13,16 @@ networks have the same thin layers. So, on the CPU and at inference time:
 * memory freed during the forward pass is kept for the next layers instead of being unmapped and faulted in
   again (:mod:`nnunet_compress.freed_memory`; glibc only, bit-identical results);
 * the InstanceNorm after a Tucker-factorised conv is folded into its last 1×1 factor, so the normalised output is
-  written by one GEMM from the thin core output (:mod:`nnunet_compress.norm_folding`, entered by CompressedUNet).
+  written by one GEMM from the thin core output (:mod:`nnunet_compress.norm_folding`, entered by CompressedUNet);
+* in a factorised PlainConvUNet those normalised activations are not written out at all: each stays factorised
+  until its consumer's 1×1 map reduces it block by block in cache, and the decoder's upsampling, concatenation
+  and first 1×1 merge into thin GEMMs (:mod:`nnunet_compress.factorised_forward`, entered by CompressedUNet).
 
-Both are applied by :func:`fast_convolutions`, a ``TorchFunctionMode`` that :class:`CompressedUNet` enters around
-its forward pass; it re-routes ``conv2d``/``conv3d`` calls and leaves every other op alone. Modules, parameters and
-state-dict keys are untouched, so checkpoints, nnU-Net's strict loading, hooks and training are unaffected. It is
-off where it would not help or could not be exact: on CUDA (cuDNN has no such gap), while autograd records
+The first three are applied by :func:`fast_convolutions`, a ``TorchFunctionMode`` that :class:`CompressedUNet` enters
+around its forward pass; it re-routes ``conv2d``/``conv3d`` calls and leaves every other op alone. Modules,
+parameters and state-dict keys are untouched, so checkpoints, nnU-Net's strict loading and training are unaffected
+(forward hooks on modules whose work is folded away do not fire). All of it is off where it would not help or could
+not be exact: on CUDA (cuDNN has no such gap), while autograd records
 (training), under another torch dispatch mode (e.g. FlopCounterMode, which must see ``aten.convolution`` to count
 it) and inside torch.compile. Results differ from the plain path by float32 summation order only (~1e-6
 relative). ``with plain_inference():`` switches it off, e.g. to compare.
