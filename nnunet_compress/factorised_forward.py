@@ -23,9 +23,8 @@ import torch
 from torch import nn
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from nnunet_compress.factorised_maps import (AffineMap, FactorisedMap, affine_instance_norm,
-                                             factorised_instance_norm)
-from nnunet_compress.norm_folding import activation_slope, foldable, folded_block
+from nnunet_compress.factorised_maps import AffineMap, FactorisedMap, affine_instance_norm
+from nnunet_compress.norm_folding import activation_slope, foldable, folded_block, folded_core, pointwise
 from nnunet_compress.tucker import TuckerConv
 
 Activation = torch.Tensor | FactorisedMap | AffineMap
@@ -123,9 +122,7 @@ def merged_upsampling_block(transpconv: nn.Module, lres: Activation, skip: Activ
     if first.shape[1] != up_channels + (skip.channels if not isinstance(skip, torch.Tensor) else skip.shape[1]):
         return None
     w_up, w_skip = first[:, :up_channels], first[:, up_channels:]
-    reduced_lres = lres.project(transpconv[0].weight.flatten(1)) if not isinstance(lres, torch.Tensor) \
-        else transpconv[0](lres)
-    z_t = transpconv[1](reduced_lres)  # the thin core of the transposed conv, at the skip's resolution
+    z_t = transpconv[1](pointwise(transpconv[0], lres))  # the thin core of the transposed conv, at the skip's resolution
     u_t = transpconv[2].weight.flatten(1)
     bias = w_up @ transpconv[2].bias if transpconv[2].bias is not None else None
     reduced = skip.project(w_skip, bias) if not isinstance(skip, torch.Tensor) \
@@ -137,9 +134,7 @@ def merged_upsampling_block(transpconv: nn.Module, lres: Activation, skip: Activ
     flat, z_flat = reduced.view(batch, reduced.shape[1], -1), z_t.reshape(batch, z_t.shape[1], -1)
     for b in range(batch):
         flat[b].addmm_(combined, z_flat[b])
-    z = conv[1](reduced)
-    return factorised_instance_norm(z, conv[2].weight, chain[1],
-                                    activation_slope(chain[2] if len(chain) > 2 else None))
+    return folded_core(chain, reduced)
 
 
 def segmentation(layer: nn.Module, h: Activation) -> torch.Tensor:

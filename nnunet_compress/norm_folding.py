@@ -46,11 +46,21 @@ def folded_block(chain: nn.Sequential, x) -> FactorisedMap:
     The first 1×1 factor is applied straight to a factorised input (never writing it out), the core runs through
     the fast convolution paths, and the norm and activation stay folded into the returned map.
     """
+    return folded_core(chain, pointwise(chain[0][0], x))
+
+
+def folded_core(chain: nn.Sequential, reduced: torch.Tensor) -> FactorisedMap:
+    """The rest of a foldable chain once its first 1×1 factor has been applied (`reduced`: rank_in channels)."""
     conv, norm = chain[0], chain[1]
-    first = conv[0].weight.flatten(1)
-    reduced = x.project(first) if isinstance(x, (FactorisedMap, AffineMap)) else conv[0](x)
     z = conv[1](reduced)  # the thin core output
     return factorised_instance_norm(z, conv[2].weight, norm, activation_slope(chain[2] if len(chain) > 2 else None))
+
+
+def pointwise(conv: nn.Module, x) -> torch.Tensor:
+    """A bias-free 1×1 conv module applied to a tensor (as the module) or to a factorised map (block by block)."""
+    if isinstance(x, (FactorisedMap, AffineMap)):
+        return x.project(conv.weight.flatten(1))
+    return conv(x)
 
 
 def activation_slope(act: nn.Module | None) -> float | None:
