@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn.modules.instancenorm import _InstanceNorm
 
-from nnunet_compress.factorised_maps import AffineMap, FactorisedMap, affine_instance_norm
-from nnunet_compress.norm_folding import activation_slope, foldable, folded_block, folded_core, pointwise
+from nnunet_compress.factorised_maps import AffineMap, FactorisedMap, affine_instance_norm, apply_pointwise
+from nnunet_compress.fast_inference import is_pointwise
+from nnunet_compress.norm_folding import activation_slope, foldable, folded_block, folded_core, instance_norm_tail
 from nnunet_compress.tucker import TuckerConv
 
 Activation = torch.Tensor | FactorisedMap | AffineMap
@@ -65,21 +65,16 @@ def run_block(block: nn.Module, x: Activation) -> Activation:
     chain = getattr(block, "all_modules", None)
     if isinstance(chain, nn.Sequential) and foldable(chain):
         return folded_block(chain, x)
-    if isinstance(chain, nn.Sequential) and _plain_conv_norm_act(chain):
+    if isinstance(chain, nn.Sequential) and _normalised_plain_conv(chain):
         return affine_instance_norm(chain[0](dense(x)), chain[1], activation_slope(chain[2] if len(chain) > 2
                                                                                     else None))
     return block(dense(x))
 
 
-def _plain_conv_norm_act(chain: nn.Sequential) -> bool:
-    """A plain (unfactorised) conv → affine InstanceNorm without running stats → [LeakyReLU | ReLU]."""
-    modules = list(chain)
-    if len(modules) not in (2, 3) or type(modules[0]) not in (nn.Conv2d, nn.Conv3d):
-        return False
-    norm = modules[1]
-    if not (isinstance(norm, _InstanceNorm) and norm.affine and not norm.track_running_stats):
-        return False
-    return len(modules) == 2 or type(modules[2]) in (nn.LeakyReLU, nn.ReLU)
+def _normalised_plain_conv(chain: nn.Sequential) -> bool:
+    """A plain (unfactorised) conv followed by an InstanceNorm tail, e.g. the stem."""
+    return len(chain) > 0 and type(chain[0]) in (nn.Conv2d, nn.Conv3d) \
+        and instance_norm_tail(chain, chain[0].out_channels)
 
 
 def decode(decoder: nn.Module, skips: list[Activation]):
@@ -122,11 +117,10 @@ def merged_upsampling_block(transpconv: nn.Module, lres: Activation, skip: Activ
     if first.shape[1] != up_channels + (skip.channels if not isinstance(skip, torch.Tensor) else skip.shape[1]):
         return None
     w_up, w_skip = first[:, :up_channels], first[:, up_channels:]
-    z_t = transpconv[1](pointwise(transpconv[0], lres))  # the thin core of the transposed conv, at the skip's resolution
+    z_t = transpconv[1](apply_pointwise(lres, transpconv[0].weight.flatten(1)))  # the thin core of the transposed conv, at the skip's resolution
     u_t = transpconv[2].weight.flatten(1)
     bias = w_up @ transpconv[2].bias if transpconv[2].bias is not None else None
-    reduced = skip.project(w_skip, bias) if not isinstance(skip, torch.Tensor) \
-        else _pointwise(skip, w_skip, bias)
+    reduced = apply_pointwise(skip, w_skip, bias)
     if reduced.shape[2:] != z_t.shape[2:]:
         raise RuntimeError(f"upsampled {tuple(z_t.shape[2:])} and skip {tuple(reduced.shape[2:])} differ in size")
     combined = w_up @ u_t  # (rank_in, rank_t)
@@ -145,11 +139,5 @@ def segmentation(layer: nn.Module, h: Activation) -> torch.Tensor:
 
 
 def _is_pointwise(layer: nn.Module) -> bool:
-    return (type(layer) in (nn.Conv2d, nn.Conv3d) and layer.groups == 1 and all(k == 1 for k in layer.kernel_size)
-            and all(s == 1 for s in layer.stride) and all(p == 0 for p in layer.padding)
-            and layer.padding_mode == "zeros")
-
-
-def _pointwise(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    from nnunet_compress.fast_inference import pointwise_gemm
-    return pointwise_gemm(x, w, bias)
+    return (type(layer) in (nn.Conv2d, nn.Conv3d) and layer.padding_mode == "zeros"
+            and is_pointwise(layer.weight, layer.stride, layer.padding, layer.groups))

@@ -60,23 +60,19 @@ class FactorisedMap:
     def channels(self) -> int:
         return int(self.weight.shape[1])
 
+    def _activation_into(self, b: int, start: int, stop: int, out: torch.Tensor) -> None:
+        torch.mm(self.weight[b], self.z[b, :, start:stop], out=out)
+        _activate_(out, self.negative_slope)
+
     def project(self, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """w (k, C) applied as a 1×1 conv to the activation, plus bias: (B, k, *spatial)."""
-        def fill(b: int, start: int, stop: int, y: torch.Tensor) -> None:
-            torch.mm(self.weight[b], self.z[b, :, start:stop], out=y)
-            _activate_(y, self.negative_slope)
-        return _project(fill, self.z.shape[0], self.channels, self.z.shape[2], self.spatial, w, bias)
+        return _project(self._activation_into, self.z.shape[0], self.channels, self.z.shape[2], self.spatial, w,
+                        bias)
 
     def materialize(self) -> torch.Tensor:
         """The dense activation (B, C, *spatial), activated block by block while each block is in cache."""
-        batch, voxels = self.z.shape[0], self.z.shape[2]
-        out = torch.empty((batch, self.channels, voxels), dtype=self.z.dtype, device=self.z.device)
-        for b in range(batch):
-            for start, stop in _blocks(voxels):
-                y = out[b, :, start:stop]
-                torch.mm(self.weight[b], self.z[b, :, start:stop], out=y)
-                _activate_(y, self.negative_slope)
-        return out.view(batch, -1, *self.spatial)
+        return _materialize(self._activation_into, self.z.shape[0], self.channels, self.z.shape[2], self.spatial,
+                            self.z)
 
 
 @dataclass
@@ -96,25 +92,41 @@ class AffineMap:
     def spatial(self) -> tuple[int, ...]:
         return tuple(self.y.shape[2:])
 
-    def _normalise_into(self, b: int, start: int, stop: int, out: torch.Tensor) -> None:
+    def _activation_into(self, b: int, start: int, stop: int, out: torch.Tensor) -> None:
         flat = self.y[b].reshape(self.channels, -1)
         torch.addcmul(self.shift[b][:, None].expand(-1, stop - start), flat[:, start:stop], self.scale[b][:, None],
                       out=out)
         _activate_(out, self.negative_slope)
 
+    @property
+    def _voxels(self) -> int:
+        return self.y[0].numel() // self.channels
+
     def project(self, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """w (k, C) applied as a 1×1 conv to the activation, plus bias: (B, k, *spatial)."""
-        batch, voxels = self.y.shape[0], self.y[0].numel() // self.channels
-        return _project(self._normalise_into, batch, self.channels, voxels, self.spatial, w, bias)
+        return _project(self._activation_into, self.y.shape[0], self.channels, self._voxels, self.spatial, w, bias)
 
     def materialize(self) -> torch.Tensor:
         """The dense activation (B, C, *spatial)."""
-        batch, voxels = self.y.shape[0], self.y[0].numel() // self.channels
-        out = torch.empty((batch, self.channels, voxels), dtype=self.y.dtype, device=self.y.device)
-        for b in range(batch):
-            for start, stop in _blocks(voxels):
-                self._normalise_into(b, start, stop, out[b, :, start:stop])
-        return out.view(batch, -1, *self.spatial)
+        return _materialize(self._activation_into, self.y.shape[0], self.channels, self._voxels, self.spatial,
+                            self.y)
+
+
+def _materialize(fill, batch: int, channels: int, voxels: int, spatial, like: torch.Tensor) -> torch.Tensor:
+    """The dense activation, `fill(b, start, stop, block)` writing each block of it in place."""
+    out = torch.empty((batch, channels, voxels), dtype=like.dtype, device=like.device)
+    for b in range(batch):
+        for start, stop in _blocks(voxels):
+            fill(b, start, stop, out[b, :, start:stop])
+    return out.view(batch, -1, *spatial)
+
+
+def apply_pointwise(x, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """w (k, C) as a 1×1 conv on x: a dense tensor (one GEMM) or a factorised/affine map (block by block)."""
+    if isinstance(x, (FactorisedMap, AffineMap)):
+        return x.project(w, bias)
+    from nnunet_compress.fast_inference import pointwise_gemm
+    return pointwise_gemm(x, w, bias)
 
 
 def _project(fill, batch: int, channels: int, voxels: int, spatial, w: torch.Tensor, bias: torch.Tensor | None

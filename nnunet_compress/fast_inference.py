@@ -118,14 +118,18 @@ def fast_conv(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         return None
     n = input.dim() - 2
     stride, padding, dilation = _tuple(stride, n), _tuple(padding, n), _tuple(dilation, n)
-    pointwise = (groups == 1 and all(k == 1 for k in weight.shape[2:]) and all(s == 1 for s in stride)
-                 and all(p == 0 for p in padding))
-    if pointwise and OPTIONS.pointwise_gemm:
+    if is_pointwise(weight, stride, padding, groups) and OPTIONS.pointwise_gemm:
         return pointwise_gemm(input, weight, bias)
     if OPTIONS.force_onednn and torch.backends.mkldnn.is_available():
         return torch.mkldnn_convolution(input.contiguous(), weight.contiguous(), bias, padding, stride, dilation,
                                         groups)
     return None
+
+
+def is_pointwise(weight: torch.Tensor, stride, padding, groups: int) -> bool:
+    """Whether a convolution with these settings is one matrix product per sample: 1×1 kernel, stride 1, no padding."""
+    return (groups == 1 and all(k == 1 for k in weight.shape[2:]) and all(s == 1 for s in stride)
+            and all(p == 0 for p in padding))
 
 
 def pointwise_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

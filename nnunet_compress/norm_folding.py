@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from nnunet_compress.factorised_maps import AffineMap, FactorisedMap, factorised_instance_norm
+from nnunet_compress.factorised_maps import FactorisedMap, apply_pointwise, factorised_instance_norm
 from nnunet_compress.tucker import TuckerConv
 
 
@@ -46,7 +46,7 @@ def folded_block(chain: nn.Sequential, x) -> FactorisedMap:
     The first 1×1 factor is applied straight to a factorised input (never writing it out), the core runs through
     the fast convolution paths, and the norm and activation stay folded into the returned map.
     """
-    return folded_core(chain, pointwise(chain[0][0], x))
+    return folded_core(chain, apply_pointwise(x, chain[0][0].weight.flatten(1)))
 
 
 def folded_core(chain: nn.Sequential, reduced: torch.Tensor) -> FactorisedMap:
@@ -54,13 +54,6 @@ def folded_core(chain: nn.Sequential, reduced: torch.Tensor) -> FactorisedMap:
     conv, norm = chain[0], chain[1]
     z = conv[1](reduced)  # the thin core output
     return factorised_instance_norm(z, conv[2].weight, norm, activation_slope(chain[2] if len(chain) > 2 else None))
-
-
-def pointwise(conv: nn.Module, x) -> torch.Tensor:
-    """A bias-free 1×1 conv module applied to a tensor (as the module) or to a factorised map (block by block)."""
-    if isinstance(x, (FactorisedMap, AffineMap)):
-        return x.project(conv.weight.flatten(1))
-    return conv(x)
 
 
 def activation_slope(act: nn.Module | None) -> float | None:
@@ -86,14 +79,21 @@ def normalized_expansion(z: torch.Tensor, expansion_weight: torch.Tensor, norm: 
 
 def foldable(chain: nn.Sequential) -> bool:
     """Whether an nnU-Net conv block's module chain is TuckerConv → affine InstanceNorm → [LeakyReLU | ReLU]."""
+    conv = chain[0] if len(chain) else None
+    if not (isinstance(conv, TuckerConv) and not conv.transposed and conv[2].groups == 1):
+        return False
+    return instance_norm_tail(chain, conv.out_channels)
+
+
+def instance_norm_tail(chain: nn.Sequential, channels: int) -> bool:
+    """Whether `chain` is conv → affine InstanceNorm (no running statistics, `channels` wide) → [LeakyReLU | ReLU]:
+    the norm and activation forms that folding and factorised maps reproduce exactly."""
     modules = list(chain)
     if len(modules) not in (2, 3):
         return False
-    conv, norm = modules[0], modules[1]
-    if not (isinstance(conv, TuckerConv) and not conv.transposed and conv[2].groups == 1):
-        return False
+    norm = modules[1]
     if not (isinstance(norm, _InstanceNorm) and norm.affine and not norm.track_running_stats
-            and norm.num_features == conv.out_channels):
+            and norm.num_features == channels):
         return False
     return len(modules) == 2 or type(modules[2]) in (nn.LeakyReLU, nn.ReLU)
 
