@@ -56,7 +56,7 @@ def run_demo(workdir: Path, fast: bool = False) -> list[DemoRow]:
     ws = tiny.default_workspace(workdir)
     # the in-process steps (plans, profiling) read nnU-Net's folders from the environment like the CLI does
     os.environ.update(ws.env())
-    epochs = 20 if fast else 35
+    epochs = 20 if fast else tiny.BASE_EPOCHS
     print(f"[demo] workspace {ws.root}")
     print("[demo] 1/4 synthetic CT dataset + nnUNetv2_plan_and_preprocess + tiny plans")
     tiny.prepare_dataset(ws, num_epochs=epochs)
