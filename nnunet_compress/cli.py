@@ -32,6 +32,15 @@ def add_rank_options(p: argparse.ArgumentParser) -> None:
                         "(by default they are left alone); useful to check full-rank exactness")
 
 
+RANK_POLICY_OPTIONS = {"rank_ratio": "--rank-ratio", "ranks": "--ranks", "energy": "--energy",
+                       "target_params": "--target-params", "target_flops": "--target-flops"}
+
+
+def given_rank_options(args) -> list[str]:
+    """The rank-policy options the user gave (for commands where they do not apply)."""
+    return [flag for key, flag in RANK_POLICY_OPTIONS.items() if getattr(args, key, None) is not None]
+
+
 def rank_policy_from_args(args):
     from nnunet_compress.tucker_compress import RankPolicy
     ranks = None
@@ -62,8 +71,8 @@ def cmd_demo_data(args) -> None:
 
 
 def cmd_profile(args) -> None:
-    from nnunet_compress.model_folder import (build_network, input_channels_of, load_fold_network,
-                                              open_model_folder, resolve_configuration)
+    from nnunet_compress.model_folder import (input_channels_of, load_fold_network,
+                                              open_model_folder)
     from nnunet_compress.plans import resolved_configuration
     from nnunet_compress.profiling import format_profile, profile_network
     import torch
@@ -98,6 +107,15 @@ def cmd_tucker(args) -> None:
           f"({report.params_after / report.params_before:.3f}); GFLOPs/patch {report.flops_before / 1e9:.2f} -> "
           f"{report.flops_after / 1e9:.2f} ({report.flops_after / report.flops_before:.3f}); "
           f"{len(report.layers)} layers factorised (details: {Path(args.output) / 'compression_report.md'})")
+
+
+def cmd_convert(args) -> None:
+    from nnunet_compress.convert_folder import convert_model_folder
+    info = convert_model_folder(args.model_folder, args.output, args.folds, args.configuration, args.overwrite,
+                                args.checkpoint)
+    print(f"wrote {args.output}: the unchanged model ({info['params']:,} parameters, folds "
+          f"{', '.join(info['folds'])}) as a model folder that runs on the CPU engine; predict it with "
+          f"nnUNetv2_predict_from_modelfolder -m {args.output}")
 
 
 def cmd_plan_tucker(args) -> None:
@@ -203,6 +221,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     add_rank_options(p)
     p.set_defaults(func=cmd_tucker)
+
+    p = sub.add_parser("convert", help="write a trained model folder unchanged as one that runs on the CPU engine "
+                                       "(the fair baseline for compressed models)")
+    p.add_argument("model_folder", type=Path)
+    p.add_argument("-o", "--output", type=Path, required=True)
+    p.add_argument("-c", "--configuration")
+    p.add_argument("-f", "--folds", nargs="+", help="folds to convert (default: all with a checkpoint)")
+    p.add_argument("--checkpoint", default="checkpoint_final.pth")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=cmd_convert)
 
     plan = sub.add_parser("plan", help="write compressed plans beside the parent plans")
     plan_sub = plan.add_subparsers(dest="method", required=True)

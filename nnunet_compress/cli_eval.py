@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
+
+from nnunet_compress.errors import CompressError
 
 
 def cmd_compare(args) -> None:
@@ -24,12 +25,20 @@ def cmd_compare(args) -> None:
 
 
 def cmd_totalseg(args) -> None:
-    from nnunet_compress.cli import rank_policy_from_args
+    from nnunet_compress.cli import given_rank_options, rank_policy_from_args
     from nnunet_compress.totalseg import compress_totalseg_home
-    policy = rank_policy_from_args(args)
+    if args.no_compression:
+        given = given_rank_options(args)
+        if given:
+            raise CompressError(f"--no-compression writes the models unchanged; drop {', '.join(given)} (or drop "
+                                f"--no-compression to compress)")
+        policy = None
+    else:
+        policy = rank_policy_from_args(args)
     result = compress_totalseg_home(args.output, policy, args.task, source_home=args.source_home,
                                     overwrite=args.overwrite, progress=lambda line: print(line, flush=True))
-    print(f"wrote {args.output}: {len(result['models'])} compressed model(s). Run with\n"
+    kind = "unchanged (CPU engine)" if policy is None else "compressed"
+    print(f"wrote {args.output}: {len(result['models'])} {kind} model(s). Run with\n"
           f"  TOTALSEG_HOME_DIR={args.output} TotalSegmentator -i ct.nii.gz -o seg/"
           + (" --fast" if all(t.endswith("_fast") for t in args.task) else ""))
 
@@ -71,5 +80,7 @@ def register(sub) -> None:
                    help="TotalSegmentator home holding the weights (default: $TOTALSEG_HOME_DIR, else "
                         "~/.totalsegmentator; $TOTALSEG_WEIGHTS_PATH is honoured as its nnunet/results)")
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-compression", action="store_true",
+                   help="write the models unchanged, to run the original on the CPU engine (a fair baseline)")
     add_rank_options(p)
     p.set_defaults(func=cmd_totalseg)

@@ -69,9 +69,14 @@ def plain_inference():
         _local.plain = previous
 
 
+def plain_requested() -> bool:
+    """Whether this thread is inside :func:`plain_inference` (which also keeps the CPU engine off)."""
+    return getattr(_local, "plain", False)
+
+
 def fast_paths_apply(x: torch.Tensor) -> bool:
     """Whether :func:`fast_convolutions` would re-route convolutions for a network input `x` right now."""
-    if getattr(_local, "plain", False) or not (OPTIONS.pointwise_gemm or OPTIONS.force_onednn):
+    if plain_requested() or not (OPTIONS.pointwise_gemm or OPTIONS.force_onednn):
         return False
     if x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() not in (4, 5):
         return False

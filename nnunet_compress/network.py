@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from nnunet_compress.errors import CompressError
+from nnunet_compress.inference import openvino_engine
 
 NETWORK_CLASS_NAME = "nnunet_compress.network.CompressedUNet"
 
@@ -93,7 +94,12 @@ class CompressedUNet(nn.Module):
             self._initialize(module)
 
     def forward(self, x: torch.Tensor):
-        # CPU inference: thin convs go to oneDNN / GEMMs instead of torch's slow generic kernel (fast_inference.py)
+        # CPU inference: OpenVINO where it applies and can take this network (inference/openvino_engine.py)
+        if openvino_engine.applies(self, x):
+            out = openvino_engine.run(self, x)
+            if out is not None:
+                return out
+        # torch's CPU paths: thin convs go to oneDNN / GEMMs instead of torch's slow generic kernel (fast_inference.py)
         # and the InstanceNorm after a factorised conv is folded into its last 1×1 factor (norm_folding.py)
         # and, with factorised layers, activations stay factorised between layers (factorised_forward.py)
         from nnunet_compress.fast_inference import OPTIONS, fast_convolutions, fast_paths_apply
@@ -117,6 +123,7 @@ class CompressedUNet(nn.Module):
             wanted = channel_counts_in_state_dict(self, state_dict)
             if wanted and wanted != channel_counts(self):
                 set_channel_counts(self, wanted)
+        openvino_engine.forget(self)  # new weights: the engine must not reuse the old weights' compiled model
         try:
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
         except RuntimeError as e:

@@ -34,6 +34,8 @@ from nnunet_compress.tucker import TuckerConv
 class FoldableConvNormAct(nn.Sequential):
     """conv (TuckerConv) → InstanceNorm → [LeakyReLU | ReLU], with the norm folded into the conv at CPU inference."""
 
+    canonical_class = "torch.nn.modules.container.Sequential"  # computes what nnU-Net's Sequential does
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (folding_applies(x) and foldable(self)):
             return super().forward(x)

@@ -264,7 +264,7 @@ def prune_model_folder(source: str | Path, output: str | Path, method: str, sett
                                               input_channels_of, load_fold_network, open_model_folder,
                                               save_checkpoint, write_json)
     from nnunet_compress.pruning.surgery import channel_counts
-    from nnunet_compress.tucker_compress import compressed_checkpoint
+    from nnunet_compress.derived_folder import derived_checkpoint
 
     if method not in ("taylor", "l1"):
         raise CompressError(f"--method {method!r} unknown; choose taylor or l1")
@@ -297,7 +297,7 @@ def prune_model_folder(source: str | Path, output: str | Path, method: str, sett
                                      {"method": f"{method}_oneshot", "settings": settings.to_dict()})
                 write_json(tmp / "plans.json", plans)
                 copy_folder_metadata(folder.path, tmp)
-            save_checkpoint(compressed_checkpoint(checkpoint, net, plans), tmp / f"fold_{fold}" / checkpoint_name)
+            save_checkpoint(derived_checkpoint(checkpoint, net, plans), tmp / f"fold_{fold}" / checkpoint_name)
             results[fold] = {"history": history, "channels": counts}
         write_json(tmp / "compression_report.json", {"method": method, "settings": settings.to_dict(),
                                                       "folds": results})

@@ -19,7 +19,6 @@ need those helpers in the new home too: add their task (e.g. ``total_fastest``) 
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -127,10 +126,14 @@ def offline_config(source: dict) -> dict:
 
 def compress_totalseg_home(output: str | os.PathLike, policy, tasks: list[str], source_home: Path | None = None,
                            overwrite: bool = False, progress=print) -> dict:
-    """Write a TotalSegmentator home with every model of `tasks` Tucker-compressed by `policy`."""
+    """Write a TotalSegmentator home with every model of `tasks` Tucker-compressed by `policy`.
+
+    ``policy=None`` writes every model unchanged as a CompressedUNet folder (``--no-compression``): the original
+    home, run on the CPU engine, for a fair comparison with a compressed home.
+    """
     from nnunet_compress.model_folder import check_output_location
-    from nnunet_compress.tucker_compress import compress_model_folder
-    policy.validate()
+    if policy is not None:
+        policy.validate()
     output = Path(output)
     results = source_results_folder(source_home)
     models = task_models(tasks)
@@ -148,16 +151,31 @@ def compress_totalseg_home(output: str | os.PathLike, policy, tasks: list[str], 
         for i, m in enumerate(models, 1):
             t0 = time.perf_counter()
             progress(f"[{i}/{len(models)}] {m.task}: dataset {m.dataset_id} ({m.model_folder})")
-            report = compress_model_folder(results / m.model_folder, tmp / RESULTS / m.model_folder, policy,
-                                           list(m.folds), m.configuration, progress=lambda line: progress("    " + line))
-            rows.append({**asdict(m), "params_before": report.params_before, "params_after": report.params_after,
-                         "flops_before": report.flops_before, "flops_after": report.flops_after,
-                         "layers_factorised": len(report.layers)})
-            progress(f"    parameters {report.params_before:,} -> {report.params_after:,}, GFLOPs/patch "
-                     f"{report.flops_before / 1e9:.1f} -> {report.flops_after / 1e9:.1f} "
-                     f"({time.perf_counter() - t0:.0f} s)")
+            row = _write_model(results / m.model_folder, tmp / RESULTS / m.model_folder, policy, m,
+                               lambda line: progress("    " + line))
+            rows.append({**asdict(m), **row})
+            if policy is None:
+                progress(f"    {row['params_before']:,} parameters, unchanged ({time.perf_counter() - t0:.0f} s)")
+            else:
+                progress(f"    parameters {row['params_before']:,} -> {row['params_after']:,}, GFLOPs/patch "
+                         f"{row['flops_before'] / 1e9:.1f} -> {row['flops_after'] / 1e9:.1f} "
+                         f"({time.perf_counter() - t0:.0f} s)")
         write_json(tmp / "config.json", offline_config(source_config(results)))
-        summary = {"source_results": str(results.resolve()), "tasks": list(tasks), "rank_policy": policy.to_dict(),
-                   "models": rows}
+        summary = {"source_results": str(results.resolve()), "tasks": list(tasks),
+                   "rank_policy": policy.to_dict() if policy is not None else None, "models": rows}
         write_json(tmp / "nnunet_compress_totalseg.json", summary)
     return summary
+
+
+def _write_model(source: Path, target: Path, policy, model: TaskModel, progress) -> dict:
+    """One model folder of the new home: Tucker-compressed by `policy`, or unchanged where it is None."""
+    if policy is None:
+        from nnunet_compress.convert_folder import convert_model_folder
+        info = convert_model_folder(source, target, list(model.folds), model.configuration, progress=progress)
+        return {"params_before": info["params"], "params_after": info["params"], "flops_before": None,
+                "flops_after": None, "layers_factorised": 0}
+    from nnunet_compress.tucker_compress import compress_model_folder
+    report = compress_model_folder(source, target, policy, list(model.folds), model.configuration, progress=progress)
+    return {"params_before": report.params_before, "params_after": report.params_after,
+            "flops_before": report.flops_before, "flops_after": report.flops_after,
+            "layers_factorised": len(report.layers)}

@@ -8,20 +8,17 @@ layer cost before and after.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from nnunet_compress.errors import CompressError
-from nnunet_compress.model_folder import (ModelFolder, atomic_output_folder, build_network, check_output_location,
-                                          copy_folder_metadata, input_channels_of, load_fold_network,
-                                          resolve_configuration, save_checkpoint, write_json)
+from nnunet_compress.derived_folder import write_derived_model_folder
+from nnunet_compress.model_folder import check_output_location, load_fold_network, write_json
 from nnunet_compress.network import CompressedUNet, compressed_arch_kwargs
 from nnunet_compress.plans import derive_plans, format_number_tag, resolved_configuration
 
@@ -220,38 +217,24 @@ def compress_model_folder(source: str | Path, output: str | Path, policy: RankPo
         raise CompressError("with this policy no layer becomes cheaper when factorised; lower the ratio/target")
     plans = tucker_plans(folder.plans, configuration, ranks, policy, folder.plans.get("plans_name", "nnUNetPlans"))
     progress(f"factorising {len(ranks)} layers of {source} ({configuration}); folds: {', '.join(fold_names)}")
-    report = None
-    with atomic_output_folder(output, overwrite) as tmp:
-        write_json(tmp / "plans.json", plans)
-        copy_folder_metadata(folder.path, tmp)
-        for fold in fold_names:
-            base_net, checkpoint, _ = (first_net, first_ckpt, configuration) if fold == fold_names[0] else \
-                load_fold_network(folder, fold, configuration)
-            compressed = build_network(plans, folder.dataset_json, configuration, deep_supervision=False)
-            errors = compressed.load_parent_weights(base_net.state_dict())
-            if report is None:
-                report = build_report(base_net, ranks, errors, patch_size, policy, configuration)
-            report.folds[fold] = errors
-            save_checkpoint(compressed_checkpoint(checkpoint, compressed, plans), tmp / f"fold_{fold}" / checkpoint_name)
-            progress(f"  fold {fold}: done (mean relative error {mean(errors.values()):.4f})")
-        write_json(tmp / "compression_report.json", asdict(report))
-        (tmp / "compression_report.md").write_text(report.to_markdown())
-    return report
+    reports: list[TuckerReport] = []
+
+    def on_fold(fold: str, parent: nn.Module, errors: dict) -> None:
+        if not reports:
+            reports.append(build_report(parent, ranks, errors, patch_size, policy, configuration))
+        reports[0].folds[fold] = errors
+        progress(f"  fold {fold}: done (mean relative error {mean(errors.values()):.4f})")
+
+    def finish(tmp: Path) -> None:
+        write_json(tmp / "compression_report.json", asdict(reports[0]))
+        (tmp / "compression_report.md").write_text(reports[0].to_markdown())
+
+    write_derived_model_folder(folder, output, plans, configuration, overwrite, checkpoint_name, on_fold, finish,
+                               first_fold=(first_net, first_ckpt))
+    return reports[0]
 
 
 def mean(values) -> float:
     values = [v for v in values if not math.isnan(v)]
     return sum(values) / len(values) if values else math.nan
 
-
-def compressed_checkpoint(checkpoint: dict, network: nn.Module, plans: dict) -> dict:
-    """The parent's checkpoint with the compressed weights; optimizer state dropped (its shapes no longer fit)."""
-    out = {k: v for k, v in checkpoint.items() if k not in ("network_weights", "optimizer_state", "grad_scaler_state")}
-    out["network_weights"] = {k: v.detach().clone() for k, v in network.state_dict().items()}
-    out["optimizer_state"] = None
-    out["grad_scaler_state"] = None
-    init_args = copy.deepcopy(checkpoint.get("init_args", {}))
-    if "plans" in init_args:
-        init_args["plans"] = plans
-    out["init_args"] = init_args
-    return out

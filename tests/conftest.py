@@ -16,6 +16,18 @@ import torch
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+# Converted OpenVINO models of the test networks go to a cache of this test run (inherited by the nnU-Net
+# subprocesses), not to the user's ~/.cache.
+if "NNUNET_COMPRESS_CACHE_DIR" not in os.environ:
+    import tempfile
+    os.environ["NNUNET_COMPRESS_CACHE_DIR"] = tempfile.mkdtemp(prefix="nnunet_compress_test_cache_")
+
+
+@pytest.fixture
+def torch_engine(monkeypatch):
+    """Run CompressedUNet's CPU inference on torch's own paths (for the tests of those paths)."""
+    monkeypatch.setenv("NNUNET_COMPRESS_CPU_ENGINE", "torch")
+
 
 # Developers may point this at a workspace kept between runs (its base model is then trained only once);
 # CI leaves it unset and every run starts from nothing.

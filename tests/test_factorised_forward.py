@@ -21,6 +21,9 @@ from nnunet_compress.tucker_compress import RankPolicy, choose_ranks
 
 from test_fast_inference import PLAIN, TOL, both, rel_err, tucker_unet, unet
 
+# these tests are about torch's CPU paths, the fallback of the OpenVINO engine
+pytestmark = pytest.mark.usefixtures("torch_engine")
+
 
 @pytest.fixture
 def small_blocks(monkeypatch):

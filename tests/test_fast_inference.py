@@ -20,6 +20,9 @@ from nnunet_compress.pruning.surgery import set_channel_counts, channel_counts
 from nnunet_compress.tucker import replace_convs
 from nnunet_compress.tucker_compress import RankPolicy, choose_ranks
 
+# these tests are about torch's CPU paths, the fallback of the OpenVINO engine
+pytestmark = pytest.mark.usefixtures("torch_engine")
+
 PLAIN = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
 TOL = 1e-4
 

@@ -8,6 +8,9 @@ import torch
 from nnunet_compress import fast_inference as fi
 from nnunet_compress import freed_memory as fm
 
+# these tests are about torch's CPU paths, the fallback of the OpenVINO engine
+pytestmark = pytest.mark.usefixtures("torch_engine")
+
 needs_glibc = pytest.mark.skipif(not fm.available(), reason="glibc malloc only")
 MB = 1 << 20
 

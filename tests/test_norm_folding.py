@@ -13,6 +13,9 @@ from nnunet_compress.tucker import TuckerConv
 
 from test_fast_inference import TOL, rel_err, tucker_unet, unet
 
+# these tests are about torch's CPU paths, the fallback of the OpenVINO engine
+pytestmark = pytest.mark.usefixtures("torch_engine")
+
 
 @pytest.mark.parametrize("offset", [0.0, 1000.0])
 def test_normalized_expansion_equals_instance_norm_of_the_expansion(offset):

@@ -1,0 +1,56 @@
+"""The CPU engine's settings, read from the environment.
+
+Why environment variables and not flags: the engine runs inside nnU-Net's predictor (``nnUNetv2_predict``,
+``nnUNetv2_predict_from_modelfolder``) and inside TotalSegmentator, whose command lines we do not own. An
+environment variable reaches all of them, and their worker processes, unchanged.
+
+* ``NNUNET_COMPRESS_CPU_ENGINE``: ``openvino`` (default) or ``torch``.
+* ``NNUNET_COMPRESS_CPU_PRECISION``: OpenVINO's inference precision, ``f32`` (default), ``bf16`` or ``f16``.
+  OpenVINO would otherwise pick bf16 by itself on CPUs that have it; we keep f32 so that a compressed model
+  predicts what the torch path predicts unless the user asks for the faster, less exact arithmetic.
+* ``NNUNET_COMPRESS_CACHE_DIR``: where converted models are kept (default ``$XDG_CACHE_HOME/nnunet_compress``,
+  i.e. ``~/.cache/nnunet_compress``). Never a model folder: those stay read-only.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from nnunet_compress.errors import CompressError
+
+ENGINES = ("openvino", "torch")
+PRECISIONS = ("f32", "bf16", "f16")
+ENGINE_VARIABLE = "NNUNET_COMPRESS_CPU_ENGINE"
+PRECISION_VARIABLE = "NNUNET_COMPRESS_CPU_PRECISION"
+CACHE_VARIABLE = "NNUNET_COMPRESS_CACHE_DIR"
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    engine: str = "openvino"
+    precision: str = "f32"
+    cache_dir: Path | None = None
+
+    def validate(self) -> "EngineSettings":
+        if self.engine not in ENGINES:
+            raise CompressError(f"{ENGINE_VARIABLE}={self.engine!r} is not an engine; use one of "
+                                f"{', '.join(ENGINES)}")
+        if self.precision not in PRECISIONS:
+            raise CompressError(f"{PRECISION_VARIABLE}={self.precision!r} is not a precision; use one of "
+                                f"{', '.join(PRECISIONS)} (f32 reproduces the torch path)")
+        return self
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "nnunet_compress"
+
+
+def from_environment() -> EngineSettings:
+    """The settings in force now (read at every call, so a test or a user can change them in-process)."""
+    cache = os.environ.get(CACHE_VARIABLE)
+    return EngineSettings(engine=os.environ.get(ENGINE_VARIABLE, "openvino").strip().lower(),
+                          precision=os.environ.get(PRECISION_VARIABLE, "f32").strip().lower(),
+                          cache_dir=Path(cache) if cache else default_cache_dir()).validate()
