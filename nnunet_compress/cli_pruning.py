@@ -23,6 +23,11 @@ def add_taylor_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-class-balance", action="store_true",
                    help="Taylor: weight every voxel alike instead of giving each class an equal share of the "
                         "output gradient (the default protects small structures)")
+    p.add_argument("--class-guard", type=float, default=0.5,
+                   help="undo a pruning step after which a class keeps less than this share of its Dice before the "
+                        "step, and never remove those filters again (0.5; 0 turns it off). In training: nnU-Net's "
+                        "per-class pseudo Dice at the validation before the next step; one-shot: agreement with the "
+                        "unpruned network on the calibration patches (-i)")
 
 
 def taylor_settings_from_args(args, **extra):
@@ -31,7 +36,7 @@ def taylor_settings_from_args(args, **extra):
                        scope=args.scope, min_channels=args.min_channels,
                        min_keep_fraction=args.min_keep_fraction, max_layer_step=args.max_layer_step,
                        normalize=not args.no_normalize,
-                       balance_classes=not args.no_class_balance, **extra)
+                       balance_classes=not args.no_class_balance, class_guard=args.class_guard, **extra)
     s.validate()
     return s
 
@@ -69,8 +74,10 @@ def cmd_prune(args) -> None:
                                  args.configuration, args.overwrite, args.checkpoint, args.calibration_batches,
                                  args.seed)
     for fold, r in results.items():
+        undone = f"; the class guard undid {len(r['class_guard_rollbacks'])} step(s)" if r["class_guard_rollbacks"] \
+            else ""
         print(f"fold {fold}: {settings.metric} now {r['history'][-1]['fraction']:.3f} of the original; "
-              f"channels {list(r['channels'].values())}")
+              f"channels {list(r['channels'].values())}{undone}")
     print(f"wrote {args.output}")
 
 
