@@ -274,14 +274,14 @@ class StepGuard:
     def enabled(self) -> bool:
         return self.share > 0
 
-    def begin_step(self, epoch: int, before: Sequence[float], sizes: Mapping[str, int],
+    def begin_step(self, epoch: int, before: Sequence[float] | None, sizes: Mapping[str, int],
                    keep: Mapping[str, Sequence[int]], snapshot: dict, record: dict | None = None) -> None:
         """Note a step that just removed channels (`sizes`: group sizes before it) and re-index the protected set."""
         protected_before = self.protected.state()
         self.protected.after_pruning(keep)
         self.baseline = None
-        if not self.enabled:
-            return
+        if not self.enabled or before is None:
+            return  # off, or nothing measured before the step to judge it by
         self.pending = {"epoch": int(epoch), "before": [float(v) for v in before],
                         "removed": removed_channels(sizes, keep), "protected_before": protected_before,
                         "snapshot": snapshot, "record": dict(record or {})}
@@ -313,7 +313,8 @@ class StepGuard:
         r = self.rollbacks[-1]
         classes = ", ".join(f"{c['name']} Dice {c['before']:.3f} -> {c['after']:.3f}" for c in r["classes"])
         protected = {name: idx for name, idx in r["protected"].items()}
-        return (f"undid the pruning step of epoch {r['step_epoch']}: {classes} (below {self.share} of its value "
+        epoch = r["step"].get("epoch", r["step_epoch"])
+        return (f"undid the pruning step of epoch {epoch}: {classes} (below {self.share} of its value "
                 f"before the step); restored the network and optimizer from before the step and protected the "
                 f"{sum(len(v) for v in protected.values())} filters it removed: {protected}")
 

@@ -62,7 +62,7 @@ def cmd_plan_sauron(args) -> None:
     from nnunet_compress.plans import format_number_tag
     from nnunet_compress.pruning.sauron import SauronConfig
     config = SauronConfig(lambda_=args.lambda_, tau_start=args.tau_start, tau_max=args.tau_max, kappa=args.kappa,
-                          rho=args.rho, mu=args.mu)
+                          rho=args.rho, mu=args.mu, class_guard=args.class_guard, seed=args.seed)
     config.validate()
     write_pruning_plans(args, "sauron", config.to_dict(), f"sauron{format_number_tag(args.tau_max)}")
 
@@ -115,6 +115,11 @@ def register(sub, plan_sub) -> None:
     p.add_argument("--kappa", type=int, default=15, help="steps from tau_start to tau_max (15)")
     p.add_argument("--rho", type=int, default=5, help="patience in epochs (5)")
     p.add_argument("--mu", type=float, default=0.02, help="convergence: fewer than this fraction removed (0.02)")
+    p.add_argument("--class-guard", type=float, default=0.5,
+                   help="undo an epoch's removal after which a class keeps less than this share of its validation "
+                        "pseudo Dice, and keep those filters from then on (0.5; 0 turns it off)")
+    p.add_argument("--seed", type=int, default=12345,
+                   help="seed of the random reference channels (plus the fold number; 12345)")
     add_schedule_options(p)
     p.set_defaults(func=cmd_plan_sauron)
 

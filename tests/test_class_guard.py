@@ -249,12 +249,16 @@ def test_restoring_a_snapshot_brings_back_shape_weights_and_momentum():
     assert all(torch.equal(trainer.optimizer.state[params[n]]["momentum_buffer"], m) for n, m in momentum.items())
 
 
-def taylor_trainer_class():
-    path = Path(__file__).resolve().parents[1] / "trainers" / "nnUNetTrainerTaylorPruning.py"
-    spec = importlib.util.spec_from_file_location("taylor_trainer_under_test", path)
+def trainer_class(name):
+    path = Path(__file__).resolve().parents[1] / "trainers" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"{name}_under_test", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.nnUNetTrainerTaylorPruning
+    return getattr(module, name)
+
+
+def taylor_trainer_class():
+    return trainer_class("nnUNetTrainerTaylorPruning")
 
 
 def test_undoing_the_step_that_reached_the_target_resumes_pruning():
@@ -280,3 +284,42 @@ def test_undoing_the_step_that_reached_the_target_resumes_pruning():
     assert channel_counts(trainer.network) == sizes
     assert any("class guard" in line and "lesion Dice 1.000 -> 0.000" in line and CARRIER in line
                for line in trainer.log)
+
+
+def test_sauron_removal_that_kills_a_class_is_undone_with_its_tau_step_and_the_filter_kept_from_then_on():
+    from nnunet_compress.pruning.sauron import SauronConfig, ThresholdState
+    sauron = trainer_class("nnUNetTrainerSauron")
+    trainer = FakeTrainer(net_where_one_filter_carries_class_2().train())
+    batches = patches()
+    labels = ParentAgreement(trainer.network, batches).reference
+    config = SauronConfig(rho=1, kappa=2)
+    trainer.thresholds, trainer.class_guard = ThresholdState(config), StepGuard(0.5, NAMES)
+    trainer._register_feature_hooks = lambda: None
+    trainer.num_epochs = 10
+    # δ_prune: the carrier (channel 0) looks redundant, the others do not; reference channel 1
+    trainer._dprune_sum, trainer._dprune_count = {CARRIER: torch.tensor([0.0, 0.0, 0.9, 0.8])}, {CARRIER: 1}
+    trainer._references = {CARRIER: 1}
+    sizes = channel_counts(trainer.network)
+    dice = {2: class_dice(trainer.network, batches, labels)}
+    trainer.logged_class_dice = lambda epoch: dice.get(epoch)
+    trainer.current_epoch = 2
+    trainer.thresholds.record_train_loss(1.0)
+    trainer.thresholds.record_train_loss(1.0)  # plateau: τ steps up this epoch
+    assert sauron.remove_below_thresholds(trainer, trainer.prunable_groups(), converged=True) == 1
+    assert channel_counts(trainer.network)[CARRIER] == 3 and trainer.thresholds.patience(CARRIER) == 1
+    trainer.current_epoch = 3
+    dice[3] = class_dice(trainer.network, batches, labels)
+    assert dice[3][1] == 0.0
+    trainer.thresholds.record_train_loss(0.9)
+    assert trainer.class_guard.due(3, 1, 9)
+    assert sauron.undo_pending_removal(trainer)
+    assert channel_counts(trainer.network) == sizes
+    assert trainer.thresholds.tau(CARRIER) == config.tau_start and trainer.thresholds.patience(CARRIER) == 0
+    assert trainer.thresholds.train_losses == [1.0, 1.0, 0.9]  # the plateau test keeps this epoch's loss
+    assert trainer.class_guard.protected.state() == {CARRIER: [0]}
+    assert any("undid the pruning step of epoch 2" in line and "lesion" in line for line in trainer.log)
+    # the same δ_prune again: the protected carrier stays, so the layer loses nothing
+    trainer.current_epoch = 4
+    dice[4] = dice[2]
+    assert sauron.remove_below_thresholds(trainer, trainer.prunable_groups(), converged=True) == 0
+    assert channel_counts(trainer.network) == sizes
