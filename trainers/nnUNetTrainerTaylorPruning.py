@@ -123,9 +123,13 @@ class nnUNetTrainerTaylorPruning(PruningTrainerMixin, ScheduleFromPlansMixin, nn
     def judge_pending_step(self) -> None:
         """Keep the pending step, or undo it if a class collapsed after it and its fine-tuning epochs."""
         after = self.logged_class_dice(self.current_epoch)
+        pending = self.class_guard.pending
         snapshot = self.class_guard.finish_step(after, self.current_epoch)
         undo = agree_across_ranks(snapshot is not None) if self.is_ddp else snapshot is not None
         if not undo:
+            self.print_to_log_file(f"[taylor] class guard: kept the step of epoch {pending['epoch']} (pseudo Dice "
+                                   f"before {[round(v, 3) for v in pending['before']]}, now "
+                                   f"{[round(v, 3) for v in after]})")
             return
         self.restore_from_snapshot(snapshot)
         rollback = self.class_guard.rollbacks[-1]
