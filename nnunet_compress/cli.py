@@ -178,7 +178,7 @@ def schedule_from_args(args) -> dict:
 
 def cmd_demo(args) -> None:
     from nnunet_compress.demo import run_demo
-    run_demo(Path(args.workdir), fast=args.fast)
+    run_demo(Path(args.workdir), fast=args.fast, seed=args.seed)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -244,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="the end-to-end demo on synthetic data")
     p.add_argument("--workdir", default="demo_work")
     p.add_argument("--fast", action="store_true", help="shorter training (for a quick look)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the synthetic dataset and of Sauron's reference channels (0); nnU-Net's own "
+                        "training draws are not seeded by nnU-Net")
     p.set_defaults(func=cmd_demo)
 
     from nnunet_compress import cli_pruning

@@ -23,6 +23,11 @@ def add_taylor_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-class-balance", action="store_true",
                    help="Taylor: weight every voxel alike instead of giving each class an equal share of the "
                         "output gradient (the default protects small structures)")
+    p.add_argument("--class-guard", type=float, default=0.5,
+                   help="undo a pruning step after which a class keeps less than this share of its Dice before the "
+                        "step, and never remove those filters again (0.5; 0 turns it off). In training: nnU-Net's "
+                        "per-class pseudo Dice at the validation before the next step; one-shot: agreement with the "
+                        "unpruned network on the calibration patches (-i)")
 
 
 def taylor_settings_from_args(args, **extra):
@@ -31,7 +36,7 @@ def taylor_settings_from_args(args, **extra):
                        scope=args.scope, min_channels=args.min_channels,
                        min_keep_fraction=args.min_keep_fraction, max_layer_step=args.max_layer_step,
                        normalize=not args.no_normalize,
-                       balance_classes=not args.no_class_balance, **extra)
+                       balance_classes=not args.no_class_balance, class_guard=args.class_guard, **extra)
     s.validate()
     return s
 
@@ -57,7 +62,7 @@ def cmd_plan_sauron(args) -> None:
     from nnunet_compress.plans import format_number_tag
     from nnunet_compress.pruning.sauron import SauronConfig
     config = SauronConfig(lambda_=args.lambda_, tau_start=args.tau_start, tau_max=args.tau_max, kappa=args.kappa,
-                          rho=args.rho, mu=args.mu)
+                          rho=args.rho, mu=args.mu, class_guard=args.class_guard, seed=args.seed)
     config.validate()
     write_pruning_plans(args, "sauron", config.to_dict(), f"sauron{format_number_tag(args.tau_max)}")
 
@@ -69,8 +74,10 @@ def cmd_prune(args) -> None:
                                  args.configuration, args.overwrite, args.checkpoint, args.calibration_batches,
                                  args.seed)
     for fold, r in results.items():
+        undone = f"; the class guard undid {len(r['class_guard_rollbacks'])} step(s)" if r["class_guard_rollbacks"] \
+            else ""
         print(f"fold {fold}: {settings.metric} now {r['history'][-1]['fraction']:.3f} of the original; "
-              f"channels {list(r['channels'].values())}")
+              f"channels {list(r['channels'].values())}{undone}")
     print(f"wrote {args.output}")
 
 
@@ -108,6 +115,11 @@ def register(sub, plan_sub) -> None:
     p.add_argument("--kappa", type=int, default=15, help="steps from tau_start to tau_max (15)")
     p.add_argument("--rho", type=int, default=5, help="patience in epochs (5)")
     p.add_argument("--mu", type=float, default=0.02, help="convergence: fewer than this fraction removed (0.02)")
+    p.add_argument("--class-guard", type=float, default=0.5,
+                   help="undo an epoch's removal after which a class keeps less than this share of its validation "
+                        "pseudo Dice, and keep those filters from then on (0.5; 0 turns it off)")
+    p.add_argument("--seed", type=int, default=12345,
+                   help="seed of the random reference channels (plus the fold number; 12345)")
     add_schedule_options(p)
     p.set_defaults(func=cmd_plan_sauron)
 

@@ -50,7 +50,7 @@ def measure(ws: tiny.TinyWorkspace, name: str, model_folder: Path, prediction_na
                    dice["per_class"])
 
 
-def run_demo(workdir: Path, fast: bool = False) -> list[DemoRow]:
+def run_demo(workdir: Path, fast: bool = False, seed: int = 0) -> list[DemoRow]:
     from nnunet_compress.cli import main as cli
     t0 = time.time()
     ws = tiny.default_workspace(workdir)
@@ -59,7 +59,7 @@ def run_demo(workdir: Path, fast: bool = False) -> list[DemoRow]:
     epochs = 20 if fast else tiny.BASE_EPOCHS
     print(f"[demo] workspace {ws.root}")
     print("[demo] 1/4 synthetic CT dataset + nnUNetv2_plan_and_preprocess + tiny plans")
-    tiny.prepare_dataset(ws, num_epochs=epochs)
+    tiny.prepare_dataset(ws, seed=seed, num_epochs=epochs)
     base_folder = ws.model_folder()
     if not tiny.checkpoint_path(base_folder).exists():
         print(f"[demo] 2/4 nnUNetv2_train (base model, {epochs} short epochs on the CPU)")
@@ -85,7 +85,7 @@ def run_demo(workdir: Path, fast: bool = False) -> list[DemoRow]:
         rows.append(measure(ws, f"tucker {ratio} + fine-tuning", finetuned, f"tucker{ratio}_ft"))
 
     rows.extend(taylor_rows(ws, base_folder, epochs))
-    rows.extend(sauron_rows(ws, base_folder, epochs))
+    rows.extend(sauron_rows(ws, base_folder, epochs, seed))
 
     print("[demo] 4/4 summary (one 3D patch on the CPU; Dice = mean foreground Dice on the held-out cases)")
     print(HEADER)
@@ -125,7 +125,7 @@ def taylor_rows(ws: tiny.TinyWorkspace, base_folder: Path, epochs: int) -> list[
     return rows
 
 
-def sauron_rows(ws: tiny.TinyWorkspace, base_folder: Path, epochs: int) -> list[DemoRow]:
+def sauron_rows(ws: tiny.TinyWorkspace, base_folder: Path, epochs: int, seed: int = 0) -> list[DemoRow]:
     """Sauron pruning while (re)training, started from the base model's weights."""
     from nnunet_compress.cli import main as cli
     print("[demo] Sauron: pruning during training (nnUNetv2_train -tr nnUNetTrainerSauron -pretrained_weights)")
@@ -137,6 +137,6 @@ def sauron_rows(ws: tiny.TinyWorkspace, base_folder: Path, epochs: int) -> list[
         check(cli(["plan", "sauron", "-d", str(ws.dataset_id), "-c", tiny.CONFIGURATION, "-p", tiny.TINY_PLANS,
                    "--plans-name", plans_name, "--tau-start", "0.2", "--tau-max", "0.4", "--kappa", "4",
                    "--rho", "2", "--epochs", str(max(10, epochs // 3)), "--iterations-per-epoch", "20", "--val-iterations", "2",
-                   "--lr", "1e-3", "--augmentation", "none", "--overwrite"]))
+                   "--lr", "1e-3", "--augmentation", "none", "--seed", str(12345 + seed), "--overwrite"]))
         tiny.train(ws, plans_name, "nnUNetTrainerSauron", pretrained=tiny.checkpoint_path(base_folder))
     return [measure(ws, "Sauron (pruned while training)", folder, "sauron")]

@@ -27,7 +27,15 @@ def require_env(*names: str) -> dict[str, Path]:
 
 
 def trainers_path() -> str:
-    """The folder to put in nnUNet_extTrainer: our trainer classes (top-level `trainers/`, or its wheel copy)."""
+    """The folder to put in nnUNet_extTrainer: our trainer classes (top-level `trainers/`, or its wheel copy).
+
+    The `trainers/` beside this package comes first: when this checkout is imported through PYTHONPATH while
+    another checkout is installed in editable mode, `nnunet_compress.trainers` resolves to the *other*
+    checkout's folder, and nnU-Net would train with trainers that do not match this library.
+    """
+    beside = Path(__file__).resolve().parent.parent / "trainers"
+    if (beside / "nnUNetTrainerTaylorPruning.py").is_file():
+        return str(beside)
     import nnunet_compress.trainers as trainers
     return str(Path(trainers.__file__).resolve().parent)
 

@@ -73,6 +73,17 @@ def agree_across_ranks(obj):
     return holder[0]
 
 
+def _cpu_copy(obj):
+    """`obj` (nested dicts/lists of tensors, e.g. an optimizer state_dict) with every tensor cloned to the CPU."""
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: _cpu_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
 class PruningTrainerMixin:
     """Mixed into an nnUNetTrainer subclass; the subclass decides what to prune and calls apply_pruning."""
 
@@ -133,6 +144,49 @@ class PruningTrainerMixin:
                 if name in params:
                     self.optimizer.state[params[name]] = {k: (v.to(self.device) if torch.is_tensor(v) else v)
                                                           for k, v in s.items()}
+
+    # ---- undoing a step (the class guard) ----------------------------------------------------------------
+    def snapshot_for_rollback(self) -> dict:
+        """Shape, weights and optimizer state of the network now (CPU copies): what undoing a step restores."""
+        from nnunet_compress.class_guard import network_snapshot
+        return {**network_snapshot(self.plain_network), "optimizer": _cpu_copy(self.optimizer.state_dict())}
+
+    def restore_from_snapshot(self, snapshot: dict) -> None:
+        """Give the network back the shape and weights of `snapshot` and the optimizer its state then."""
+        from nnunet_compress.class_guard import restore_network
+        net = self.plain_network
+        restore_network(net, snapshot)
+        self.rebuild_after_pruning(net)
+        self.optimizer.load_state_dict(snapshot["optimizer"])
+
+    def class_names(self) -> list[str]:
+        """Names of the classes (regions) in the order of nnU-Net's logged per-class pseudo Dice."""
+        from nnunet_compress.class_guard import foreground_class_names
+        return foreground_class_names(self.dataset_json.get("labels", {}))
+
+    def validation_class_dice(self) -> list[float]:
+        """Per-class pseudo Dice of the network now, on fresh validation batches, computed as nnU-Net's
+        on_validation_epoch_end does but logged nowhere (for a pruning step before any validation has run)."""
+        import numpy as np
+        from nnunet_compress.class_guard import dice_from_counts
+        self.on_validation_epoch_start()
+        with torch.no_grad():
+            outputs = [self.validation_step(next(self.dataloader_val)) for _ in range(self.num_val_iterations_per_epoch)]
+        self.network.train()
+        counts = [np.sum([o[k] for o in outputs], 0) for k in ("tp_hard", "fp_hard", "fn_hard")]
+        if self.is_ddp:
+            import torch.distributed as dist
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, counts)
+            counts = [np.sum([g[i] for g in gathered], 0) for i in range(3)]
+        return dice_from_counts(*counts)
+
+    def logged_class_dice(self, epoch: int) -> list[float] | None:
+        """nnU-Net's logged per-class pseudo Dice of `epoch`'s validation, None if that epoch has none."""
+        values = self.logger.get_value("dice_per_class_or_region", step=None)
+        if epoch < 0 or len(values) <= epoch:
+            return None
+        return [float(v) for v in values[epoch]]
 
     # ---- logging ------------------------------------------------------------------------------------------
     def log_pruning_status(self, removed: int = 0) -> None:
@@ -201,6 +255,22 @@ class PruningTrainerMixin:
         super().on_train_end()
         if self.local_rank == 0:
             self.write_pruned_plans()
+            self.write_pruning_report()
+
+    def pruning_report(self) -> dict | None:
+        """What the fold's pruning_report.json says (subclasses extend; None writes none)."""
+        return None
+
+    def write_pruning_report(self) -> None:
+        """fold_X/pruning_report.json: the steps kept, the steps the class guard undid, the final channels."""
+        report = self.pruning_report()
+        if report is None:
+            return
+        from nnunet_compress.model_folder import atomic_write_file, write_json
+        from nnunet_compress.pruning.surgery import channel_counts
+        report = {"method": self.method, "fold": self.fold, **report,
+                  "final_channels": channel_counts(self.plain_network)}
+        atomic_write_file(Path(self.output_folder) / "pruning_report.json", lambda tmp: write_json(tmp, report))
 
     def write_pruned_plans(self) -> None:
         """Record this fold's final channel counts in the model folder's plans.json (atomically)."""

@@ -40,6 +40,8 @@ class TaylorSettings:
     min_channels: int = 2                   # never fewer channels than this in any layer
     min_keep_fraction: float = 0.25         # ... nor fewer than this share of the layer's channels at the start
     max_layer_step: float = 0.2             # no layer loses more than this share of its channels in one step
+    class_guard: float = 0.5                # undo a step after which a class keeps less than this share of its
+                                            # Dice (0: off) — see class_guard
 
     def validate(self) -> None:
         targets = [t for t in (self.target_flops, self.target_params) if t is not None]
@@ -57,6 +59,8 @@ class TaylorSettings:
         if not 0 < self.max_layer_step <= 1:
             raise CompressError(f"--max-layer-step {self.max_layer_step} is outside (0, 1]; it is the largest share "
                                 f"of a layer's channels one step may remove, e.g. 0.2")
+        from nnunet_compress.class_guard import check_class_guard
+        self.class_guard = check_class_guard(self.class_guard)
         if not 0 <= self.min_keep_fraction < 1:
             raise CompressError(f"--min-keep-fraction {self.min_keep_fraction} is outside [0, 1)")
         for name in ("prune_every", "accumulate_batches", "min_channels"):
@@ -198,13 +202,22 @@ def taylor_scores(net: nn.Module, groups, batches: Iterable[tuple[torch.Tensor, 
 
 
 def choose_channels_to_keep(net: nn.Module, settings: TaylorSettings, scores: dict[str, torch.Tensor],
-                            n_remove: int, initial_counts: dict[str, int] | None = None) -> dict[str, list[int]]:
+                            n_remove: int, initial_counts: dict[str, int] | None = None,
+                            protected=None) -> dict[str, list[int]]:
+    """The kept channels of every group that loses some in this step ({} when none can go).
+
+    `protected` (a class_guard.ProtectedChannels) names channels whose removal once made a class collapse: they
+    rank above every other channel and the floors leave room for them, so they are never chosen.
+    """
     from nnunet_compress.pruning.dependency import channel_groups
     from nnunet_compress.pruning.importance import normalize_per_layer, select_channels_to_keep
     groups = [g for g in channel_groups(net) if g.prunable]
     if settings.normalize:
         scores = normalize_per_layer(scores)
     floors = step_floors(groups, layer_floors(settings, initial_counts), settings.max_layer_step)
+    if protected:
+        scores = protected.protect_scores(scores)
+        floors = protected.floors(floors)
     n_remove = min(n_remove, removable_channels(groups, floors))
     if n_remove == 0:
         return {}
@@ -212,8 +225,17 @@ def choose_channels_to_keep(net: nn.Module, settings: TaylorSettings, scores: di
 
 
 def prune_until_target(net: nn.Module, settings: TaylorSettings, method: str, input_channels: int, patch_size,
-                       calibration: list[torch.Tensor] | None = None, progress=print) -> list[dict]:
-    """One-shot pruning without fine-tuning: score, remove a step, re-score ... until the target is met."""
+                       calibration: list[torch.Tensor] | None = None, progress=print,
+                       class_names: list[str] | None = None, rollbacks: list | None = None) -> list[dict]:
+    """One-shot pruning without fine-tuning: score, remove a step, re-score ... until the target is met.
+
+    With calibration patches and `settings.class_guard` > 0, every step is checked against the unpruned
+    network (class_guard.ParentAgreement): a step after which a class the parent predicts keeps less than
+    class_guard of its agreement is undone, its filters are protected, and the next step picks others. Each undone
+    step is appended to `rollbacks` (if given) and reported through `progress`.
+    """
+    from nnunet_compress.class_guard import (ParentAgreement, ProtectedChannels, collapsed_classes, network_snapshot,
+                                             removed_channels, restore_network)
     from nnunet_compress.pruning.dependency import channel_groups
     from nnunet_compress.pruning.importance import l1_importance
     from nnunet_compress.pruning.surgery import prune_channels
@@ -226,7 +248,10 @@ def prune_until_target(net: nn.Module, settings: TaylorSettings, method: str, in
 
     from nnunet_compress.pruning.surgery import channel_counts
     start, history = cost(), []
+    rollbacks = rollbacks if rollbacks is not None else []
     initial_counts = channel_counts(net)
+    guard = ParentAgreement(net, calibration) if calibration and settings.class_guard > 0 else None
+    protected = ProtectedChannels()
     fraction = 1.0
     while fraction > settings.target:
         groups = [g for g in channel_groups(net) if g.prunable]
@@ -242,11 +267,28 @@ def prune_until_target(net: nn.Module, settings: TaylorSettings, method: str, in
             scores = taylor_scores(net, groups, ((b, None) for b in calibration), "output_normalized",
                                    balance_classes=settings.balance_classes)
         keep = choose_channels_to_keep(net, settings, scores, channels_to_remove(groups, settings.step),
-                                       initial_counts)
+                                       initial_counts, protected)
+        if not keep and protected:
+            raise CompressError(f"cannot reach {settings.metric} {settings.target}: the class guard undid "
+                                f"{len(rollbacks)} step(s) and protects {protected.total} filters, and every other "
+                                f"filter is at a floor; lower --class-guard (0 turns it off) or raise the target")
         if not keep:
             raise CompressError("no channel could be removed; lower --min-channels or raise the target")
         removed = sum(g.size - len(keep[g.name]) for g in groups if g.name in keep)
+        snapshot = network_snapshot(net) if guard else None
         prune_channels(net, keep)
+        if guard:
+            drops = collapsed_classes(guard.before, guard.dice(net), settings.class_guard, class_names)
+            if drops:
+                restore_network(net, snapshot)
+                gone = removed_channels({g.name: g.size for g in groups}, keep)
+                protected.add(gone)
+                rollbacks.append({"step": len(history) + len(rollbacks), "classes": [d.to_dict() for d in drops],
+                                  "protected": gone})
+                progress(f"  undone: removing {removed} channels made {', '.join(d.describe() for d in drops)} "
+                         f"(agreement with the unpruned network); those channels are now protected")
+                continue
+        protected.after_pruning(keep)
         fraction = cost() / start
         history.append({"removed": removed, "fraction": fraction})
         progress(f"  removed {removed} channels -> {settings.metric} {fraction:.3f} of the original")
@@ -260,6 +302,7 @@ def prune_model_folder(source: str | Path, output: str | Path, method: str, sett
                        seed: int = 0, progress=print) -> dict:
     """Write a pruned copy of a trained model folder (no fine-tuning); the source is only read."""
     from nnunet_compress.calibration import preprocessed_cases, random_patches
+    from nnunet_compress.class_guard import foreground_class_names
     from nnunet_compress.model_folder import (atomic_output_folder, check_output_location, copy_folder_metadata,
                                               input_channels_of, load_fold_network, open_model_folder,
                                               save_checkpoint, write_json)
@@ -284,12 +327,15 @@ def prune_model_folder(source: str | Path, output: str | Path, method: str, sett
             cfg = resolved_configuration(folder.plans, configuration)
             channels_in = input_channels_of(folder.plans, folder.dataset_json, configuration)
             calibration = None
-            if method == "taylor":
+            # Taylor scores need the patches; L1 uses them only for the class guard (when -i is given)
+            if method == "taylor" or (images is not None and settings.class_guard > 0):
                 volumes = preprocessed_cases(Path(images), folder.plans, folder.dataset_json, configuration)
                 calibration = random_patches(volumes, cfg["patch_size"], calibration_batches, seed=seed)
             torch.manual_seed(seed)
             progress(f"fold {fold}: {method} pruning to {settings.metric} {settings.target}")
-            history = prune_until_target(net, settings, method, channels_in, cfg["patch_size"], calibration, progress)
+            rollbacks: list[dict] = []
+            history = prune_until_target(net, settings, method, channels_in, cfg["patch_size"], calibration, progress,
+                                         foreground_class_names(folder.dataset_json.get("labels", {})), rollbacks)
             counts = channel_counts(net)
             if plans is None:
                 arch = compressed_arch_kwargs(cfg, channels=counts, per_fold_channels=len(folder.folds) > 1)
@@ -298,7 +344,7 @@ def prune_model_folder(source: str | Path, output: str | Path, method: str, sett
                 write_json(tmp / "plans.json", plans)
                 copy_folder_metadata(folder.path, tmp)
             save_checkpoint(derived_checkpoint(checkpoint, net, plans), tmp / f"fold_{fold}" / checkpoint_name)
-            results[fold] = {"history": history, "channels": counts}
+            results[fold] = {"history": history, "channels": counts, "class_guard_rollbacks": rollbacks}
         write_json(tmp / "compression_report.json", {"method": method, "settings": settings.to_dict(),
                                                       "folds": results})
     return results

@@ -29,6 +29,12 @@ def test_taylor_trainer_prunes_to_target_and_predicts(tiny_ws, tiny_base, tiny_b
     assert extra["method"] == "taylor" and extra["state"]["target_reached"]
     history = extra["state"]["history"]
     assert history[-1]["fraction"] <= 0.7 < history[0]["fraction"] or len(history) == 1
+    # the class guard's record: in the checkpoint (for --c) and in the fold's report
+    guard = extra["state"]["class_guard"]
+    assert guard["share"] == 0.5 and guard["pending"] is None
+    report = json.loads((folder / "fold_0" / "pruning_report.json").read_text())
+    assert report["method"] == "taylor" and report["final_channels"] == extra["channels"]
+    assert report["history"] == history and report["rollbacks"] == guard["rollbacks"]
     # the final plans.json of the model folder describes the pruned network
     plans = json.loads((folder / "plans.json").read_text())
     assert plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["channels"] == extra["channels"]
@@ -51,6 +57,7 @@ def test_one_shot_prune_cli(tiny_ws, tiny_base, tmp_path, method):
     run_cli(*args, env=tiny_ws.env(), check=True)
     report = json.loads((out / "compression_report.json").read_text())
     assert report["folds"]["0"]["history"][-1]["fraction"] <= 0.7
+    assert isinstance(report["folds"]["0"]["class_guard_rollbacks"], list)
     proc = run_cli("profile", out, "--runs", "1", "--warmup", "0", "--totals-only", check=True)
     assert "parameters" in proc.stdout
     pred = tiny.predict_folder(tiny_ws, out, tmp_path / "pred")

@@ -123,9 +123,12 @@ def test_sauron_resumes_exactly(tiny_ws):
     history = final["nnunet_compress"]["state"]["channel_history"]
     assert [h["epoch"] for h in history] == [0, 1, 2, 3], "the resumed run lost or repeated epochs"
     assert history[:2] == saved["state"]["channel_history"]
-    # channels only ever go: the resumed run started from the killed run's pruned shape
+    # channels only ever go (the resumed run started from the killed run's pruned shape), except where the class
+    # guard undid a removal: a run from scratch this short has pseudo Dice near 0, and the guard may fire there
+    undone = {r["checked_epoch"] for r in final["nnunet_compress"]["state"]["class_guard"]["rollbacks"]}
     for before, after in zip(history, history[1:]):
-        assert all(after["channels"][k] <= v for k, v in before["channels"].items())
+        if after["epoch"] not in undone:
+            assert all(after["channels"][k] <= v for k, v in before["channels"].items())
 
 
 def test_taylor_resumes_exactly(tiny_ws, tiny_base):

@@ -9,6 +9,12 @@ redundant maps cluster, and δ_prune (distance to a random reference channel, no
 averaged over the epoch. At each epoch end every layer drops the channels whose δ_prune is below its own
 threshold τ — physically, with the inputs of the layers that read them — and τ adapts per layer. Training
 continues on the smaller network, so it speeds up as it prunes.
+
+The class guard (``--class-guard``, see nnunet_compress.class_guard): an epoch's removal is judged at the next
+epoch's validation against the pseudo Dice before it; if a class present before fell below that share, the removal
+is undone (network shape, weights and optimizer state, and the thresholds' τ steps and patience of that epoch),
+its filters are protected (always kept), and that epoch removes nothing (its δ_prune was measured on the undone
+network). With the guard on, the last epoch removes nothing: no validation would be left to check it.
 """
 
 import time
@@ -21,6 +27,7 @@ from torch import autocast
 
 from nnunet_compress.pruning.sauron import (SauronConfig, ThresholdState, channels_to_keep, choose_reference,
                                             delta_prune, sauron_regulariser)
+from nnunet_compress.class_guard import StepGuard
 from nnunet_compress.pruning.feature_maps import FeatureMapRecorder
 from nnunet_compress.pruning_trainer import PruningTrainerMixin, agree_across_ranks
 from nnunet_compress.training import ScheduleFromPlansMixin, install_pretrained_weights_hook
@@ -42,7 +49,9 @@ class nnUNetTrainerSauron(PruningTrainerMixin, ScheduleFromPlansMixin, nnUNetTra
         self._dprune_sum: dict[str, torch.Tensor] = {}
         self._dprune_count: dict[str, int] = {}
         self._references: dict[str, int] = {}
-        self._rng = torch.Generator().manual_seed(12345 + int(fold) if str(fold).isdigit() else 12345)
+        seed = self.sauron.seed
+        self._rng = torch.Generator().manual_seed(seed + int(fold) if str(fold).isdigit() else seed)
+        self.class_guard = StepGuard(self.sauron.class_guard, self.class_names())
 
     # ---- feature maps of every prunable group, recorded by forward hooks ----------------------------------
     def _register_feature_hooks(self) -> None:
@@ -111,6 +120,29 @@ class nnUNetTrainerSauron(PruningTrainerMixin, ScheduleFromPlansMixin, nnUNetTra
         loss = getattr(self, "_last_train_loss", float("nan")) + getattr(self, "_last_reg", 0.0)
         loss = agree_across_ranks(loss) if self.is_ddp else loss  # one plateau test for all ranks
         converged = self.thresholds.record_train_loss(loss)
+        removed_total = 0
+        if self.class_guard.due(self.current_epoch, 1, self.num_epochs - 1) and self.undo_pending_removal():
+            groups = self.prunable_groups()  # this epoch's δ_prune belongs to the undone shape: no removal now
+        elif self.class_guard.enabled and self.current_epoch >= self.num_epochs - 1:
+            self.print_to_log_file("[sauron] class guard: no removal after the last epoch (no validation would "
+                                   "check it)")
+        else:
+            removed_total = self.remove_below_thresholds(groups, converged)
+        from nnunet_compress.pruning.surgery import channel_counts
+        params, flops = self.current_cost()
+        epoch_time = time.time() - self._epoch_wall_start
+        self.channel_history.append({"epoch": self.current_epoch, "channels": channel_counts(self.plain_network),
+                                     "params": params, "flops": flops, "epoch_time_s": epoch_time})
+        self.print_to_log_file(f"[sauron] δ_opt loss {getattr(self, '_last_reg', float('nan')):.4f}; "
+                               f"thresholds {[round(self.thresholds.tau(g.name), 4) for g in groups]}")
+        self.log_pruning_status(removed_total)
+        self.print_to_log_file(f"[sauron] epoch time (training + validation) {epoch_time:.1f} s")
+
+    def remove_below_thresholds(self, groups, converged: bool) -> int:
+        """Step every layer's τ, remove the channels below it (never a protected one); the number removed."""
+        guarded = self.class_guard.enabled
+        before = self.logged_class_dice(self.current_epoch) if guarded else []
+        snapshot = {**self.snapshot_for_rollback(), "thresholds": self.thresholds.state_dict()} if guarded else None
         proposal = {}
         for g in groups:
             tau = self.thresholds.step(g.name, self.thresholds.last_removed_fraction(g.name), converged)
@@ -123,7 +155,7 @@ class nnUNetTrainerSauron(PruningTrainerMixin, ScheduleFromPlansMixin, nnUNetTra
         for g in groups:
             if g.name not in proposal:
                 continue
-            kept = proposal[g.name]
+            kept = sorted(set(proposal[g.name]) | self.class_guard.protected.by_group.get(g.name, set()))
             self.thresholds.record_pruning(g.name, g.size, len(kept))
             if len(kept) < g.size:
                 keep[g.name] = kept
@@ -131,20 +163,30 @@ class nnUNetTrainerSauron(PruningTrainerMixin, ScheduleFromPlansMixin, nnUNetTra
         self.apply_pruning(keep)
         if keep:
             self._register_feature_hooks()
-        from nnunet_compress.pruning.surgery import channel_counts
-        params, flops = self.current_cost()
-        epoch_time = time.time() - self._epoch_wall_start
-        self.channel_history.append({"epoch": self.current_epoch, "channels": channel_counts(self.plain_network),
-                                     "params": params, "flops": flops, "epoch_time_s": epoch_time})
-        self.print_to_log_file(f"[sauron] δ_opt loss {getattr(self, '_last_reg', float('nan')):.4f}; "
-                               f"thresholds {[round(self.thresholds.tau(g.name), 4) for g in groups]}")
-        self.log_pruning_status(removed_total)
-        self.print_to_log_file(f"[sauron] epoch time (training + validation) {epoch_time:.1f} s")
+            # judged at the next epoch's validation, the first one of the smaller network
+            self.class_guard.begin_step(self.current_epoch + 1, before, {g.name: g.size for g in groups}, keep,
+                                        snapshot, {"epoch": self.current_epoch, "removed": removed_total})
+        return removed_total
+
+    def undo_pending_removal(self) -> bool:
+        """Judge the last epoch's removal by this epoch's validation; undo it if a class collapsed."""
+        snapshot = self.class_guard.finish_step(self.logged_class_dice(self.current_epoch), self.current_epoch)
+        undo = agree_across_ranks(snapshot is not None) if self.is_ddp else snapshot is not None
+        if not undo:
+            return False
+        self.restore_from_snapshot(snapshot)
+        # undo that epoch's τ steps, patience and removed fractions; the loss history (plateau test) stays
+        thresholds = dict(snapshot["thresholds"], train_losses=list(self.thresholds.train_losses))
+        self.thresholds.load_state_dict(thresholds)
+        self._register_feature_hooks()
+        self.print_to_log_file(f"[sauron] class guard: {self.class_guard.describe_last_rollback()}")
+        return True
 
     # ---- resume ---------------------------------------------------------------------------------------------
     def pruning_state(self) -> dict:
         return {**super().pruning_state(), "thresholds": self.thresholds.state_dict() if self.thresholds else None,
-                "channel_history": self.channel_history, "rng": self._rng.get_state().tolist()}
+                "channel_history": self.channel_history, "rng": self._rng.get_state().tolist(),
+                "class_guard": self.class_guard.state()}
 
     def load_pruning_state(self, state: dict) -> None:
         super().load_pruning_state(state)
@@ -154,3 +196,9 @@ class nnUNetTrainerSauron(PruningTrainerMixin, ScheduleFromPlansMixin, nnUNetTra
             self.thresholds.load_state_dict(state["thresholds"])
         if state.get("rng") is not None:
             self._rng.set_state(torch.tensor(state["rng"], dtype=torch.uint8))
+        self.class_guard.load_state(state.get("class_guard"))
+
+    def pruning_report(self) -> dict:
+        return {"settings": self.sauron.to_dict(), "channel_history": self.channel_history,
+                "class_guard": self.sauron.class_guard, "rollbacks": self.class_guard.rollbacks,
+                "protected_channels": self.class_guard.protected.state()}

@@ -7,12 +7,19 @@ Starting from the trained model (every layer loaded, segmentation heads included
 sums Taylor importance over `accumulate_batches` training batches, removes the `step` fraction of least
 important filters (globally after layer-wise normalisation, or per layer), and fine-tunes — until the FLOP or
 parameter target of the plans is met; then it fine-tunes to the end of the schedule.
+
+The class guard (``--class-guard``, see nnunet_compress.class_guard) records every class's pseudo Dice before a
+step and compares it at the validation that precedes the next step: if a class present before fell below that
+share of its value, the step is undone (network shape, weights and optimizer state from a snapshot taken just
+before it), the filters it removed are protected, and pruning continues with other filters. Every rollback goes
+to the training log, into the checkpoint's pruning state, and into fold_X/pruning_report.json.
 """
 
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_compress.pruning_trainer import PruningTrainerMixin
+from nnunet_compress.class_guard import StepGuard
+from nnunet_compress.pruning_trainer import PruningTrainerMixin, agree_across_ranks
 from nnunet_compress.taylor_prune import (TaylorSettings, batches_covering_classes, channels_to_remove,
                                           choose_channels_to_keep, taylor_scores)
 from nnunet_compress.training import ScheduleFromPlansMixin, install_pretrained_weights_hook
@@ -31,6 +38,7 @@ class nnUNetTrainerTaylorPruning(PruningTrainerMixin, ScheduleFromPlansMixin, nn
         self.apply_schedule_from_plans()
         self.target_reached = False
         self.pruning_history: list[dict] = []
+        self.class_guard = StepGuard(self.settings.class_guard, self.class_names())
 
     def on_train_epoch_start(self):
         if not self.target_reached and self.current_epoch % self.settings.prune_every == 0:
@@ -68,31 +76,84 @@ class nnUNetTrainerTaylorPruning(PruningTrainerMixin, ScheduleFromPlansMixin, nn
         if not getattr(self, "initial_channels", None):
             from nnunet_compress.pruning.surgery import channel_counts
             self.initial_channels = channel_counts(net)
-        keep = choose_channels_to_keep(net, self.settings, scores, n_remove, self.initial_channels)
+        keep = choose_channels_to_keep(net, self.settings, scores, n_remove, self.initial_channels,
+                                       self.class_guard.protected)
+        keep = agree_across_ranks(keep) if self.is_ddp else keep
         if not keep:
             self.target_reached = True
-            self.print_to_log_file("[taylor] every layer is at its floor (--min-channels / --min-keep-fraction); "
-                                   "the target cannot be reached, fine-tuning to the end")
+            protected = (f" ({self.class_guard.protected.total} filters are protected by the class guard)"
+                         if self.class_guard.protected else "")
+            self.print_to_log_file(f"[taylor] every layer is at its floor (--min-channels / --min-keep-fraction)"
+                                   f"{protected}; the target cannot be reached, fine-tuning to the end")
             return
         removed = sum(g.size - len(keep[g.name]) for g in groups if g.name in keep)
+        guarded = self.class_guard.enabled
+        before = self.class_dice_before_step() if guarded else []
+        snapshot = self.snapshot_for_rollback() if guarded else None
         self.apply_pruning(keep)
         params, flops = self.current_cost()
         fraction = (flops / self.initial_cost[1]) if self.settings.metric == "flops" else \
             (params / self.initial_cost[0])
         self.target_reached = fraction <= self.settings.target
-        self.pruning_history.append({"epoch": self.current_epoch, "removed": removed, "params": params,
-                                     "flops": flops, "fraction": fraction})
+        record = {"epoch": self.current_epoch, "removed": removed, "params": params, "flops": flops,
+                  "fraction": fraction}
+        self.pruning_history.append(record)
+        self.class_guard.begin_step(self.current_epoch, before, {g.name: g.size for g in groups}, keep, snapshot,
+                                    record)
         self.log_pruning_status(removed)
         if self.target_reached:
             self.print_to_log_file(f"[taylor] target reached ({self.settings.metric} {fraction:.3f} <= "
                                    f"{self.settings.target}); fine-tuning to the end")
 
+    # ---- the class guard ---------------------------------------------------------------------------------
+    def class_dice_before_step(self) -> list[float]:
+        """Per-class pseudo Dice of the network about to be pruned: the last validation's (nnU-Net logged it at
+        the end of the previous epoch), that of the network a rollback restored, or — before the first
+        validation — measured now on validation batches."""
+        if self.class_guard.baseline is not None:
+            return list(self.class_guard.baseline)
+        logged = self.logged_class_dice(self.current_epoch - 1)
+        return logged if logged is not None else self.validation_class_dice()
+
+    def on_validation_epoch_end(self, val_outputs):
+        super().on_validation_epoch_end(val_outputs)
+        if self.class_guard.due(self.current_epoch, self.settings.prune_every, self.num_epochs - 1):
+            self.judge_pending_step()
+
+    def judge_pending_step(self) -> None:
+        """Keep the pending step, or undo it if a class collapsed after it and its fine-tuning epochs."""
+        after = self.logged_class_dice(self.current_epoch)
+        pending = self.class_guard.pending
+        snapshot = self.class_guard.finish_step(after, self.current_epoch)
+        undo = agree_across_ranks(snapshot is not None) if self.is_ddp else snapshot is not None
+        if not undo:
+            self.print_to_log_file(f"[taylor] class guard: kept the step of epoch {pending['epoch']} (pseudo Dice "
+                                   f"before {[round(v, 3) for v in pending['before']]}, now "
+                                   f"{[round(v, 3) for v in after]})")
+            return
+        self.restore_from_snapshot(snapshot)
+        rollback = self.class_guard.rollbacks[-1]
+        if rollback["step"] in self.pruning_history:
+            self.pruning_history.remove(rollback["step"])
+        # the undone step may have been the one that reached the target: the network is back above it
+        self.target_reached = False
+        self.print_to_log_file(f"[taylor] class guard: {self.class_guard.describe_last_rollback()}")
+        self.log_pruning_status(0)
+
+    # ---- checkpoints and the report ----------------------------------------------------------------------
     def pruning_state(self) -> dict:
         return {**super().pruning_state(), "target_reached": self.target_reached,
-                "history": self.pruning_history, "initial_channels": getattr(self, "initial_channels", None)}
+                "history": self.pruning_history, "initial_channels": getattr(self, "initial_channels", None),
+                "class_guard": self.class_guard.state()}
 
     def load_pruning_state(self, state: dict) -> None:
         super().load_pruning_state(state)
         self.target_reached = bool(state.get("target_reached", False))
         self.pruning_history = list(state.get("history", []))
         self.initial_channels = state.get("initial_channels")
+        self.class_guard.load_state(state.get("class_guard"))
+
+    def pruning_report(self) -> dict:
+        return {"settings": self.settings.to_dict(), "target_reached": self.target_reached,
+                "history": self.pruning_history, "class_guard": self.settings.class_guard,
+                "rollbacks": self.class_guard.rollbacks, "protected_channels": self.class_guard.protected.state()}

@@ -59,6 +59,12 @@ class SauronConfig:
     mu:        μ, a layer's τ only increases if it removed fewer than this fraction of its channels last time.
     pool:      average-pooling factor applied to the feature maps before distances are measured (cheaper, and
                less sensitive to pixel-level noise).
+
+    Not from the paper:
+    class_guard: an epoch's removal after which a class keeps less than this share of its validation pseudo Dice
+               (measured at the next epoch's validation) is undone and its filters protected (0 turns it off);
+               see nnunet_compress.class_guard.
+    seed:      seed of the reference-channel draws (plus the fold number); 12345 is what runs used before.
     """
 
     lambda_: float = 0.5
@@ -68,6 +74,8 @@ class SauronConfig:
     rho: int = 5
     mu: float = 0.02
     pool: int = 2
+    class_guard: float = 0.5
+    seed: int = 12345
 
     def validate(self) -> "SauronConfig":
         """Raise :class:`CompressError` naming the first invalid field and its valid range; return self."""
@@ -86,6 +94,10 @@ class SauronConfig:
         if not 0 <= self.mu < 1:
             raise CompressError(f"Sauron mu must lie in [0, 1) (got {self.mu}); it is a fraction of channels, "
                                 f"set e.g. mu=0.02")
+        from nnunet_compress.class_guard import check_class_guard
+        self.class_guard = check_class_guard(self.class_guard)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or self.seed < 0:
+            raise CompressError(f"--seed {self.seed!r} must be a non-negative integer, e.g. --seed 0")
         return self
 
     def to_dict(self) -> dict[str, Any]:
