@@ -23,6 +23,11 @@ if "NNUNET_COMPRESS_CACHE_DIR" not in os.environ:
     os.environ["NNUNET_COMPRESS_CACHE_DIR"] = tempfile.mkdtemp(prefix="nnunet_compress_test_cache_")
 
 
+# The suite's older tests run CompressedUNet on torch's CPU paths, as they were written for; the engine's own
+# tests (test_openvino_engine.py, test_e2e_engine.py) switch OpenVINO on explicitly.
+os.environ.setdefault("NNUNET_COMPRESS_CPU_ENGINE", "torch")
+
+
 @pytest.fixture
 def torch_engine(monkeypatch):
     """Run CompressedUNet's CPU inference on torch's own paths (for the tests of those paths)."""

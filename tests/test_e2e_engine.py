@@ -22,6 +22,16 @@ from test_e2e_tucker import read_segmentations, tree_checksums
 pytestmark = pytest.mark.e2e
 
 
+def predict(ws, model_folder: Path, name: str, engine: str) -> Path:
+    """nnUNetv2_predict_from_modelfolder with the CPU engine chosen by NNUNET_COMPRESS_CPU_ENGINE."""
+    env = {**ws.env(), "NNUNET_COMPRESS_CPU_ENGINE": engine}
+    tiny.run_nnunet(["nnUNetv2_predict_from_modelfolder", "-i", str(ws.raw_dataset / "imagesTs"), "-o",
+                     str(ws.root / name), "-m", str(model_folder), "-f", "0", "-device", "cpu",
+                     "--disable_progress_bar", "--disable_tta", "-npp", "1", "-nps", "1"], env,
+                    ws.root / "logs" / f"predict_{name}.log")
+    return ws.root / name
+
+
 def cache_entries() -> set[str]:
     root = Path(os.environ["NNUNET_COMPRESS_CACHE_DIR"]) / "openvino"
     return {p.name for p in root.iterdir() if not p.name.startswith(".")} if root.is_dir() else set()
@@ -50,13 +60,9 @@ def test_convert_keeps_the_model(tiny_base, converted):
 
 def test_converted_model_predicts_on_the_engine_like_the_original(tiny_ws, tiny_base, converted):
     before = cache_entries()
-    engine_pred = tiny.predict_folder(tiny_ws, converted, tiny_ws.root / "engine_converted")
+    engine_pred = predict(tiny_ws, converted, "engine_converted", "openvino")
     assert cache_entries() - before, "nnUNetv2_predict_from_modelfolder did not run the network on OpenVINO"
-    env = {**tiny_ws.env(), "NNUNET_COMPRESS_CPU_ENGINE": "torch"}
-    tiny.run_nnunet(["nnUNetv2_predict_from_modelfolder", "-i", str(tiny_ws.raw_dataset / "imagesTs"), "-o",
-                     str(tiny_ws.root / "torch_converted"), "-m", str(converted), "-f", "0", "-device", "cpu",
-                     "--disable_progress_bar", "--disable_tta", "-npp", "1", "-nps", "1"], env,
-                    tiny_ws.root / "logs" / "predict_torch_converted.log")
+    predict(tiny_ws, converted, "torch_converted", "torch")
     base_pred = tiny.predict_folder(tiny_ws, tiny_base, tiny_ws.root / "engine_base")
     base, on_engine = read_segmentations(base_pred), read_segmentations(engine_pred)
     on_torch = read_segmentations(tiny_ws.root / "torch_converted")
