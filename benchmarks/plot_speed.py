@@ -12,29 +12,31 @@ import json
 import sys
 from pathlib import Path
 
+MARKERS = {"torch": "x", "torch+paths": "o", "openvino": "s", "onnxruntime": "^"}
+
+
 def plot(reports: list[dict], out: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    entries = [(arch, e, r["device"]) for r in reports for arch, e in r["architectures"].items()]
+    entries = [(key, e, r["device"]) for r in reports for key, e in r["architectures"].items()]
     fig, axes = plt.subplots(1, len(entries), figsize=(6 * len(entries), 5), squeeze=False)
-    for ax, (arch, entry, device) in zip(axes[0], entries):
-        variants = entry["variants"]
-        base = variants["original"]
-        # process CPU time where recorded: on a shared machine it is far steadier than wall-clock time
-        key = "patch_cpu_s" if "patch_cpu_s" in base else "patch_s"
-        for name, v in variants.items():
-            fast = name.endswith("+fast")
-            color = "tab:gray" if name.startswith("original") else "tab:blue" if "tucker" in name else "tab:orange"
-            ax.scatter(v["flops"] / 1e9, v[key], marker="o" if fast else "x", color=color, s=40)
-            ax.annotate(name, (v["flops"] / 1e9, v[key]), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
-        fmax = base["flops"] / 1e9
-        ax.plot([0, fmax], [0, base[key]], "k--", lw=0.8, label="time ∝ FLOPs (from plain original)")
+    for ax, (key, entry, device) in zip(axes[0], entries):
+        rows = entry["rows"]
+        # process CPU time: on a shared machine it is far steadier than wall-clock time
+        for v in rows.values():
+            color = ("tab:gray" if v["network"] == "original" else "tab:blue" if v["network"].startswith("tucker")
+                     else "tab:orange")
+            ax.scatter(v["flops"] / 1e9, v["patch_cpu_s"], marker=MARKERS.get(v["engine"], "."), color=color, s=40)
+            ax.annotate(f"{v['network']} / {v['engine']}", (v["flops"] / 1e9, v["patch_cpu_s"]), fontsize=6,
+                        xytext=(3, 3), textcoords="offset points")
+        best = rows[entry["best_original"]]
+        ax.plot([0, best["flops"] / 1e9], [0, best["patch_cpu_s"]], "k--", lw=0.8,
+                label=f"time ∝ FLOPs (from {entry['best_original']})")
         ax.set_xlabel("GFLOPs per patch (FlopCounterMode)")
-        ax.set_ylabel(("CPU " if key == "patch_cpu_s" else "") + "seconds per patch (median)")
-        ax.set_title(f"{arch}, patch {'×'.join(map(str, entry['patch']))}\n{device}", fontsize=9)
-        ax.legend(fontsize=7, title="x: plain torch, o: fast paths", title_fontsize=7)
+        ax.set_ylabel("CPU seconds per patch (median)")
+        ax.set_title(f"{key}\n{device}", fontsize=9)
+        ax.legend(fontsize=7, title="x torch, o torch+paths, ■ OpenVINO, ▲ ONNX Runtime", title_fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=110)

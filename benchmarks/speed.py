@@ -1,31 +1,36 @@
-"""Original vs compressed TotalSegmentator networks, timed side by side: one patch, and sliding-window prediction.
+"""Original vs compressed TotalSegmentator networks on several CPU engines, timed side by side in one process.
 
-    python benchmarks/speed.py --arch 1.5mm --patch 96 96 96 --volume 144 144 144 --runs 5
+    python benchmarks/speed.py --arch 1.5mm --patch 128 128 128 --engine torch torch+paths openvino onnxruntime
 
-For each architecture it builds the original PlainConvUNet, Tucker-factorised copies at several channel ratios
-(each timed twice: plain torch paths and our fast paths, see nnunet_compress/fast_inference.py) and L1-pruned
-copies with FLOPs comparable to each Tucker ratio. All variants are timed in ONE process, interleaved (variant A,
-B, C, A, B, C, ...), and the median is reported: on a shared, noisy machine that is what keeps the ratios
-meaningful. Outputs: a Markdown table on stdout, JSON (and the table) under benchmarks/results/.
+Rows are (network, engine) pairs. Networks: the original PlainConvUNet, Tucker-factorised copies at each
+``--ratios`` channel ratio, and L1-pruned copies with the FLOPs of each ``--prune-ratios`` Tucker ratio. Engines
+(benchmarks/engines.py): ``torch`` (plain torch, what nnU-Net runs), ``torch+paths`` (this package's torch CPU
+paths, the fallback), ``openvino`` (the default CPU engine of compressed and ``convert``-ed model folders) and
+``onnxruntime`` (a second engine for comparison). All rows are timed in ONE process, interleaved (row A, B, C, A,
+B, C, ...), and the median is reported: on a shared, noisy machine that is what keeps the ratios meaningful.
 
-FLOPs are torch's FlopCounterMode count (1 multiply-add = 2 FLOPs). "efficiency" = time ratio / FLOP ratio: 1.0
-means wall-clock time falls exactly as the FLOPs do.
+Two ratios per row: against the original on plain torch, and against the original on its *best* engine (the
+fastest original row of this run) — what an informed user would deploy instead of compressing. Also: each row's
+start-up (first call: conversion/export + compilation; for OpenVINO also the cached start-up a second process
+pays) and its largest relative deviation from the same network's plain-torch logits.
 
-Sliding window: nnU-Net's own ``nnUNetPredictor.predict_sliding_window_return_logits`` (step 0.5, Gaussian
-weighting, no mirroring, as TotalSegmentator's NoMirroring trainers predict), with the predictor's plans
-objects replaced by the two attributes that method reads (patch size, number of outputs), so that no plans
-files are needed. Weights are random (nnU-Net's He init): speed does not depend on their values.
+FLOPs are torch's FlopCounterMode count (1 multiply-add = 2 FLOPs). Weights are random (nnU-Net's He init): speed
+does not depend on their values. ``--volume`` adds nnU-Net's own sliding-window prediction
+(``nnUNetPredictor.predict_sliding_window_return_logits``, step 0.5, Gaussian, no mirroring as TotalSegmentator
+predicts) with the predictor's plans objects replaced by the two attributes that method reads.
+Outputs: a Markdown table on stdout, JSON and the table under benchmarks/results/.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
+import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -34,16 +39,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.archs import (ARCHITECTURES, FastOriginal, as_compressed_unet, build_original, flops,  # noqa: E402
-                              params, prune_to_ratio, tucker)
-from nnunet_compress.fast_inference import plain_inference  # noqa: E402
+from benchmarks.archs import (ARCHITECTURES, as_compressed_unet, build_original, flops, params,  # noqa: E402
+                              prune_to_ratio, tucker)
+from benchmarks.engines import ENGINES, cached_start_up, make_runner  # noqa: E402
+from nnunet_compress.inference import openvino_engine  # noqa: E402
+from nnunet_compress.inference.settings import CACHE_VARIABLE  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def make_predictor(net, patch, num_classes, device):
@@ -67,30 +69,20 @@ def sliding_window_patches(volume, patch) -> int:
     return math.prod(len(s) for s in steps)
 
 
-@contextlib.contextmanager
-def mode(plain: bool):
-    with plain_inference() if plain else contextlib.nullcontext():
-        yield
-
-
-def build_variants(arch, patch, ratios, multiple, prune, device):
-    """(name, network, plain?) triples; pruned nets get a channel ratio matching each Tucker ratio's FLOPs.
-
-    Compressed variants are CompressedUNet (what nnU-Net builds from compressed plans); each is timed twice, on
-    torch's plain paths and with the fast paths that CompressedUNet.forward enables by default.
-    """
+def build_networks(arch, patch, ratios, multiple, prune):
+    """(name, plain network, the same as CompressedUNet) triples; pruned nets match each Tucker ratio's FLOPs."""
     original = build_original(arch)
     base = as_compressed_unet(arch, original)
-    variants = [("original", original, True), ("original+fast", FastOriginal(original), False)]
+    networks = [("original", original, base)]
     f0 = flops(original, patch)
     for r in ratios:
         t = tucker(base, r, patch, multiple=multiple)
-        variants += [(f"tucker{r}", t, True), (f"tucker{r}+fast", t, False)]
+        networks.append((f"tucker{r}", t, t))
         if r in prune:
             keep = match_prune_ratio(base, flops(t, patch) / f0, patch)
             p = prune_to_ratio(base, keep)
-            variants += [(f"pruned{keep:.3f}", p, True), (f"pruned{keep:.3f}+fast", p, False)]
-    return [(name, net.to(device).eval(), plain) for name, net, plain in variants]
+            networks.append((f"pruned{keep:.3f}", p, p))
+    return networks
 
 
 def match_prune_ratio(net, flop_target, patch, lo=0.05, hi=1.0) -> float:
@@ -105,18 +97,17 @@ def match_prune_ratio(net, flop_target, patch, lo=0.05, hi=1.0) -> float:
     return round((lo + hi) / 2, 3)
 
 
-def time_interleaved(variants, fn, runs, warmup=1):
-    """Wall-clock and process-CPU seconds of fn(net) per variant, measured round-robin (A, B, C, A, B, C, ...)
-    so that load spikes hit all variants alike. CPU time is reported too: on a shared machine it is far less
+def time_interleaved(rows, fn, runs, warmup=1):
+    """Wall-clock and process-CPU seconds of fn(runner) per row, measured round-robin (A, B, C, A, B, C, ...)
+    so that load spikes hit all rows alike. CPU time is reported too: on a shared machine it is far less
     disturbed by other processes than wall-clock time (it does not tick while we are descheduled)."""
-    wall = {name: [] for name, _, _ in variants}
-    cpu = {name: [] for name, _, _ in variants}
+    wall = {name: [] for name in rows}
+    cpu = {name: [] for name in rows}
     for i in range(warmup + runs):
-        for name, net, plain in variants:
-            with mode(plain):
-                c0, w0 = time.process_time(), time.perf_counter()
-                fn(net)
-                w1, c1 = time.perf_counter(), time.process_time()
+        for name, runner in rows.items():
+            c0, w0 = time.process_time(), time.perf_counter()
+            fn(runner)
+            w1, c1 = time.perf_counter(), time.process_time()
             if i >= warmup:
                 wall[name].append(w1 - w0)
                 cpu[name].append(c1 - c0)
@@ -124,116 +115,143 @@ def time_interleaved(variants, fn, runs, warmup=1):
     return wall, cpu
 
 
+def relative_deviation(y: torch.Tensor, reference: torch.Tensor) -> float:
+    """max |y − ref| / max |ref|: logits' deviation on the scale of the logits."""
+    return float((y - reference).abs().max() / reference.abs().max().clamp_min(1e-12))
+
+
+def measure(arch, patch, args) -> dict:
+    prune = args.ratios if args.prune_ratios is None else args.prune_ratios
+    networks = build_networks(arch, patch, args.ratios, args.multiple, prune)
+    shape = (1, 1, *patch)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    rows, info = {}, {}
+    for name, net, compressed in networks:
+        reference = None
+        for engine in args.engine:
+            row = f"{name} / {engine}"
+            print(f"preparing {row}", file=sys.stderr, flush=True)
+            runner = make_runner(engine, net, shape, compressed)
+            entry = {"network": name, "engine": engine, "flops": flops(net, patch), "params": params(net),
+                     "prepare_s": runner.prepare_s, **runner.details}
+            if engine == "openvino":
+                entry["cached_start_up_s"] = cached_start_up(runner, shape)
+            y = runner(x)
+            if reference is None:
+                from nnunet_compress.fast_inference import plain_inference
+                with plain_inference(), torch.inference_mode():
+                    reference = net(x)
+            entry["max_rel_dev"] = relative_deviation(y, reference)
+            rows[row], info[row] = runner, entry
+    patch_times, patch_cpu = time_interleaved(rows, lambda r: r(x), args.runs)
+    for row in rows:
+        info[row].update(patch_s=statistics.median(patch_times[row]), patch_cpu_s=statistics.median(patch_cpu[row]),
+                         patch_runs_s=patch_times[row])
+    result = {"patch": list(patch), "rows": info}
+    if args.volume:
+        image = torch.randn(1, *args.volume)
+        device = torch.device("cpu")
+
+        def sliding(runner):
+            make_predictor(runner.module(), patch, arch.num_classes, device).predict_sliding_window_return_logits(image)
+
+        sw_times, sw_cpu = time_interleaved(rows, sliding, args.sw_runs, warmup=0)
+        result.update(volume=list(args.volume), volume_patches=sliding_window_patches(args.volume, patch))
+        for row in rows:
+            info[row].update(volume_s=statistics.median(sw_times[row]), volume_cpu_s=statistics.median(sw_cpu[row]))
+    add_ratios(result)
+    return result
+
+
+def add_ratios(result) -> None:
+    """Time ratios against the original on plain torch and against the original's fastest engine of this run."""
+    rows = result["rows"]
+    originals = {r: v for r, v in rows.items() if v["network"] == "original"}
+    plain = next((v for v in originals.values() if v["engine"] == "torch"), None)
+    best_row = min(originals, key=lambda r: originals[r]["patch_s"])
+    result["best_original"] = best_row
+    for v in rows.values():
+        v["flop_ratio"] = (plain or originals[best_row])["flops"] / v["flops"]
+        for key in ("patch_s", "patch_cpu_s", "volume_s", "volume_cpu_s"):
+            if key not in v:
+                continue
+            if plain is not None:
+                v[key[:-2] + "_vs_torch"] = plain[key] / v[key]
+            v[key[:-2] + "_vs_best"] = originals[best_row][key] / v[key]
+
+
+def markdown(arch_name, result, device) -> str:
+    has_volume = "volume" in result
+    best = result["best_original"]
+    head = (f"### {arch_name}: patch {'×'.join(map(str, result['patch']))}"
+            + (f", sliding window over {'×'.join(map(str, result['volume']))} ({result['volume_patches']} patches)"
+               if has_volume else "") + f" — {device}; best original: {best}\n\n")
+    cols = ("| network | engine | params (M) | GFLOPs | patch s | × vs original torch | × vs best original "
+            "| CPU-s | CPU × vs best | start-up s | cached start-up s | max rel. dev. |")
+    rule = "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    if has_volume:
+        cols += " volume s | × vs best |"
+        rule += "---:|---:|"
+    lines = [cols, rule]
+    for v in result["rows"].values():
+        cached = v.get("cached_start_up_s")
+        line = (f"| {v['network']} | {v['engine']} | {v['params'] / 1e6:.2f} | {v['flops'] / 1e9:.1f} | "
+                f"{v['patch_s']:.3f} | {_ratio(v, 'patch_vs_torch')} | {v['patch_vs_best']:.2f} | "
+                f"{v['patch_cpu_s']:.3f} | {v['patch_cpu_vs_best']:.2f} | {v['prepare_s']:.1f} | "
+                f"{'' if cached is None else f'{cached:.1f}'} | {v['max_rel_dev']:.1e} |")
+        if has_volume:
+            line += f" {v['volume_s']:.1f} | {v['volume_vs_best']:.2f} |"
+        lines.append(line)
+    return head + "\n".join(lines)
+
+
+def _ratio(v, key) -> str:
+    return f"{v[key]:.2f}" if key in v else "–"
+
+
+def device_name() -> str:
+    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arch", nargs="+", default=["1.5mm", "3mm"], choices=sorted(ARCHITECTURES))
-    ap.add_argument("--patch", nargs=3, type=int, help="override the patch (default: the model's own)")
+    ap.add_argument("--patch", nargs=3, type=int, action="append",
+                    help="a patch to time (repeatable; default: each model's own)")
+    ap.add_argument("--engine", nargs="+", default=list(ENGINES), choices=ENGINES)
     ap.add_argument("--volume", nargs=3, type=int, help="sliding-window volume (voxels); omit to skip")
-    ap.add_argument("--ratios", nargs="+", type=float, default=[0.5, 0.25, 0.125])
+    ap.add_argument("--ratios", nargs="+", type=float, default=[0.25, 0.125])
     ap.add_argument("--multiple", type=int, default=1, help="round Tucker ranks up to this multiple")
     ap.add_argument("--prune-ratios", nargs="*", type=float, default=None,
                     help="Tucker ratios to also match by pruning (default: all; none: no pruning)")
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--sw-runs", type=int, default=2)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--sw-runs", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
-    ap.add_argument("--tag", default="")
+    ap.add_argument("--keep-cache", action="store_true",
+                    help="use the user's engine cache (default: a fresh one, so conversion times are measured)")
+    ap.add_argument("--tag", default="cpu")
     args = ap.parse_args(argv)
 
-    import os
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
-    device = torch.device(args.device)
+    if not args.keep_cache:
+        os.environ[CACHE_VARIABLE] = tempfile.mkdtemp(prefix="nnunet_compress_bench_cache_")
+    openvino_engine.MAX_COMPILED = 64  # every row stays compiled (the product keeps 2: one model, few shapes)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    report = {"device": device_name(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
-              "runs": args.runs, "architectures": {}}
+    report = {"device": device_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "engines": args.engine, "runs": args.runs, "architectures": {}}
+    tables = []
     for arch_name in args.arch:
         arch = ARCHITECTURES[arch_name]
-        patch = tuple(args.patch) if args.patch else arch.patch
-        prune = args.ratios if args.prune_ratios is None else args.prune_ratios
-        variants = build_variants(arch, patch, args.ratios, args.multiple, prune, device)
-        info = {name: {"flops": flops(net.cpu(), patch), "params": params(net)} for name, net, _ in variants}
-        for _, net, _ in variants:
-            net.to(device)
-        x = torch.randn(1, 1, *patch, device=device)
-
-        def one_patch(net):
-            with torch.inference_mode():
-                sync(device)
-                net(x)
-                sync(device)
-
-        patch_times, patch_cpu = time_interleaved(variants, one_patch, args.runs)
-        entry = {"patch": list(patch), "variants": {}}
-        for name, _, _ in variants:
-            entry["variants"][name] = {**info[name], "patch_s": statistics.median(patch_times[name]),
-                                       "patch_cpu_s": statistics.median(patch_cpu[name]),
-                                       "patch_runs_s": patch_times[name]}
-        if args.volume:
-            image = torch.randn(1, *args.volume)
-
-            def sliding(net):
-                predictor = make_predictor(net, patch, arch.num_classes, device)
-                sync(device)
-                predictor.predict_sliding_window_return_logits(image)
-                sync(device)
-
-            sw_times, sw_cpu = time_interleaved(variants, sliding, args.sw_runs, warmup=0)
-            entry["volume"] = list(args.volume)
-            entry["volume_patches"] = sliding_window_patches(args.volume, patch)
-            for name in sw_times:
-                entry["variants"][name]["volume_s"] = statistics.median(sw_times[name])
-                entry["variants"][name]["volume_cpu_s"] = statistics.median(sw_cpu[name])
-                entry["variants"][name]["volume_runs_s"] = sw_times[name]
-        add_ratios(entry)
-        report["architectures"][arch_name] = entry
-        print(markdown(arch_name, entry, report["device"]), flush=True)
-    tag = args.tag or f"{device.type}"
-    out = RESULTS / f"speed_{tag}.json"
+        for patch in (args.patch or [arch.patch]):
+            key = f"{arch_name} {'x'.join(map(str, patch))}"
+            report["architectures"][key] = result = measure(arch, tuple(patch), args)
+            tables.append(markdown(arch_name, result, report["device"]))
+            print(tables[-1], flush=True)
+    out = RESULTS / f"speed_{args.tag}.json"
     out.write_text(json.dumps(report, indent=1))
-    (RESULTS / f"speed_{tag}.md").write_text("\n\n".join(markdown(a, e, report["device"])
-                                                         for a, e in report["architectures"].items()) + "\n")
+    (RESULTS / f"speed_{args.tag}.md").write_text("\n\n".join(tables) + "\n")
     print(f"wrote {out}")
     return 0
-
-
-def add_ratios(entry) -> None:
-    """FLOP and time ratios against the plain original; efficiency = time ratio / FLOP ratio."""
-    base = entry["variants"]["original"]
-    for v in entry["variants"].values():
-        v["flop_ratio"] = base["flops"] / v["flops"]
-        for key in ("patch_s", "patch_cpu_s", "volume_s", "volume_cpu_s"):
-            if key in v:
-                ratio = base[key] / v[key]
-                v[key[:-2] + "_time_ratio"] = ratio
-                v[key[:-2] + "_efficiency"] = ratio / v["flop_ratio"]
-
-
-def markdown(arch_name, entry, device) -> str:
-    has_volume = "volume" in entry
-    head = (f"### {arch_name}: patch {'×'.join(map(str, entry['patch']))}"
-            + (f", sliding window over {'×'.join(map(str, entry['volume']))} ({entry['volume_patches']} patches)"
-               if has_volume else "") + f" — {device}\n\n")
-    cols = ("| variant | params (M) | GFLOPs | FLOP ratio | patch s | time ratio | efficiency | patch CPU-s "
-            "| CPU-time ratio | efficiency |")
-    rule = "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-    if has_volume:
-        cols += " volume s | time ratio | efficiency |"
-        rule += "---:|---:|---:|"
-    rows = [cols, rule]
-    for name, v in entry["variants"].items():
-        row = (f"| {name} | {v['params'] / 1e6:.2f} | {v['flops'] / 1e9:.1f} | {v['flop_ratio']:.2f} | "
-               f"{v['patch_s']:.3f} | {v['patch_time_ratio']:.2f} | {v['patch_efficiency']:.2f} | "
-               f"{v['patch_cpu_s']:.3f} | {v['patch_cpu_time_ratio']:.2f} | {v['patch_cpu_efficiency']:.2f} |")
-        if has_volume:
-            row += f" {v['volume_s']:.1f} | {v['volume_time_ratio']:.2f} | {v['volume_efficiency']:.2f} |"
-        rows.append(row)
-    return head + "\n".join(rows)
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """A whole CT on the CPU: compressed 1.5 mm TotalSegmentator networks vs the uncompressed 3 mm ``--fast`` model.
 
-    .venv/bin/python benchmarks/whole_ct.py [--fov 366 303 336] [--ratios 0.25 0.125] [--runs 1]
+    .venv/bin/python benchmarks/whole_ct.py [--fov 366 303 336] [--ratios 0.25 0.125] [--runs 1] \
+        [--engine torch openvino]
 
 What a user without a GPU would otherwise pick is TotalSegmentator's ``--fast`` model: 3 mm voxels, one network.
 This times, side by side in one process (interleaved, as benchmarks/speed.py does), nnU-Net's own sliding-window
@@ -8,7 +9,11 @@ prediction of one CT-sized volume by
 
 * the 3 mm ``--fast`` network on the CT resampled to 3 mm,
 * one 1.5 mm part network on the CT resampled to 1.5 mm (8x the voxels), uncompressed and Tucker-factorised at
-  each ``--ratios`` channel ratio (fast paths on, as ``nnUNetv2_predict`` runs a compressed folder).
+  each ``--ratios`` channel ratio,
+
+each on every ``--engine`` (benchmarks/engines.py: plain torch as nnU-Net runs an original, OpenVINO as
+``nnUNetv2_predict`` runs a compressed or ``convert``-ed folder). Ratios are against the ``--fast`` model on its
+fastest engine.
 
 TotalSegmentator's default ``total`` task runs FIVE such 1.5 mm part networks (organs, vertebrae, cardiac,
 muscles, ribs) with the same architecture; the table reports one network's seconds and the five-network total
@@ -35,7 +40,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.archs import ARCHITECTURES, as_compressed_unet, build_original, flops, params, tucker  # noqa: E402
+from benchmarks.engines import ENGINES, make_runner  # noqa: E402
 from benchmarks.speed import RESULTS, device_name, make_predictor, sliding_window_patches, time_interleaved  # noqa: E402
+from nnunet_compress.inference import openvino_engine  # noqa: E402
 
 PART_MODELS = 5  # TotalSegmentator's default 'total' task at 1.5 mm
 
@@ -49,42 +56,47 @@ def main(argv=None) -> int:
     ap.add_argument("--fov", nargs=3, type=float, default=[366.0, 303.0, 336.0], help="field of view in mm")
     ap.add_argument("--ratios", nargs="+", type=float, default=[0.25, 0.125])
     ap.add_argument("--runs", type=int, default=1)
+    ap.add_argument("--engine", nargs="+", default=["torch", "openvino"], choices=ENGINES)
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     ap.add_argument("--tag", default="cpu")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    openvino_engine.MAX_COMPILED = 64  # every row stays compiled
     fast_arch, part_arch = ARCHITECTURES["3mm"], ARCHITECTURES["1.5mm"]
     fast_net = build_original(fast_arch)
+    fast_base = as_compressed_unet(fast_arch, fast_net)
     part_original = build_original(part_arch)
     part_base = as_compressed_unet(part_arch, part_original)
-    # (name, network, plain torch paths?, architecture)
-    variants = [("3mm --fast (original)", fast_net, True, fast_arch),
-                ("1.5mm part (original)", part_original, True, part_arch)]
-    variants += [(f"1.5mm part tucker{r}+fast", tucker(part_base, r, part_arch.patch), False, part_arch)
-                 for r in args.ratios]
+    # (name, network, the same as CompressedUNet, architecture)
+    networks = [("3mm --fast (original)", fast_net, fast_base, fast_arch),
+                ("1.5mm part (original)", part_original, part_base, part_arch)]
+    for r in args.ratios:
+        t = tucker(part_base, r, part_arch.patch)
+        networks.append((f"1.5mm part tucker{r}", t, t, part_arch))
     volumes = {a.name: voxels(args.fov, a.spacing_mm) for a in (fast_arch, part_arch)}
     images = {name: torch.randn(1, *shape) for name, shape in volumes.items()}
-    arch_of = {name: arch for name, _, _, arch in variants}
-
-    def sliding(entry_name, net):
-        arch = arch_of[entry_name]
-        predictor = make_predictor(net, arch.patch, arch.num_classes, torch.device("cpu"))
-        predictor.predict_sliding_window_return_logits(images[arch.name])
-
-    timed = [(name, _Named(name, net, sliding), plain) for name, net, plain, _ in variants]
-    wall, cpu = time_interleaved(timed, lambda n: n(), args.runs, warmup=0)
-
-    rows = []
-    for name, net, _, arch in variants:
-        patches = sliding_window_patches(volumes[arch.name], arch.patch)
-        models = PART_MODELS if arch is part_arch else 1
-        rows.append({"variant": name, "spacing_mm": arch.spacing_mm[0], "volume": list(volumes[arch.name]),
-                     "patches": patches, "params": params(net), "gflops_per_patch": flops(net, arch.patch) / 1e9,
-                     "seconds_one_network": statistics.median(wall[name]),
-                     "cpu_seconds_one_network": statistics.median(cpu[name]), "networks_per_ct": models})
+    rows, timed = [], {}
+    for name, net, compressed, arch in networks:
+        for engine in args.engine:
+            if engine == "torch+paths" and "original" in name:
+                continue  # the torch fallback of a compressed folder; originals are compared plain and on engines
+            label = f"{name} / {engine}"
+            print(f"preparing {label}", file=sys.stderr, flush=True)
+            runner = make_runner(engine, net, (1, 1, *arch.patch), compressed)
+            predictor = make_predictor(runner.module(), arch.patch, arch.num_classes, torch.device("cpu"))
+            timed[label] = _Sliding(predictor, images[arch.name])
+            rows.append({"variant": name, "engine": engine, "label": label, "spacing_mm": arch.spacing_mm[0],
+                         "volume": list(volumes[arch.name]),
+                         "patches": sliding_window_patches(volumes[arch.name], arch.patch), "params": params(net),
+                         "gflops_per_patch": flops(net, arch.patch) / 1e9, "start_up_s": runner.prepare_s,
+                         "networks_per_ct": PART_MODELS if arch is part_arch else 1})
+    wall, cpu = time_interleaved(timed, lambda run: run(), args.runs, warmup=0)
+    for r in rows:
+        r["seconds_one_network"] = statistics.median(wall[r["label"]])
+        r["cpu_seconds_one_network"] = statistics.median(cpu[r["label"]])
     add_per_ct(rows)
-    report = {"device": device_name(torch.device("cpu")), "threads": torch.get_num_threads(), "fov_mm": args.fov,
+    report = {"device": device_name(), "threads": torch.get_num_threads(), "fov_mm": args.fov,
               "runs": args.runs, "rows": rows}
     table = markdown(report)
     print(table)
@@ -95,21 +107,22 @@ def main(argv=None) -> int:
     return 0
 
 
-class _Named:
-    """A zero-argument callable bound to one variant, so that time_interleaved's fn(net) runs its sliding window."""
+class _Sliding:
+    """nnU-Net's sliding-window prediction of one volume by one prepared predictor."""
 
-    def __init__(self, name, net, sliding):
-        self.name, self.net, self.sliding = name, net, sliding
+    def __init__(self, predictor, image):
+        self.predictor, self.image = predictor, image
 
     def __call__(self):
         with torch.inference_mode():
-            self.sliding(self.name, self.net)
+            self.predictor.predict_sliding_window_return_logits(self.image)
 
 
 def add_per_ct(rows) -> None:
-    """Seconds per CT (one network × networks per CT) and their ratio to the --fast model (row 0), wall and CPU."""
+    """Seconds per CT (one network × networks per CT) and their ratio to the --fast model on its fastest engine."""
+    fast_rows = [r for r in rows if r["variant"].startswith("3mm")]
     for kind in ("seconds", "cpu_seconds"):
-        fast = rows[0][f"{kind}_one_network"]
+        fast = min(r[f"{kind}_one_network"] for r in fast_rows)
         for r in rows:
             r[f"{kind}_per_ct"] = r[f"{kind}_one_network"] * r["networks_per_ct"]
             r[f"{kind}_vs_fast"] = r[f"{kind}_per_ct"] / fast
@@ -119,11 +132,11 @@ def markdown(report) -> str:
     fov = "×".join(f"{f:g}" for f in report["fov_mm"])
     lines = [f"### Whole CT ({fov} mm) on {report['device']}, {report['threads']} threads, median of "
              f"{report['runs']} run(s)\n",
-             "| variant | voxels | patches | params (M) | GFLOPs/patch (FlopCounterMode) | networks per CT "
-             "| wall s, one network | wall s per CT | × `--fast` | CPU-s per CT | × `--fast` (CPU) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| variant | engine | voxels | patches | params (M) | GFLOPs/patch (FlopCounterMode) | networks per CT "
+             "| wall s, one network | wall s per CT | × best `--fast` | CPU-s per CT | × best `--fast` (CPU) |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in report["rows"]:
-        lines.append(f"| {r['variant']} | {'×'.join(map(str, r['volume']))} | {r['patches']} | "
+        lines.append(f"| {r['variant']} | {r['engine']} | {'×'.join(map(str, r['volume']))} | {r['patches']} | "
                      f"{r['params'] / 1e6:.2f} | {r['gflops_per_patch']:.1f} | {r['networks_per_ct']} | "
                      f"{r['seconds_one_network']:.1f} | {r['seconds_per_ct']:.1f} | {r['seconds_vs_fast']:.2f} | "
                      f"{r['cpu_seconds_per_ct']:.1f} | {r['cpu_seconds_vs_fast']:.2f} |")
