@@ -1,0 +1,201 @@
+"""Do the hand-written CPU rewrites still pay once OpenVINO runs the network? A/B in one process, interleaved.
+
+    python benchmarks/engine_rewrites.py [--patch 96 96 96] [--ratio 0.25] [--runs 5]
+
+The package grew five torch CPU modules for compressed networks before it had an engine: ``fast_inference``
+(thin convs to oneDNN, 1×1 convs as GEMMs), ``freed_memory`` (glibc keeps freed feature maps mapped),
+``norm_folding`` (InstanceNorm folded into a factorised conv's last 1×1), ``factorised_maps`` +
+``factorised_forward`` (activations kept factorised between layers). Two of them are graph rewrites that an
+engine could still take, so this script converts the Tucker-factorised 1.5 mm TotalSegmentator network three
+times — the plain graph (what the engine converts), the graph with InstanceNorm folded, and the graph with
+factorised activations — and times the three compiled models next to the torch paths, each module added in turn:
+
+* engine rows: OpenVINO compiled exactly as the product compiles (threads = torch's, LATENCY, f32);
+* torch rows: plain torch; + fast convolutions; + kept freed memory; + norm folding; + factorised activations
+  (the last is everything on, the old default).
+
+Prints a Markdown table (median seconds per patch, wall and process CPU, ratio to the engine's plain graph, max
+relative deviation from plain torch) and writes JSON + Markdown under benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import statistics
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.archs import ARCHITECTURES, as_compressed_unet, build_original, tucker  # noqa: E402
+from benchmarks.engines import engine_variable  # noqa: E402
+from benchmarks.speed import RESULTS, device_name, relative_deviation, time_interleaved  # noqa: E402
+from nnunet_compress import factorised_forward, norm_folding  # noqa: E402
+from nnunet_compress import fast_inference as fi  # noqa: E402
+
+TORCH_STEPS = {  # FastOptions switched on per torch row, cumulatively
+    "torch plain": None,
+    "torch + fast convolutions": dict(pointwise_gemm=True, force_onednn=True),
+    "torch + freed memory": dict(pointwise_gemm=True, force_onednn=True, keep_freed_memory=True),
+    "torch + norm folding": dict(pointwise_gemm=True, force_onednn=True, keep_freed_memory=True,
+                                 fold_instance_norm=True),
+    "torch + factorised activations": dict(pointwise_gemm=True, force_onednn=True, keep_freed_memory=True,
+                                           fold_instance_norm=True, factorised_activations=True),
+}
+ALL_OFF = dict(pointwise_gemm=False, force_onednn=False, keep_freed_memory=False, fold_instance_norm=False,
+               factorised_activations=False)
+
+
+@contextlib.contextmanager
+def options(**switches):
+    """fast_inference.OPTIONS with the given switches, restored afterwards."""
+    saved = dict(vars(fi.OPTIONS))
+    vars(fi.OPTIONS).update({**ALL_OFF, **switches})
+    try:
+        yield
+    finally:
+        vars(fi.OPTIONS).update(saved)
+
+
+def traceable_fold(chain, x):
+    """norm_folding's rewrite written out of place (its in-place, block-wise torch form does not trace):
+    IN(U z + c) = (diag(s) U)(z − mean z) + β with s = γ / sqrt(diag(U Cov(z) Uᵀ) + ε), then the activation."""
+    conv, norm = chain[0], chain[1]
+    z = conv[1](conv[0](x))
+    batch, spatial = z.shape[0], z.shape[2:]
+    zc = z.flatten(2) - z.flatten(2).mean(2, keepdim=True)
+    cov = (zc @ zc.transpose(1, 2)) * (1.0 / float(zc.shape[2]))  # a constant: static shapes
+    u = conv[2].weight.flatten(1)
+    # rsqrt·γ: OpenVINO 2026.4 converted γ / sqrt(·) of this graph wrongly (checked against torch)
+    scale = torch.rsqrt(((u @ cov) * u).sum(-1) + norm.eps) * norm.weight
+    y = (scale[..., None] * u) @ zc + norm.bias[:, None]
+    if len(chain) > 2:
+        y = torch.nn.functional.leaky_relu(y, chain[2].negative_slope)  # out of place: the engine needs it
+    return y.view(batch, -1, *spatial)
+
+
+class _FoldedChain(torch.nn.Module):
+    def __init__(self, chain):
+        super().__init__()
+        self.chain = chain
+
+    def forward(self, x):
+        return traceable_fold(self.chain, x)
+
+
+class Rewritten(torch.nn.Module):
+    """The network's forward pass with one of the graph rewrites, for tracing."""
+
+    def __init__(self, net, rewrite: str):
+        super().__init__()
+        self.net, self.rewrite = net, rewrite
+
+    def forward(self, x):
+        if self.rewrite == "factorised activations":
+            return factorised_forward.forward(self.net, x)
+        return self.net.decoder(self.net.encoder(x))
+
+
+@contextlib.contextmanager
+def traceable_folding(net):
+    """Every foldable conv block of `net` computes :func:`traceable_fold` inside the block."""
+    swapped = []
+    for module in net.modules():
+        chain = getattr(module, "all_modules", None)
+        if isinstance(chain, torch.nn.Sequential) and norm_folding.foldable(chain):
+            swapped.append((module, chain))
+            module.all_modules = _FoldedChain(chain)
+    try:
+        yield len(swapped)
+    finally:
+        for module, chain in swapped:
+            module.all_modules = chain
+
+
+def compiled_graph(net, rewrite: str, x: torch.Tensor):
+    """OpenVINO model of `net` traced with `rewrite` active, compiled as the product compiles."""
+    import openvino as ov
+    module = Rewritten(net, rewrite).eval()
+    # the rewrites' GEMMs trace as aten::mm; oneDNN calls and malloc tuning are torch-runtime tricks, kept off
+    switches = {"plain graph": {}, "norm folding": {},
+                "factorised activations": dict(pointwise_gemm=True, fold_instance_norm=True,
+                                               factorised_activations=True)}[rewrite]
+    folding = traceable_folding(net) if rewrite == "norm folding" else contextlib.nullcontext()
+    with options(**switches), folding, torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if rewrite == "factorised activations":
+            norm_folding.install(net)
+        traced = torch.jit.trace(module, torch.zeros_like(x), check_trace=False)
+        model = ov.convert_model(traced, example_input=torch.zeros_like(x), input=[tuple(x.shape)])
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": torch.get_num_threads(),
+                                                      "PERFORMANCE_HINT": "LATENCY",
+                                                      "INFERENCE_PRECISION_HINT": "f32"})
+    request = compiled.create_infer_request()
+
+    def run(inp):
+        request.infer({0: inp.numpy()})
+        return torch.from_numpy(request.get_output_tensor(0).data.copy())
+    return run
+
+
+def torch_row(net, switches):
+    def run(inp):
+        with engine_variable("torch"), torch.inference_mode():
+            if switches is None:
+                with fi.plain_inference():
+                    return net(inp)
+            with options(**switches):
+                return net(inp)
+    return run
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--patch", nargs=3, type=int, default=[96, 96, 96])
+    ap.add_argument("--ratio", type=float, default=0.25)
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--tag", default="cpu")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    arch, patch = ARCHITECTURES["1.5mm"], tuple(args.patch)
+    net = tucker(as_compressed_unet(arch, build_original(arch)), args.ratio, patch)
+    x = torch.randn(1, 1, *patch, generator=torch.Generator().manual_seed(1))
+    with fi.plain_inference(), torch.inference_mode():
+        reference = net(x)
+    rows = {}
+    for rewrite in ("plain graph", "norm folding", "factorised activations"):
+        print(f"converting: {rewrite}", file=sys.stderr, flush=True)
+        try:
+            rows[f"openvino, {rewrite}"] = compiled_graph(net, rewrite, x)
+        except Exception as e:  # a rewrite the engine cannot take is a result too
+            print(f"  OpenVINO cannot take the {rewrite} graph: {type(e).__name__}: {str(e)[:200]}", file=sys.stderr)
+    rows.update({name: torch_row(net, switches) for name, switches in TORCH_STEPS.items()})
+    deviation = {name: relative_deviation(run(x), reference) for name, run in rows.items()}
+    wall, cpu = time_interleaved(rows, lambda run: run(x), args.runs)
+    base = statistics.median(wall["openvino, plain graph"])
+    base_cpu = statistics.median(cpu["openvino, plain graph"])
+    table = [f"### Tucker {args.ratio}, 1.5 mm, patch {'×'.join(map(str, patch))} — {device_name()}\n",
+             "| path | patch s | engine-plain s / this | CPU-s | CPU ratio | max rel. dev. |",
+             "|---|---:|---:|---:|---:|---:|"]
+    result = {"patch": list(patch), "ratio": args.ratio, "device": device_name(), "rows": {}}
+    for name in rows:
+        w, c = statistics.median(wall[name]), statistics.median(cpu[name])
+        result["rows"][name] = {"patch_s": w, "patch_cpu_s": c, "runs_s": wall[name], "max_rel_dev": deviation[name]}
+        table.append(f"| {name} | {w:.3f} | {base / w:.2f} | {c:.3f} | {base_cpu / c:.2f} | {deviation[name]:.1e} |")
+    text = "\n".join(table)
+    print(text)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"engine_rewrites_{args.tag}.json").write_text(json.dumps(result, indent=1))
+    (RESULTS / f"engine_rewrites_{args.tag}.md").write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
