@@ -64,6 +64,20 @@ class CompressedUNet(nn.Module):
                  tucker_ranks: Mapping[str, Sequence[int]] | None = None,
                  per_fold_channels: bool = False, **base_kwargs):
         super().__init__()
+        # Built on the meta device, reshaped, then given memory once: initialising the full parent's weights only to
+        # discard most of them cost seconds per model load (TotalSegmentator loads one network per part model).
+        with torch.device("meta"):
+            self._build(input_channels, num_classes, base_network_class_name, channels, tucker_ranks,
+                        per_fold_channels, base_kwargs)
+        self.to_empty(device="cpu")
+        for buffer in self.buffers():  # memory from to_empty is uninitialised; normalisation layers reset theirs below
+            buffer.zero_()
+        for module in self.modules():  # the thin network's own default initialisation (nnU-Net's follows)
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+
+    def _build(self, input_channels, num_classes, base_network_class_name, channels, tucker_ranks,
+               per_fold_channels, base_kwargs) -> None:
         base = build_base_network(base_network_class_name, base_kwargs, input_channels, num_classes)
         if not (hasattr(base, "encoder") and hasattr(base, "decoder")):
             raise CompressError(f"{base_network_class_name} has no .encoder/.decoder; nnunet-compress supports "
