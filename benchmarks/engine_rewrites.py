@@ -2,17 +2,17 @@
 
     python benchmarks/engine_rewrites.py [--patch 96 96 96] [--ratio 0.25] [--runs 5]
 
-The package grew five torch CPU modules for compressed networks before it had an engine: ``fast_inference``
-(thin convs to oneDNN, 1×1 convs as GEMMs), ``freed_memory`` (glibc keeps freed feature maps mapped),
-``norm_folding`` (InstanceNorm folded into a factorised conv's last 1×1), ``factorised_maps`` +
-``factorised_forward`` (activations kept factorised between layers). Two of them are graph rewrites that an
-engine could still take, so this script converts the Tucker-factorised 1.5 mm TotalSegmentator network three
-times — the plain graph (what the engine converts), the graph with InstanceNorm folded, and the graph with
-factorised activations — and times the three compiled models next to the torch paths, each module added in turn:
+Why this script exists: before it had an engine, the package ran compressed networks through five hand-written
+torch CPU modules. The engine took the plain graph faster than all of them together, so three were deleted (InstanceNorm
+folded into a factorised conv's last 1×1, and activations kept factorised between layers; the README gives the
+figures measured before the deletion). This script keeps the evidence for what stayed and for the one rewrite an
+engine could still take: it converts the Tucker-factorised 1.5 mm TotalSegmentator network twice — the plain
+graph (what the product converts) and the graph with InstanceNorm folded (written out of place here, as a tracer
+needs it) — and times both compiled models next to the torch fallback, each of its two modules added in turn:
 
 * engine rows: OpenVINO compiled exactly as the product compiles (threads = torch's, LATENCY, f32);
-* torch rows: plain torch; + fast convolutions; + kept freed memory; + norm folding; + factorised activations
-  (the last is everything on, the old default).
+* torch rows: plain torch; + fast convolutions (``fast_inference``); + kept freed memory (``freed_memory``) —
+  the torch fallback as it runs by default.
 
 Prints a Markdown table (median seconds per patch, wall and process CPU, ratio to the engine's plain graph, max
 relative deviation from plain torch) and writes JSON + Markdown under benchmarks/results/.
@@ -36,20 +36,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.archs import ARCHITECTURES, as_compressed_unet, build_original, tucker  # noqa: E402
 from benchmarks.engines import engine_variable  # noqa: E402
 from benchmarks.speed import RESULTS, device_name, relative_deviation, time_interleaved  # noqa: E402
-from nnunet_compress import factorised_forward, norm_folding  # noqa: E402
 from nnunet_compress import fast_inference as fi  # noqa: E402
 
 TORCH_STEPS = {  # FastOptions switched on per torch row, cumulatively
     "torch plain": None,
     "torch + fast convolutions": dict(pointwise_gemm=True, force_onednn=True),
     "torch + freed memory": dict(pointwise_gemm=True, force_onednn=True, keep_freed_memory=True),
-    "torch + norm folding": dict(pointwise_gemm=True, force_onednn=True, keep_freed_memory=True,
-                                 fold_instance_norm=True),
-    "torch + factorised activations": dict(pointwise_gemm=True, force_onednn=True, keep_freed_memory=True,
-                                           fold_instance_norm=True, factorised_activations=True),
 }
-ALL_OFF = dict(pointwise_gemm=False, force_onednn=False, keep_freed_memory=False, fold_instance_norm=False,
-               factorised_activations=False)
+ALL_OFF = dict(pointwise_gemm=False, force_onednn=False, keep_freed_memory=False)
 
 
 @contextlib.contextmanager
@@ -63,8 +57,17 @@ def options(**switches):
         vars(fi.OPTIONS).update(saved)
 
 
+def foldable(chain) -> bool:
+    """A factorised (non-transposed) conv followed by an affine InstanceNorm without running statistics."""
+    from nnunet_compress.tucker import TuckerConv
+    conv = chain[0] if len(chain) in (2, 3) else None
+    norm = chain[1] if conv is not None else None
+    return (isinstance(conv, TuckerConv) and not conv.transposed and conv[2].groups == 1
+            and isinstance(norm, torch.nn.InstanceNorm3d) and norm.affine and not norm.track_running_stats)
+
+
 def traceable_fold(chain, x):
-    """norm_folding's rewrite written out of place (its in-place, block-wise torch form does not trace):
+    """InstanceNorm folded into the factorised conv's last 1×1, out of place (as a tracer needs it):
     IN(U z + c) = (diag(s) U)(z − mean z) + β with s = γ / sqrt(diag(U Cov(z) Uᵀ) + ε), then the activation."""
     conv, norm = chain[0], chain[1]
     z = conv[1](conv[0](x))
@@ -90,15 +93,13 @@ class _FoldedChain(torch.nn.Module):
 
 
 class Rewritten(torch.nn.Module):
-    """The network's forward pass with one of the graph rewrites, for tracing."""
+    """The network's forward pass as plain modules (no engine, no fast paths), for tracing."""
 
-    def __init__(self, net, rewrite: str):
+    def __init__(self, net):
         super().__init__()
-        self.net, self.rewrite = net, rewrite
+        self.net = net
 
     def forward(self, x):
-        if self.rewrite == "factorised activations":
-            return factorised_forward.forward(self.net, x)
         return self.net.decoder(self.net.encoder(x))
 
 
@@ -108,7 +109,7 @@ def traceable_folding(net):
     swapped = []
     for module in net.modules():
         chain = getattr(module, "all_modules", None)
-        if isinstance(chain, torch.nn.Sequential) and norm_folding.foldable(chain):
+        if isinstance(chain, torch.nn.Sequential) and foldable(chain):
             swapped.append((module, chain))
             module.all_modules = _FoldedChain(chain)
     try:
@@ -121,16 +122,11 @@ def traceable_folding(net):
 def compiled_graph(net, rewrite: str, x: torch.Tensor):
     """OpenVINO model of `net` traced with `rewrite` active, compiled as the product compiles."""
     import openvino as ov
-    module = Rewritten(net, rewrite).eval()
-    # the rewrites' GEMMs trace as aten::mm; oneDNN calls and malloc tuning are torch-runtime tricks, kept off
-    switches = {"plain graph": {}, "norm folding": {},
-                "factorised activations": dict(pointwise_gemm=True, fold_instance_norm=True,
-                                               factorised_activations=True)}[rewrite]
+    module = Rewritten(net).eval()
+    # oneDNN calls and malloc tuning are torch-runtime tricks: kept off while tracing
     folding = traceable_folding(net) if rewrite == "norm folding" else contextlib.nullcontext()
-    with options(**switches), folding, torch.no_grad(), warnings.catch_warnings():
+    with options(), folding, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if rewrite == "factorised activations":
-            norm_folding.install(net)
         traced = torch.jit.trace(module, torch.zeros_like(x), check_trace=False)
         model = ov.convert_model(traced, example_input=torch.zeros_like(x), input=[tuple(x.shape)])
     compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": torch.get_num_threads(),
@@ -170,7 +166,7 @@ def main(argv=None) -> int:
     with fi.plain_inference(), torch.inference_mode():
         reference = net(x)
     rows = {}
-    for rewrite in ("plain graph", "norm folding", "factorised activations"):
+    for rewrite in ("plain graph", "norm folding"):
         print(f"converting: {rewrite}", file=sys.stderr, flush=True)
         try:
             rows[f"openvino, {rewrite}"] = compiled_graph(net, rewrite, x)

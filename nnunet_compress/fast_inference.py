@@ -1,7 +1,8 @@
-"""Speed options for compressed networks on the CPU: same outputs, much less wall-clock time.
+"""torch's CPU fallback for compressed networks: same outputs, much less wall-clock time than plain torch.
 
-Why they are needed: a Tucker-factorised network does ~9× fewer FLOPs at channel ratio 0.25, yet ran only ~1.9×
-faster on a CPU (DESIGN.md §4). Profiling (README, "Performance") showed where the time goes: torch's CPU
+CompressedUNet runs on OpenVINO on the CPU (:mod:`nnunet_compress.inference`); these paths serve where the engine
+is switched off (``NNUNET_COMPRESS_CPU_ENGINE=torch``) or cannot take a network. Why they are needed: a
+Tucker-factorised network does ~9× fewer FLOPs at channel ratio 0.25, yet ran only ~1.9× faster on plain torch. Profiling (README, "Performance") showed where the time goes: torch's CPU
 convolution dispatch chooses oneDNN only when ``N·C·D·H > 20480`` (a heuristic written for 2-d images that
 ignores the last spatial axis). Thin 3-d convolutions — a Tucker core with 16 channels at 32³, 32 at 16³ — fail
 it and fall onto the generic vol2col + GEMM kernel (``slow_conv3d_forward``), which runs at 1–2 GMAC/s instead
@@ -11,17 +12,12 @@ networks have the same thin layers. So, on the CPU and at inference time:
 * every dense 1×1(×1) stride-1 convolution runs as one GEMM (``torch.addmm`` on the (C, voxels) view);
 * every other float32 convolution goes straight to ``torch.mkldnn_convolution`` (oneDNN), whatever its size;
 * memory freed during the forward pass is kept for the next layers instead of being unmapped and faulted in
-  again (:mod:`nnunet_compress.freed_memory`; glibc only, bit-identical results);
-* the InstanceNorm after a Tucker-factorised conv is folded into its last 1×1 factor, so the normalised output is
-  written by one GEMM from the thin core output (:mod:`nnunet_compress.norm_folding`, entered by CompressedUNet);
-* in a factorised PlainConvUNet those normalised activations are not written out at all: each stays factorised
-  until its consumer's 1×1 map reduces it block by block in cache, and the decoder's upsampling, concatenation
-  and first 1×1 merge into thin GEMMs (:mod:`nnunet_compress.factorised_forward`, entered by CompressedUNet).
+  again (:mod:`nnunet_compress.freed_memory`; glibc only, bit-identical results).
 
-The first three are applied by :func:`fast_convolutions`, a ``TorchFunctionMode`` that :class:`CompressedUNet` enters
+All three are applied by :func:`fast_convolutions`, a ``TorchFunctionMode`` that :class:`CompressedUNet` enters
 around its forward pass; it re-routes ``conv2d``/``conv3d`` calls and leaves every other op alone. Modules,
-parameters and state-dict keys are untouched, so checkpoints, nnU-Net's strict loading and training are unaffected
-(forward hooks on modules whose work is folded away do not fire). All of it is off where it would not help or could
+parameters and state-dict keys are untouched, so checkpoints, nnU-Net's strict loading and training are
+unaffected. All of it is off where it would not help or could
 not be exact: on CUDA (cuDNN has no such gap), while autograd records
 (training), under another torch dispatch mode (e.g. FlopCounterMode, which must see ``aten.convolution`` to count
 it) and inside torch.compile. Results differ from the plain path by float32 summation order only (~1e-6
@@ -49,9 +45,6 @@ class FastOptions:
     pointwise_gemm: bool = True  # 1×1(×1) convolutions as one matrix product
     force_onednn: bool = True  # all other float32 CPU convolutions through oneDNN, bypassing torch's size heuristic
     keep_freed_memory: bool = True  # reuse freed feature-map memory within a forward (see freed_memory.py)
-    fold_instance_norm: bool = True  # InstanceNorm folded into a factorised conv's last 1×1 (see norm_folding.py)
-    # activations kept factorised between layers, never written at full width (see factorised_forward.py)
-    factorised_activations: bool = True
 
 
 OPTIONS = FastOptions()

@@ -113,16 +113,9 @@ class CompressedUNet(nn.Module):
             out = openvino_engine.run(self, x)
             if out is not None:
                 return out
-        # torch's CPU paths: thin convs go to oneDNN / GEMMs instead of torch's slow generic kernel (fast_inference.py)
-        # and the InstanceNorm after a factorised conv is folded into its last 1×1 factor (norm_folding.py)
-        # and, with factorised layers, activations stay factorised between layers (factorised_forward.py)
-        from nnunet_compress.fast_inference import OPTIONS, fast_convolutions, fast_paths_apply
-        if OPTIONS.fold_instance_norm and fast_paths_apply(x):
-            from nnunet_compress import factorised_forward, norm_folding
-            norm_folding.install(self)
-            if OPTIONS.factorised_activations and factorised_forward.supported(self):
-                with fast_convolutions(x):
-                    return factorised_forward.forward(self, x)
+        # torch's CPU fallback: thin convs go to oneDNN / GEMMs instead of torch's slow generic kernel, freed
+        # feature-map memory is kept for the next layer (fast_inference.py)
+        from nnunet_compress.fast_inference import fast_convolutions
         with fast_convolutions(x):
             return self.decoder(self.encoder(x))
 

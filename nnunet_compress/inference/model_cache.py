@@ -42,16 +42,14 @@ def weights_signature(net: nn.Module) -> tuple:
 
 
 def architecture_description(net: nn.Module) -> str:
-    """Module tree with each layer's settings, independent of in-place speed rewrites of container classes.
+    """Module tree with each layer's settings.
 
     Leaf modules print their settings (channels, kernel, stride, eps, slope); containers print their class, which
-    fixes how children connect (encoder, decoder with skips, stacked blocks). A container class that only changes
-    *how* its children are computed, not *what* (norm folding's Sequential), names the class it stands for in
-    ``canonical_class``, so the key is the same before and after such a rewrite.
+    fixes how children connect (encoder, decoder with skips, stacked blocks).
     """
     lines = []
     for name, m in net.named_modules():
-        cls = getattr(type(m), "canonical_class", f"{type(m).__module__}.{type(m).__qualname__}")
+        cls = f"{type(m).__module__}.{type(m).__qualname__}"
         lines.append(f"{name}:{cls}:{m.extra_repr() if not list(m.children()) else ''}")
     return "\n".join(lines)
 
