@@ -85,7 +85,7 @@ def tiny_plans(parent: dict, num_epochs: int, iterations_per_epoch: int, feature
     cfg["batch_size"] = batch_size
     cfg["nnunet_compress"] = {"schedule": {"num_epochs": num_epochs, "num_iterations_per_epoch": iterations_per_epoch,
                                            "num_val_iterations_per_epoch": 4, "initial_lr": 1e-2,
-                                           "augmentation": "none"}}
+                                           "augmentation": "none", "seed": TRAINING_SEED}}
     return plans
 
 
@@ -93,6 +93,11 @@ def tiny_plans(parent: dict, num_epochs: int, iterations_per_epoch: int, feature
 # the synthetic sizes were chosen (synthetic.py), but later runs from fresh clones left the small lesion class at
 # Dice 0.0 (a CI run) and 0.37 (a demo run) at 35; 50 gives the marginal class more updates for ~2 CPU-minutes.
 BASE_EPOCHS = 50
+
+# Seed of every training run on the tiny plans (see ScheduleFromPlansMixin.initialize): unseeded runs missed the
+# lesion class now and then even at 50 epochs (a CI run under load ended at lesion Dice 0.0); seeded, the run
+# repeats exactly and this seed learns every class.
+TRAINING_SEED = 0
 
 
 def prepare_dataset(ws: TinyWorkspace, num_train: int = 12, num_test: int = 4, seed: int = 0,
@@ -118,7 +123,11 @@ def train(ws: TinyWorkspace, plans: str = TINY_PLANS, trainer: str = BASE_TRAINE
     if pretrained is not None:
         args += ["-pretrained_weights", str(pretrained)]
     args += list(extra)
-    run_nnunet(args, ws.env(), ws.root / "logs" / f"{log_name or trainer + '_' + plans}_train.log")
+    env = ws.env()
+    # data loading in the training process: nnU-Net's augmentation workers draw unseeded, so the plans' seed
+    # (TRAINING_SEED) makes a run repeat exactly only without them
+    env["nnUNet_n_proc_DA"] = "0"
+    run_nnunet(args, env, ws.root / "logs" / f"{log_name or trainer + '_' + plans}_train.log")
     return ws.model_folder(trainer, plans)
 
 

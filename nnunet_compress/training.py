@@ -17,7 +17,7 @@ SECTION = "nnunet_compress"
 
 # nnU-Net's own defaults, used where the plans say nothing.
 SCHEDULE_KEYS = ("num_epochs", "num_iterations_per_epoch", "num_val_iterations_per_epoch", "initial_lr",
-                 "weight_decay", "save_every", "augmentation")
+                 "weight_decay", "save_every", "augmentation", "seed")
 
 
 def compression_section(configuration_manager, required_method: str | None = None) -> dict[str, Any]:
@@ -45,6 +45,7 @@ class ScheduleFromPlansMixin:
 
     default_schedule: dict[str, Any] = {}
     augmentation: str = "nnunet"
+    seed: int | None = None
 
     def apply_schedule_from_plans(self) -> None:
         section = compression_section(self.configuration_manager)
@@ -59,6 +60,18 @@ class ScheduleFromPlansMixin:
                                 f"or 'none'")
         if schedule:
             self.print_to_log_file(f"nnunet-compress schedule from plans: {schedule}")
+
+    def initialize(self):
+        """Seed Python, NumPy and torch before nnU-Net builds the network and its data loaders, if the plans ask.
+
+        nnU-Net seeds nothing, so two runs of one plans file differ; a short CPU run (the tiny demo and test model)
+        then sometimes misses its smallest class. With ``seed`` set, and data loading in the training process
+        (``nnUNet_n_proc_DA=0``: nnU-Net's augmentation workers draw unseeded), the run repeats exactly on one
+        machine.
+        """
+        if self.seed is not None and not self.was_initialized:
+            seed_everything(int(self.seed))
+        super().initialize()
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
         rotation, dummy_2d, initial_patch_size, mirror_axes = \
@@ -84,6 +97,15 @@ class ScheduleFromPlansMixin:
         a = bound.arguments
         return nnUNetTrainer.get_validation_transforms(a["deep_supervision_scales"], a["is_cascaded"],
                                                        a["foreground_labels"], a["regions"], a["ignore_label"])
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def load_checkpoint_weights(fname: str) -> dict[str, torch.Tensor]:
