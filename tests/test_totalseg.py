@@ -1,10 +1,9 @@
 """`nnunet-compress totalseg` end to end: TotalSegmentator's own Python API runs the compressed home, offline.
 
 TotalSegmentator's weights cannot be downloaded here, so a stand-in source home is built with TotalSegmentator's
-layout, dataset names, trainers, class counts and architecture (plans in the nnU-Net 2.1 format the v2 weights ship
-with; nnunet_compress.totalseg_shapes) and random weights saved as nnU-Net checkpoints. TotalSegmentator then runs
-in a subprocess on a small synthetic CT, with every network call refused and recorded, and with nnU-Net's predictor
-watched to see which model folder and network class it really loads.
+layout, dataset names, trainers, class counts and architecture and random weights (nnunet_compress.totalseg_standin).
+TotalSegmentator then runs in a subprocess on a small synthetic CT, with every network call refused and recorded,
+and with nnU-Net's predictor watched to see which model folder and network class it really loads.
 """
 
 import json
@@ -16,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
 from conftest import run_cli
+from nnunet_compress.totalseg_standin import write_offline_config, write_standin_model
 
 pytestmark = pytest.mark.e2e
 
@@ -51,34 +50,6 @@ from totalsegmentator.python_api import totalsegmentator
 totalsegmentator(sys.argv[1], sys.argv[2], fast=True, device="cpu", quiet=True, nr_thr_saving=1)
 print("RESULT" + json.dumps({"attempts": attempts, "loaded": loaded}))
 """
-
-
-def write_standin_model(results: Path, task_id: int, trainer: str, seed: int = 0) -> Path:
-    """A TotalSegmentator-shaped model folder with random (He-initialised) weights."""
-    from totalsegmentator.map_tasks_config import TASK_ID_WEIGHTS_CONFIGS
-    from nnunet_compress.model_folder import build_network
-    from nnunet_compress.totalseg_shapes import architecture_for, class_names_for, dataset_json, old_format_plans
-    folder = results / TASK_ID_WEIGHTS_CONFIGS[task_id]["foldername"] / f"{trainer}__nnUNetPlans__3d_fullres"
-    plans = old_format_plans(folder.parent.name, architecture_for(task_id))
-    ds = dataset_json(class_names_for(task_id))
-    (folder / "fold_0").mkdir(parents=True)
-    (folder / "plans.json").write_text(json.dumps(plans, indent=2))
-    (folder / "dataset.json").write_text(json.dumps(ds, indent=2))
-    torch.manual_seed(seed)
-    net = build_network(json.loads(json.dumps(plans)), ds, "3d_fullres")
-    torch.save({"network_weights": net.state_dict(), "optimizer_state": None, "grad_scaler_state": None,
-                "logging": {}, "_best_ema": None, "current_epoch": 4000,
-                "init_args": {"plans": plans, "configuration": "3d_fullres", "fold": 0, "dataset_json": ds,
-                              "device": torch.device("cpu")},
-                "trainer_name": trainer, "inference_allowed_mirroring_axes": (0, 1, 2)},
-               folder / "fold_0" / "checkpoint_final.pth")
-    return folder
-
-
-def write_offline_config(home: Path) -> None:
-    home.mkdir(parents=True, exist_ok=True)
-    (home / "config.json").write_text(json.dumps({"totalseg_id": "totalseg_test", "send_usage_stats": False,
-                                                  "prediction_counter": 0, "statistics_disclaimer_shown": True}))
 
 
 @pytest.fixture(scope="module")
