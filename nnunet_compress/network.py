@@ -64,11 +64,15 @@ class CompressedUNet(nn.Module):
                  tucker_ranks: Mapping[str, Sequence[int]] | None = None,
                  per_fold_channels: bool = False, **base_kwargs):
         super().__init__()
-        # Built on the meta device, reshaped, then given memory once: initialising the full parent's weights only to
-        # discard most of them cost seconds per model load (TotalSegmentator loads one network per part model).
+        build = (input_channels, num_classes, base_network_class_name, channels, tucker_ranks, per_fold_channels,
+                 base_kwargs)
+        if channels:  # channel surgery computes index tensors, which need values: build on the CPU
+            self._build(*build)
+            return
+        # Built on the meta device, factorised, then given memory once: initialising the full parent's weights only
+        # to discard most of them cost seconds per model load (TotalSegmentator loads one network per part model).
         with torch.device("meta"):
-            self._build(input_channels, num_classes, base_network_class_name, channels, tucker_ranks,
-                        per_fold_channels, base_kwargs)
+            self._build(*build)
         self.to_empty(device="cpu")
         for buffer in self.buffers():  # memory from to_empty is uninitialised; normalisation layers reset theirs below
             buffer.zero_()
