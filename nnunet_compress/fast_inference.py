@@ -1,13 +1,13 @@
 """torch's CPU fallback for compressed networks: same outputs, much less wall-clock time than plain torch.
 
 CompressedUNet runs on OpenVINO on the CPU (:mod:`nnunet_compress.inference`); these paths serve where the engine
-is switched off (``NNUNET_COMPRESS_CPU_ENGINE=torch``) or cannot take a network. Why they are needed: a
-Tucker-factorised network does ~9× fewer FLOPs at channel ratio 0.25, yet ran only ~1.9× faster on plain torch. Profiling (README, "Performance") showed where the time goes: torch's CPU
-convolution dispatch chooses oneDNN only when ``N·C·D·H > 20480`` (a heuristic written for 2-d images that
-ignores the last spatial axis). Thin 3-d convolutions — a Tucker core with 16 channels at 32³, 32 at 16³ — fail
-it and fall onto the generic vol2col + GEMM kernel (``slow_conv3d_forward``), which runs at 1–2 GMAC/s instead
-of oneDNN's 15–40; 1×1×1 convolutions pay for a generic conv path although they are one matrix product. Pruned
-networks have the same thin layers. So, on the CPU and at inference time:
+is switched off (``NNUNET_COMPRESS_CPU_ENGINE=torch``) or cannot take a network. Why they are needed: a Tucker-
+factorised network does ~9× fewer FLOPs at channel ratio 0.25, yet ran only ~1.9× faster on plain torch. Profiling
+showed where the time goes: torch's CPU convolution dispatch chooses oneDNN only when ``N·C·D·H > 20480`` (a
+heuristic written for 2-d images that ignores the last spatial axis). Thin 3-d convolutions — a Tucker core with 16
+channels at 32³, 32 at 16³ — fail it and fall onto the generic vol2col + GEMM kernel (``slow_conv3d_forward``),
+which runs at 1–2 GMAC/s instead of oneDNN's 15–40; 1×1×1 convolutions pay for a generic conv path although they
+are one matrix product. Pruned networks have the same thin layers. So, on the CPU and at inference time:
 
 * every dense 1×1(×1) stride-1 convolution runs as one GEMM (``torch.addmm`` on the (C, voxels) view);
 * every other float32 convolution goes straight to ``torch.mkldnn_convolution`` (oneDNN), whatever its size;
@@ -16,11 +16,10 @@ networks have the same thin layers. So, on the CPU and at inference time:
 
 All three are applied by :func:`fast_convolutions`, a ``TorchFunctionMode`` that :class:`CompressedUNet` enters
 around its forward pass; it re-routes ``conv2d``/``conv3d`` calls and leaves every other op alone. Modules,
-parameters and state-dict keys are untouched, so checkpoints, nnU-Net's strict loading and training are
-unaffected. All of it is off where it would not help or could
-not be exact: on CUDA (cuDNN has no such gap), while autograd records
-(training), under another torch dispatch mode (e.g. FlopCounterMode, which must see ``aten.convolution`` to count
-it) and inside torch.compile. Results differ from the plain path by float32 summation order only (~1e-6
+parameters and state-dict keys are untouched, so checkpoints, nnU-Net's strict loading and training are unaffected.
+All of it is off where it would not help or could not be exact: on CUDA (cuDNN has no such gap), while autograd
+records (training), under another torch dispatch mode (e.g. FlopCounterMode, which must see ``aten.convolution`` to
+count it) and inside torch.compile. Results differ from the plain path by float32 summation order only (~1e-6
 relative). ``with plain_inference():`` switches it off, e.g. to compare.
 
 Tried and dropped (measured in README, "Performance"): ``channels_last_3d`` (oneDNN likes it for large thin convs,
