@@ -23,7 +23,9 @@ def add_rank_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--energy", type=float, help="keep this fraction of each mode's squared singular values")
     g.add_argument("--target-params", type=float, help="global budget: fraction of the parameters to keep")
     g.add_argument("--target-flops", type=float, help="global budget: fraction of the FLOPs to keep")
-    p.add_argument("--min-rank", type=int, default=8, help="smallest rank of the ratio rule (default 8)")
+    p.add_argument("--min-rank", type=int, default=8,
+                   help="no rank below this (capped at the channel count), for every policy; --ranks files with a "
+                        "lower rank are refused (default 8)")
     p.add_argument("--rank-multiple", type=int, default=1, help="round ranks up to a multiple (e.g. 8)")
     p.add_argument("--include-stem", action="store_true", help="also factorise the first conv")
     p.add_argument("--include-pointwise", action="store_true", help="also factorise 1x1 convs (heads)")
@@ -106,7 +108,8 @@ def cmd_tucker(args) -> None:
     print(f"parameters {report.params_before:,} -> {report.params_after:,} "
           f"({report.params_after / report.params_before:.3f}); GFLOPs/patch {report.flops_before / 1e9:.2f} -> "
           f"{report.flops_after / 1e9:.2f} ({report.flops_after / report.flops_before:.3f}); "
-          f"{len(report.layers)} layers factorised (details: {Path(args.output) / 'compression_report.md'})")
+          f"{len(report.layers)} layers factorised, {len(report.floor_layers)} with a rank at the floor "
+          f"(--min-rank {policy.min_rank}) (details: {Path(args.output) / 'compression_report.md'})")
 
 
 def cmd_convert(args) -> None:

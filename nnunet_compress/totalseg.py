@@ -178,4 +178,4 @@ def _write_model(source: Path, target: Path, policy, model: TaskModel, progress)
     report = compress_model_folder(source, target, policy, list(model.folds), model.configuration, progress=progress)
     return {"params_before": report.params_before, "params_after": report.params_after,
             "flops_before": report.flops_before, "flops_after": report.flops_after,
-            "layers_factorised": len(report.layers)}
+            "layers_factorised": len(report.layers), "layers_at_rank_floor": report.floor_layers}

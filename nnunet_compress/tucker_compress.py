@@ -97,19 +97,20 @@ def choose_ranks(net: nn.Module, policy: RankPolicy, patch_size: tuple[int, ...]
     only_cheaper = not policy.replace_all
     if kind == "ranks":
         all_layers = R.decomposable_layers(net, include_stem=True, include_pointwise=True)
-        return R.ranks_fixed(all_layers, policy.ranks, io_shapes=io_shapes, only_cheaper=only_cheaper)
+        return R.ranks_fixed(all_layers, policy.ranks, io_shapes=io_shapes, only_cheaper=only_cheaper,
+                             min_rank=policy.min_rank, multiple=policy.multiple)
     if kind == "ratio":
         return R.ranks_by_ratio(layers, policy.ratio, min_rank=policy.min_rank, multiple=policy.multiple,
                                 io_shapes=io_shapes, only_cheaper=only_cheaper)
     if kind == "energy":
         return R.ranks_by_energy(layers, policy.energy, multiple=policy.multiple, io_shapes=io_shapes,
-                                 only_cheaper=only_cheaper)
+                                 only_cheaper=only_cheaper, min_rank=policy.min_rank)
     base_params = count_parameters(net)
     base_macs = total_macs(net, io_shapes)
     metric = "params" if kind == "target_params" else "flops"
     target = policy.target_params if metric == "params" else policy.target_flops
     return R.ranks_for_budget(layers, io_shapes, base_params, base_macs, target, metric=metric,
-                              multiple=policy.multiple, min_rank=1)
+                              multiple=policy.multiple, min_rank=policy.min_rank)
 
 
 def total_macs(net: nn.Module, io_shapes: dict) -> int:
@@ -132,6 +133,23 @@ class LayerRow:
     flops_before: int
     flops_after: int
     relative_error: float
+    at_floor: list[str] = field(default_factory=list)  # modes ("out", "in") whose rank is the rank floor
+
+
+def modes_at_floor(conv: nn.Module, ranks: tuple[int, int], min_rank: int, multiple: int) -> list[str]:
+    """The channel modes whose rank sits at the floor (and below full rank).
+
+    Why flag them: the floor is where a policy was stopped rather than where the layer's spectrum or the budget
+    would have put it, so these are the layers to look at first when the compressed model loses quality (or
+    the first candidates for a lower --min-rank when it does not).
+    """
+    from nnunet_compress.ranks import rank_floor
+    flagged = []
+    for mode, rank, channels in (("out", ranks[0], conv.out_channels), ("in", ranks[1], conv.in_channels)):
+        floor = rank_floor(channels, min_rank, multiple)
+        if rank == floor < channels:
+            flagged.append(mode)
+    return flagged
 
 
 @dataclass
@@ -145,6 +163,20 @@ class TuckerReport:
     flops_after: int
     layers: list[LayerRow] = field(default_factory=list)
     folds: dict[str, dict[str, float]] = field(default_factory=dict)
+    rank_floor: dict = field(default_factory=dict)  # {"min_rank", "multiple", "layers": names at the floor}
+
+    @property
+    def floor_layers(self) -> list[str]:
+        return [r.name for r in self.layers if r.at_floor]
+
+    def floor_summary(self) -> str:
+        """One line naming the layers at the rank floor (empty when there are none)."""
+        names = self.floor_layers
+        if not names:
+            return ""
+        shown = ", ".join(names[:6]) + (f", ... ({len(names)} in all)" if len(names) > 6 else "")
+        return (f"{len(names)} layer(s) have a rank at the floor (--min-rank {self.rank_floor.get('min_rank')}): "
+                f"{shown}")
 
     def to_markdown(self) -> str:
         lines = [f"# Tucker compression report ({self.configuration}, patch {self.patch_size})", "",
@@ -152,12 +184,15 @@ class TuckerReport:
                  f"parameters: {self.params_before:,} -> {self.params_after:,} "
                  f"({self.params_after / self.params_before:.3f} of the original)",
                  f"GFLOPs per patch (torch counting): {self.flops_before / 1e9:.3f} -> {self.flops_after / 1e9:.3f} "
-                 f"({self.flops_after / max(self.flops_before, 1):.3f} of the original)", "",
-                 "| layer | kernel (out, in, k) | ranks (out, in) | params before | after | MFLOPs before | after "
-                 "| rel. error (first fold) |",
-                 "|---|---|---|---:|---:|---:|---:|---:|"]
+                 f"({self.flops_after / max(self.flops_before, 1):.3f} of the original)", ""]
+        if self.floor_layers:
+            lines += [self.floor_summary() + "; they are marked `floor` below.", ""]
+        lines += ["| layer | kernel (out, in, k) | ranks (out, in) | at floor | params before | after | MFLOPs before "
+                  "| after | rel. error (first fold) |",
+                  "|---|---|---|---|---:|---:|---:|---:|---:|"]
         for r in self.layers:
-            lines.append(f"| {r.name} | {r.shape} | {r.ranks} | {r.params_before:,} | {r.params_after:,} | "
+            floor = "floor: " + "+".join(r.at_floor) if r.at_floor else ""
+            lines.append(f"| {r.name} | {r.shape} | {r.ranks} | {floor} | {r.params_before:,} | {r.params_after:,} | "
                          f"{r.flops_before / 1e6:.1f} | {r.flops_after / 1e6:.1f} | {r.relative_error:.4f} |")
         return "\n".join(lines) + "\n"
 
@@ -181,11 +216,14 @@ def build_report(base_net: nn.Module, ranks: dict, errors: dict[str, float], pat
         saved_macs += m0 - m1
         shape = f"({conv.out_channels}, {conv.in_channels}, {'x'.join(map(str, conv.kernel_size))})"
         rows.append(LayerRow(name, shape, [int(r_out), int(r_in)], p0, p1, 2 * m0, 2 * m1,
-                             float(errors.get(name, math.nan))))
+                             float(errors.get(name, math.nan)),
+                             modes_at_floor(conv, (int(r_out), int(r_in)), policy.min_rank, policy.multiple)))
     params = count_parameters(base_net)
     flops = 2 * total_macs(base_net, io_shapes)
+    floor = {"min_rank": policy.min_rank, "multiple": policy.multiple,
+             "layers": [r.name for r in rows if r.at_floor]}
     return TuckerReport(policy.to_dict(), configuration, list(patch_size), params, params - saved_params, flops,
-                        flops - 2 * saved_macs, rows)
+                        flops - 2 * saved_macs, rows, rank_floor=floor)
 
 
 def tucker_plans(parent_plans: dict, configuration: str, ranks: dict, policy: RankPolicy, plans_name: str,
@@ -222,6 +260,8 @@ def compress_model_folder(source: str | Path, output: str | Path, policy: RankPo
     def on_fold(fold: str, parent: nn.Module, errors: dict) -> None:
         if not reports:
             reports.append(build_report(parent, ranks, errors, patch_size, policy, configuration))
+            if reports[0].floor_layers:
+                progress(reports[0].floor_summary())
         reports[0].folds[fold] = errors
         progress(f"  fold {fold}: done (mean relative error {mean(errors.values()):.4f})")
 

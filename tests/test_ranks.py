@@ -161,7 +161,7 @@ def conv_with_kernel(kernel: torch.Tensor, transposed: bool = False) -> nn.Modul
 def test_energy_rule_on_known_singular_values(energy, expected_rank):
     # squared singular values 9, 4, 1, 0.25 of 14.25: cumulative shares 0.632, 0.912, 0.982, 1
     layer = conv_with_kernel(orthogonal_cp_kernel([3, 2, 1, 0.5], 12, 10, 9))
-    ranks = ranks_by_energy({"k": layer}, energy, only_cheaper=False)
+    ranks = ranks_by_energy({"k": layer}, energy, only_cheaper=False, min_rank=1)
     assert ranks == {"k": (expected_rank, expected_rank)}
 
 
@@ -172,8 +172,8 @@ def test_energy_rule_tells_the_channel_modes_apart(transposed):
     a = torch.randn(12, dtype=torch.float64, generator=g)
     m = torch.randn(10, 3, dtype=torch.float64, generator=g) @ torch.randn(3, 9, dtype=torch.float64, generator=g)
     layer = conv_with_kernel(torch.einsum("o,it->oit", a, m), transposed=transposed)
-    assert ranks_by_energy({"k": layer}, 1.0, only_cheaper=False) == {"k": (1, 3)}
-    assert ranks_by_energy({"k": layer}, 1.0, multiple=4, only_cheaper=False) == {"k": (4, 4)}
+    assert ranks_by_energy({"k": layer}, 1.0, only_cheaper=False, min_rank=1) == {"k": (1, 3)}
+    assert ranks_by_energy({"k": layer}, 1.0, multiple=4, only_cheaper=False, min_rank=1) == {"k": (4, 4)}
 
 
 def test_bad_energy_is_refused():
@@ -188,7 +188,7 @@ def test_ranks_fixed_validates():
     net = plain_unet_3d()
     layers = decomposable_layers(net, include_stem=True, include_pointwise=True)
     name = "decoder.stages.0.convs.0.conv"  # 32 -> 16 channels
-    assert ranks_fixed(layers, {name: [4, 8]}) == {name: (4, 8)}
+    assert ranks_fixed(layers, {name: [4, 8]}, min_rank=4) == {name: (4, 8)}
     with pytest.raises(CompressError, match="999") as info:
         ranks_fixed(layers, {name: [999, 4]})
     assert name in str(info.value) and "1..16" in str(info.value)
@@ -202,7 +202,7 @@ def test_ranks_fixed_validates():
     with pytest.raises(CompressError, match="non-empty"):
         ranks_fixed(layers, {})
     # ranks that would make the layer bigger are dropped like in every policy
-    assert ranks_fixed(layers, {name: [16, 32]}) == {}
+    assert ranks_fixed(layers, {name: [16, 32]}, min_rank=4) == {}
 
 
 # ---- cheaper only ----------------------------------------------------------------------------------------------
@@ -252,7 +252,8 @@ def unet_and_costs():
 def test_budget_reaches_target_on_the_built_network(unet_and_costs, metric, target, multiple):
     net, io, base_params, base_macs = unet_and_costs
     layers = decomposable_layers(net)
-    ranks = ranks_for_budget(layers, io, base_params, base_macs, target, metric=metric, multiple=multiple)
+    ranks = ranks_for_budget(layers, io, base_params, base_macs, target, metric=metric, multiple=multiple,
+                             min_rank=1)
     assert ranks and set(ranks) <= set(layers)
     compressed = copy.deepcopy(net)
     replace_convs(compressed, ranks, decompose=False)
@@ -287,10 +288,10 @@ def test_budget_cuts_the_exactly_low_rank_layer_first():
     # the target is met exactly when the low-rank layer sits at its true ranks and the other is untouched
     low_params = conv_costs(layers["low_rank"], *io["low_rank"], ranks=(2, 3))[0]
     target = (originals["random"][0] + low_params) / base_params + 1e-9
-    assert ranks_for_budget(layers, io, base_params, base_macs, target) == {"low_rank": (2, 3)}
+    assert ranks_for_budget(layers, io, base_params, base_macs, target, min_rank=1) == {"low_rank": (2, 3)}
     # a tighter target has to cut the random layer too, but the low-rank one keeps its exact ranks: cutting
     # below them discards more energy than the random layer's smallest directions hold
-    tighter = ranks_for_budget(layers, io, base_params, base_macs, 0.5)
+    tighter = ranks_for_budget(layers, io, base_params, base_macs, 0.5, min_rank=1)
     assert tighter["low_rank"] == (2, 3) and "random" in tighter
 
 
@@ -301,8 +302,8 @@ def test_budget_counts_the_rest_of_the_network():
     # the decomposable layer is half the network: even at rank (1, 1) at most half of it can go
     floor = p0 + conv_costs(layers["a"], *io["a"], ranks=(1, 1))[0]
     with pytest.raises(CompressError, match=f"{floor / (2 * p0):.4f}"):
-        ranks_for_budget(layers, io, 2 * p0, 2 * m0, 0.5)
-    ranks = ranks_for_budget(layers, io, 2 * p0, 2 * m0, 0.6)
+        ranks_for_budget(layers, io, 2 * p0, 2 * m0, 0.5, min_rank=1)
+    ranks = ranks_for_budget(layers, io, 2 * p0, 2 * m0, 0.6, min_rank=1)
     r_params = conv_costs(layers["a"], *io["a"], ranks=ranks["a"])[0]
     assert (p0 + r_params) / (2 * p0) <= 0.6
 
@@ -314,7 +315,7 @@ def test_budget_unreachable_names_smallest_fraction(unet_and_costs):
     saved = sum(conv_costs(c, *io[n])[0] - conv_costs(c, *io[n], ranks=lowest[n])[0] for n, c in layers.items()
                 if n in keep_only_cheaper(layers, {n: lowest[n]}, io))
     smallest = (base_params - saved) / base_params
-    with pytest.raises(CompressError, match=f"at least {smallest:.4f}"):
+    with pytest.raises(CompressError, match=f"keeps {smallest:.4f} of its params; choose --target-params"):
         ranks_for_budget(layers, io, base_params, base_macs, smallest - 0.01, min_rank=8)
 
 
@@ -334,11 +335,12 @@ def test_layers_not_run_by_the_measured_pass_are_left_out():
     io = layer_io_shapes(net, PATCH)
     assert "decoder.seg_layers.0" not in io and "decoder.seg_layers.1" in io
     layers = decomposable_layers(net, include_stem=True, include_pointwise=True)
-    ranks = ranks_fixed(layers, {"decoder.seg_layers.0": [1, 1], "decoder.seg_layers.1": [1, 1]}, io_shapes=io)
+    ranks = ranks_fixed(layers, {"decoder.seg_layers.0": [1, 1], "decoder.seg_layers.1": [1, 1]}, io_shapes=io,
+                        min_rank=1)
     assert ranks == {"decoder.seg_layers.1": (1, 1)}
     assert "decoder.seg_layers.0" not in ranks_by_ratio(layers, 0.1, min_rank=1, io_shapes=io)
     params, macs = network_costs(net, PATCH)
-    assert "decoder.seg_layers.0" not in ranks_for_budget(layers, io, params, macs, 0.5)
+    assert "decoder.seg_layers.0" not in ranks_for_budget(layers, io, params, macs, 0.5, min_rank=1)
 
 
 def test_policies_drop_layers_that_would_grow():
@@ -349,5 +351,5 @@ def test_policies_drop_layers_that_would_grow():
     assert ranks_by_ratio(layers, 1.0, min_rank=1) == {}
     assert ranks_by_ratio(layers, 0.25, min_rank=1) == {"thin": (4, 1)}
     # a random kernel needs every direction for all its energy: full ranks, hence not cheaper, hence dropped
-    assert ranks_by_energy(layers, 1.0, only_cheaper=False) == {"thin": (16, 2)}
-    assert ranks_by_energy(layers, 1.0) == {}
+    assert ranks_by_energy(layers, 1.0, only_cheaper=False, min_rank=1) == {"thin": (16, 2)}
+    assert ranks_by_energy(layers, 1.0, min_rank=1) == {}

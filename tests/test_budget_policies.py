@@ -1,0 +1,171 @@
+"""The rank floor holds for every policy; the report flags layers at the floor; budgets the floor cannot meet fail.
+
+Small conv nets with hand-computed ranks; no nnU-Net training (the end-to-end checks are in test_e2e_tucker.py).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from dynamic_network_architectures.architectures.unet import PlainConvUNet
+from torch import nn
+
+from nnunet_compress.errors import CompressError
+from nnunet_compress.profiling import count_parameters
+from nnunet_compress.ranks import (decomposable_layers, rank_floor, ranks_by_energy, ranks_by_ratio, ranks_fixed,
+                                   ranks_for_budget)
+from nnunet_compress.tucker import layer_io_shapes
+from nnunet_compress.tucker_compress import RankPolicy, build_report, choose_ranks, total_macs
+
+torch.set_num_threads(1)
+
+PATCH = (16, 16, 16)
+
+
+def plain_unet_3d(features=(8, 16, 32)) -> PlainConvUNet:
+    torch.manual_seed(0)
+    n = len(features)
+    return PlainConvUNet(1, n, list(features), nn.Conv3d, 3, [1] + [2] * (n - 1), 2, 3, 2, True, nn.InstanceNorm3d,
+                         {"affine": True, "eps": 1e-5}, None, None, nn.LeakyReLU, {"inplace": True},
+                         deep_supervision=False).eval()
+
+
+def rank_one_conv(out_ch: int, in_ch: int, seed: int = 0) -> nn.Conv3d:
+    """A kernel of exact multilinear rank (1, 1): the energy rule alone would give it ranks (1, 1)."""
+    g = torch.Generator().manual_seed(seed)
+    layer = nn.Conv3d(in_ch, out_ch, 3, padding=1)
+    with torch.no_grad():
+        layer.weight.copy_(torch.einsum("o,i,xyz->oixyz", torch.randn(out_ch, generator=g),
+                                        torch.randn(in_ch, generator=g), torch.randn(3, 3, 3, generator=g)))
+    return layer
+
+
+def lowest_ranks(ranks: dict, layers: dict) -> list[tuple[str, str, int, int]]:
+    """(layer, mode, rank, floor) for every mode below the default floor of 8 — what must never appear."""
+    bad = []
+    for name, (r_out, r_in) in ranks.items():
+        conv = layers[name]
+        for mode, r, c in (("out", r_out, conv.out_channels), ("in", r_in, conv.in_channels)):
+            if r < rank_floor(c, 8):
+                bad.append((name, mode, r, rank_floor(c, 8)))
+    return bad
+
+
+# ---- the floor itself ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("channels, min_rank, multiple, expected", [
+    (32, 8, 1, 8), (4, 8, 1, 4),  # capped at the channel count: a 4-channel mode cannot be cut under floor 8
+    (32, 5, 8, 8), (12, 5, 8, 8), (6, 5, 8, 6), (32, 1, 1, 1)])
+def test_rank_floor_by_hand(channels, min_rank, multiple, expected):
+    assert rank_floor(channels, min_rank, multiple) == expected
+
+
+# ---- every policy honours it -----------------------------------------------------------------------------------
+
+def test_energy_policy_is_raised_to_the_floor():
+    layers = {"r1": rank_one_conv(16, 24)}
+    # premise: the spectrum alone asks for ranks (1, 1)
+    assert ranks_by_energy(layers, 0.99, only_cheaper=False, min_rank=1) == {"r1": (1, 1)}
+    assert ranks_by_energy(layers, 0.99, only_cheaper=False) == {"r1": (8, 8)}  # the default floor 8
+    assert ranks_by_energy(layers, 0.99, only_cheaper=False, min_rank=4) == {"r1": (4, 4)}
+    assert ranks_by_energy(layers, 0.99, only_cheaper=False, min_rank=4, multiple=8) == {"r1": (8, 8)}
+    # a 4-channel side keeps all its channels under floor 8
+    assert ranks_by_energy({"thin": rank_one_conv(16, 4)}, 0.99, only_cheaper=False) == {"thin": (8, 4)}
+
+
+def test_ratio_policy_keeps_the_floor():
+    layers = decomposable_layers(plain_unet_3d((16, 32, 64)))
+    ranks = ranks_by_ratio(layers, 0.05)  # ceil(0.05·C) is 1..4 for every layer
+    assert ranks and not lowest_ranks(ranks, layers)
+    assert all(min(r) == 8 for r in ranks.values())
+
+
+def test_fixed_ranks_below_the_floor_are_refused_with_layer_and_floor():
+    layers = decomposable_layers(plain_unet_3d(), include_stem=True, include_pointwise=True)
+    name = "decoder.stages.0.convs.0.conv"  # 32 -> 16
+    with pytest.raises(CompressError) as info:
+        ranks_fixed(layers, {name: [4, 8]}, only_cheaper=False)
+    message = str(info.value)
+    assert name in message and "rank_out 4 is below the rank floor 8" in message and "--min-rank 4" in message
+    # the user who means rank 4 says so
+    assert ranks_fixed(layers, {name: [4, 8]}, only_cheaper=False, min_rank=4) == {name: (4, 8)}
+    # capped at the channel count: the 1-input-channel stem can keep its single input channel
+    stem = "encoder.stages.0.0.convs.0.conv"
+    assert ranks_fixed(layers, {stem: [8, 1]}, only_cheaper=False) == {stem: (8, 1)}
+    with pytest.raises(CompressError, match="not a multiple of --rank-multiple 8"):
+        ranks_fixed(layers, {name: [12, 16]}, only_cheaper=False, multiple=8)
+    assert ranks_fixed(layers, {name: [16, 32]}, only_cheaper=False, multiple=8) == {name: (16, 32)}  # full
+
+
+@pytest.mark.parametrize("metric, target", [("flops", 0.35), ("params", 0.3)])
+def test_budget_policy_keeps_the_floor(metric, target):
+    net = plain_unet_3d((16, 32, 64))
+    layers, io = decomposable_layers(net), layer_io_shapes(net, PATCH)
+    base_params, base_macs = count_parameters(net), total_macs(net, io)
+    # premise: without a floor the greedy allocator goes below 8 somewhere (random kernels, flat spectra)
+    unfloored = ranks_for_budget(layers, io, base_params, base_macs, target, metric=metric, min_rank=1)
+    assert lowest_ranks(unfloored, layers)
+    floored = ranks_for_budget(layers, io, base_params, base_macs, target, metric=metric)
+    assert floored and not lowest_ranks(floored, layers)
+    with_multiple = ranks_for_budget(layers, io, base_params, base_macs, target, metric=metric, multiple=8)
+    for name, pair in with_multiple.items():
+        conv = layers[name]
+        for r, c in zip(pair, (conv.out_channels, conv.in_channels)):
+            assert r >= rank_floor(c, 8) and (r == c or r % 8 == 0)
+
+
+def test_choose_ranks_passes_the_floor_to_every_policy():
+    """The CLI's path (RankPolicy -> choose_ranks): --min-rank reaches the energy and budget policies too."""
+    net = plain_unet_3d((16, 32, 64))
+    layers = decomposable_layers(net)
+    for policy in (RankPolicy(ratio=0.05), RankPolicy(energy=0.3), RankPolicy(target_flops=0.35),
+                   RankPolicy(target_params=0.3)):
+        ranks = choose_ranks(net, policy, PATCH)
+        assert ranks and not lowest_ranks(ranks, layers), policy
+    loose = choose_ranks(net, RankPolicy(target_flops=0.35, min_rank=2), PATCH)
+    assert lowest_ranks(loose, layers)  # --min-rank 2 is honoured as asked: lower ranks become possible
+
+
+# ---- report ----------------------------------------------------------------------------------------------------
+
+def test_report_flags_layers_at_the_floor():
+    net = plain_unet_3d((16, 32, 64))
+    layers = decomposable_layers(net)
+    a, b, c = "encoder.stages.1.0.convs.1.conv", "encoder.stages.2.0.convs.0.conv", "decoder.stages.0.convs.0.conv"
+    assert (layers[a].out_channels, layers[a].in_channels) == (32, 32)
+    ranks = {a: (8, 16), b: (32, 8), c: (16, 16)}
+    policy = RankPolicy(ranks={k: list(v) for k, v in ranks.items()})
+    report = build_report(net, ranks, {}, PATCH, policy, "3d_fullres")
+    flags = {r.name: r.at_floor for r in report.layers}
+    assert flags == {a: ["out"], b: ["in"], c: []}
+    assert report.floor_layers == [a, b] and report.rank_floor["layers"] == [a, b]
+    markdown = report.to_markdown()
+    assert "2 layer(s) have a rank at the floor (--min-rank 8)" in markdown
+    assert f"| {a} | (32, 32, 3x3x3) | [8, 16] | floor: out |" in markdown
+    # under --min-rank 4 rank 8 is above the floor: nothing is flagged
+    low = build_report(net, ranks, {}, PATCH, RankPolicy(ranks={}, min_rank=4), "3d_fullres")
+    assert low.floor_layers == [] and "at the floor (" not in low.to_markdown()
+
+
+# ---- a budget the floor cannot meet ----------------------------------------------------------------------------
+
+def test_unreachable_budget_says_what_the_floor_allows():
+    net = plain_unet_3d((16, 32, 64))
+    layers, io = decomposable_layers(net), layer_io_shapes(net, PATCH)
+    base_params, base_macs = count_parameters(net), total_macs(net, io)
+    floor_ranks = ranks_by_ratio(layers, 1e-6, io_shapes=io)  # every mode at its floor, where that is cheaper
+    net_floor = base_macs - sum(_saved_macs(layers[n], io[n], r) for n, r in floor_ranks.items())
+    lowest = net_floor / base_macs
+    with pytest.raises(CompressError) as info:
+        ranks_for_budget(layers, io, base_params, base_macs, lowest - 0.02, metric="flops")
+    message = str(info.value)
+    assert f"keeps {lowest:.4f} of its flops" in message and "--min-rank 8" in message
+    assert "choose --target-flops" in message and "\n" not in message
+    # the suggested fraction itself is reachable
+    suggested = float(message.split("choose --target-flops ")[1].split()[0])
+    assert suggested >= lowest and ranks_for_budget(layers, io, base_params, base_macs, suggested, metric="flops")
+
+
+def _saved_macs(conv, sizes, ranks) -> int:
+    from nnunet_compress.tucker import conv_costs
+    return conv_costs(conv, *sizes)[1] - conv_costs(conv, *sizes, ranks=ranks)[1]
