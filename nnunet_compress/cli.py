@@ -32,6 +32,19 @@ def add_rank_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--replace-all", action="store_true",
                    help="also factorise layers where the replacement is not cheaper than the original "
                         "(by default they are left alone); useful to check full-rank exactness")
+    g = p.add_argument_group("budget policies (--target-params / --target-flops): error measure and guard")
+    g.add_argument("-i", "--images", type=Path,
+                   help="calibration images (nnU-Net naming CASE_0000.nii.gz), preprocessed as nnU-Net does; "
+                        "default: synthetic CT phantoms through the same preprocessing")
+    g.add_argument("--calibration-patches", type=int, default=4,
+                   help="patches the sensitivities and the guard are measured on (4)")
+    g.add_argument("--budget-error", choices=("sensitivity", "kernel"), default="sensitivity",
+                   help="allocator's per-layer error: the kernel's reconstruction error weighted by how much the "
+                        "network output moves with that layer's output (sensitivity, default), or the kernel "
+                        "error alone (kernel)")
+    g.add_argument("--no-budget-guard", action="store_true",
+                   help="keep the budget ranks even where the uniform --rank-ratio of no greater cost changes "
+                        "the network's output less (by default the guard falls back to it)")
 
 
 RANK_POLICY_OPTIONS = {"rank_ratio": "--rank-ratio", "ranks": "--ranks", "energy": "--energy",
@@ -52,8 +65,13 @@ def rank_policy_from_args(args):
     policy = RankPolicy(ratio=args.rank_ratio, ranks=ranks, energy=args.energy, target_params=args.target_params,
                         target_flops=args.target_flops, min_rank=args.min_rank, multiple=args.rank_multiple,
                         include_stem=args.include_stem, include_pointwise=args.include_pointwise,
-                        replace_all=args.replace_all)
+                        replace_all=args.replace_all, guard=not args.no_budget_guard, budget_error=args.budget_error,
+                        calibration_patches=args.calibration_patches)
     policy.validate()
+    if args.images is not None and not policy.is_budget:
+        flag = {"ratio": "--rank-ratio", "ranks": "--ranks", "energy": "--energy"}[policy.kind()]
+        raise CompressError(f"-i/--images calibrates the budget policies (--target-params / --target-flops) only; "
+                            f"drop it for {flag}")
     return policy
 
 
@@ -103,7 +121,7 @@ def cmd_tucker(args) -> None:
     from nnunet_compress.tucker_compress import compress_model_folder
     policy = rank_policy_from_args(args)
     report = compress_model_folder(args.model_folder, args.output, policy, args.folds, args.configuration,
-                                   args.overwrite, args.checkpoint)
+                                   args.overwrite, args.checkpoint, images=args.images)
     print(f"wrote {args.output}")
     print(f"parameters {report.params_before:,} -> {report.params_after:,} "
           f"({report.params_after / report.params_before:.3f}); GFLOPs/patch {report.flops_before / 1e9:.2f} -> "
@@ -124,7 +142,7 @@ def cmd_convert(args) -> None:
 def cmd_plan_tucker(args) -> None:
     from nnunet_compress.model_folder import build_network, load_checkpoint, strip_wrapper_prefixes
     from nnunet_compress.plans import read_parent_plans, write_plans_beside, resolved_configuration
-    from nnunet_compress.tucker_compress import choose_ranks, tucker_plans
+    from nnunet_compress.tucker_compress import calibration_source, select_ranks, tucker_plans
     policy = rank_policy_from_args(args)
     folder, parent = read_parent_plans(args.dataset, args.plans)
     cfg = resolved_configuration(parent, args.configuration)
@@ -141,10 +159,16 @@ def cmd_plan_tucker(args) -> None:
         except RuntimeError as e:
             raise CompressError(f"--weights {args.weights} does not fit plans {args.plans} "
                                 f"({first_line(e)})") from None
-    ranks = choose_ranks(net, policy, tuple(cfg["patch_size"]))
+    calibration = None
+    if policy.is_budget:
+        from nnunet_compress.model_folder import input_channels_of
+        calibration = calibration_source(args.images, parent, dataset_json, args.configuration,
+                                         input_channels_of(parent, dataset_json, args.configuration),
+                                         cfg["patch_size"], policy.calibration_patches)
+    selection = select_ranks(net, policy, tuple(cfg["patch_size"]), calibration)
     schedule = schedule_from_args(args)
-    plans = tucker_plans(parent, args.configuration, ranks, policy, args.plans_name or
-                         f"{args.plans}_{policy.tag()}", schedule)
+    plans = tucker_plans(parent, args.configuration, selection.ranks, policy, args.plans_name or
+                         f"{args.plans}_{policy.tag()}", schedule, budget_guard=selection.guard)
     path = write_plans_beside(folder, plans, args.overwrite)
     print(path)
 

@@ -36,7 +36,8 @@ def cmd_totalseg(args) -> None:
     else:
         policy = rank_policy_from_args(args)
     result = compress_totalseg_home(args.output, policy, args.task, source_home=args.source_home,
-                                    overwrite=args.overwrite, progress=lambda line: print(line, flush=True))
+                                    overwrite=args.overwrite, progress=lambda line: print(line, flush=True),
+                                    images=args.images)
     kind = "unchanged (CPU engine)" if policy is None else "compressed"
     print(f"wrote {args.output}: {len(result['models'])} {kind} model(s). Run with\n"
           f"  TOTALSEG_HOME_DIR={args.output} TotalSegmentator -i ct.nii.gz -o seg/"

@@ -305,6 +305,7 @@ class _BudgetLayer:
     energies: tuple[np.ndarray, np.ndarray]  # squared singular values per mode (out, in)
     norm2: float  # ||W||²
     metric_index: int  # 0: params, 1: MACs
+    weight: float = 1.0  # how much the network amplifies this layer's relative error (1: kernel error alone)
     position: list[int] = field(default_factory=lambda: [0, 0])
     version: int = 0
 
@@ -336,7 +337,7 @@ class _BudgetLayer:
             return None
         before = self.ranks
         discarded = float(np.sum(self.energies[mode][after[mode]:before[mode]]))
-        added_error = discarded / self.norm2 if self.norm2 > 0 else 0.0
+        added_error = self.weight * discarded / self.norm2 if self.norm2 > 0 else 0.0
         cost_saved = self.tucker_cost(before) - self.tucker_cost(after)
         return added_error / max(cost_saved, 1), cost_saved
 
@@ -349,7 +350,8 @@ def rank_ladder(full: int, multiple: int, min_rank: int) -> list[int]:
 
 
 def ranks_for_budget(layers: Mapping[str, nn.Module], io_shapes: IOShapes, base_params: int, base_macs: int,
-                     target: float, metric: str = "params", multiple: int = 1, min_rank: int = 8) -> Ranks:
+                     target: float, metric: str = "params", multiple: int = 1, min_rank: int = 8,
+                     weights: Mapping[str, float] | None = None) -> Ranks:
     """Ranks that bring the WHOLE network to `target` × its parameters (or MACs), losing as little as possible.
 
     Greedy from full ranks: repeatedly lower one mode of one layer by one step (to the next multiple of
@@ -361,25 +363,15 @@ def ranks_for_budget(layers: Mapping[str, nn.Module], io_shapes: IOShapes, base_
     MACs, and only such layers are returned. base_params / base_macs are the whole network's, so layers that
     are not decomposed count too; layers missing from io_shapes (not run by its forward pass) are left out. A
     heap with lazily invalidated entries keeps this fast for large networks.
+
+    `weights` (layer -> factor, e.g. :func:`nnunet_compress.budget_guard.layer_sensitivities`) scale each layer's
+    error estimate by how much the network amplifies it, so the error being traded is the network output's
+    rather than the kernel's; layers without a weight count 1.
     """
-    if metric not in _METRICS:
-        raise CompressError(f"budget metric {metric!r} is neither 'params' nor 'flops'")
-    if not isinstance(target, (int, float, np.floating)) or not 0 < target < 1:
-        raise CompressError(f"target {target!r} is outside (0, 1); it is the fraction of the original network "
-                            f"to keep, e.g. 0.2")
-    _check_multiple(multiple)
-    _check_min_rank(min_rank)
-    if io_shapes is None:
-        raise CompressError("a parameter/FLOP budget needs the layers' input/output sizes; pass "
-                            "tucker.layer_io_shapes(net, patch_size)")
-    base = int(base_params if metric == "params" else base_macs)
-    if base <= 0:
-        raise CompressError(f"the network's total {metric} must be positive, got {base}")
-    # layers the measured forward pass did not run are left out, as in keep_only_cheaper
-    states = [_budget_layer(name, conv, io_shapes, metric, multiple, min_rank) for name, conv in layers.items()
-              if name in io_shapes]
-    goal = target * base
-    _check_reachable(states, base, goal, target, metric, min_rank, multiple)
+    states, base, goal = _budget_states(layers, io_shapes, base_params, base_macs, target, metric, multiple,
+                                        min_rank)
+    for state in states:
+        state.weight = _checked_weight(state.name, (weights or {}).get(state.name, 1.0))
 
     total = base
     counter = itertools.count()
@@ -407,6 +399,44 @@ def ranks_for_budget(layers: Mapping[str, nn.Module], io_shapes: IOShapes, base_
         push_steps(index)
     chosen = {s.name: s.ranks for s in states if s.saving(s.ranks) > 0}
     return keep_only_cheaper(layers, chosen, io_shapes)
+
+
+def check_budget_reachable(layers: Mapping[str, nn.Module], io_shapes: IOShapes, base_params: int,
+                           base_macs: int, target: float, metric: str = "params", multiple: int = 1,
+                           min_rank: int = 8) -> None:
+    """Refuse bad budget input and budgets the rank floor cannot meet, before anything costly is measured."""
+    _budget_states(layers, io_shapes, base_params, base_macs, target, metric, multiple, min_rank)
+
+
+def _budget_states(layers: Mapping[str, nn.Module], io_shapes: IOShapes, base_params: int, base_macs: int,
+                   target: float, metric: str, multiple: int, min_rank: int) -> tuple[list["_BudgetLayer"], int, float]:
+    """Validated greedy start: (per-layer states at full rank, network total, goal in the metric)."""
+    if metric not in _METRICS:
+        raise CompressError(f"budget metric {metric!r} is neither 'params' nor 'flops'")
+    if not isinstance(target, (int, float, np.floating)) or not 0 < target < 1:
+        raise CompressError(f"target {target!r} is outside (0, 1); it is the fraction of the original network "
+                            f"to keep, e.g. 0.2")
+    _check_multiple(multiple)
+    _check_min_rank(min_rank)
+    if io_shapes is None:
+        raise CompressError("a parameter/FLOP budget needs the layers' input/output sizes; pass "
+                            "tucker.layer_io_shapes(net, patch_size)")
+    base = int(base_params if metric == "params" else base_macs)
+    if base <= 0:
+        raise CompressError(f"the network's total {metric} must be positive, got {base}")
+    # layers the measured forward pass did not run are left out, as in keep_only_cheaper
+    states = [_budget_layer(name, conv, io_shapes, metric, multiple, min_rank) for name, conv in layers.items()
+              if name in io_shapes]
+    goal = target * base
+    _check_reachable(states, base, goal, target, metric, min_rank, multiple)
+    return states, base, goal
+
+
+def _checked_weight(name: str, weight) -> float:
+    weight = float(weight)
+    if not math.isfinite(weight) or weight < 0:
+        raise CompressError(f"layer '{name}': error weight {weight!r} must be finite and non-negative")
+    return weight
 
 
 def _budget_layer(name: str, conv: nn.Module, io_shapes: IOShapes, metric: str, multiple: int,

@@ -125,11 +125,12 @@ def offline_config(source: dict) -> dict:
 
 
 def compress_totalseg_home(output: str | os.PathLike, policy, tasks: list[str], source_home: Path | None = None,
-                           overwrite: bool = False, progress=print) -> dict:
+                           overwrite: bool = False, progress=print, images: Path | None = None) -> dict:
     """Write a TotalSegmentator home with every model of `tasks` Tucker-compressed by `policy`.
 
     ``policy=None`` writes every model unchanged as a CompressedUNet folder (``--no-compression``): the original
-    home, run on the CPU engine, for a fair comparison with a compressed home.
+    home, run on the CPU engine, for a fair comparison with a compressed home. `images` calibrate the budget
+    policies' guard (each model preprocesses them with its own plans).
     """
     from nnunet_compress.model_folder import check_output_location
     if policy is not None:
@@ -152,7 +153,7 @@ def compress_totalseg_home(output: str | os.PathLike, policy, tasks: list[str], 
             t0 = time.perf_counter()
             progress(f"[{i}/{len(models)}] {m.task}: dataset {m.dataset_id} ({m.model_folder})")
             row = _write_model(results / m.model_folder, tmp / RESULTS / m.model_folder, policy, m,
-                               lambda line: progress("    " + line))
+                               lambda line: progress("    " + line), images)
             rows.append({**asdict(m), **row})
             if policy is None:
                 progress(f"    {row['params_before']:,} parameters, unchanged ({time.perf_counter() - t0:.0f} s)")
@@ -167,7 +168,7 @@ def compress_totalseg_home(output: str | os.PathLike, policy, tasks: list[str], 
     return summary
 
 
-def _write_model(source: Path, target: Path, policy, model: TaskModel, progress) -> dict:
+def _write_model(source: Path, target: Path, policy, model: TaskModel, progress, images: Path | None = None) -> dict:
     """One model folder of the new home: Tucker-compressed by `policy`, or unchanged where it is None."""
     if policy is None:
         from nnunet_compress.convert_folder import convert_model_folder
@@ -175,7 +176,9 @@ def _write_model(source: Path, target: Path, policy, model: TaskModel, progress)
         return {"params_before": info["params"], "params_after": info["params"], "flops_before": None,
                 "flops_after": None, "layers_factorised": 0}
     from nnunet_compress.tucker_compress import compress_model_folder
-    report = compress_model_folder(source, target, policy, list(model.folds), model.configuration, progress=progress)
+    report = compress_model_folder(source, target, policy, list(model.folds), model.configuration, progress=progress,
+                                   images=images)
     return {"params_before": report.params_before, "params_after": report.params_after,
             "flops_before": report.flops_before, "flops_after": report.flops_after,
-            "layers_factorised": len(report.layers), "layers_at_rank_floor": report.floor_layers}
+            "layers_factorised": len(report.layers), "layers_at_rank_floor": report.floor_layers,
+            "budget_guard": report.budget_guard}

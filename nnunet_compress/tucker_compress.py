@@ -37,6 +37,10 @@ class RankPolicy:
     include_stem: bool = False
     include_pointwise: bool = False
     replace_all: bool = False  # also replace layers whose factorisation is not cheaper (e.g. full-rank checks)
+    # budget policies only (see nnunet_compress.budget_guard):
+    guard: bool = True  # fall back to the uniform ratio of no greater cost where it changes the output less
+    budget_error: str = "sensitivity"  # allocator's per-layer error: "sensitivity"-weighted or bare "kernel" error
+    calibration_patches: int = 4  # patches the guard and the sensitivities are measured on
 
     def kind(self) -> str:
         given = [k for k in ("ratio", "ranks", "energy", "target_params", "target_flops")
@@ -62,6 +66,14 @@ class RankPolicy:
             raise CompressError(f"--min-rank {self.min_rank} must be at least 1")
         if self.multiple < 1:
             raise CompressError(f"--rank-multiple {self.multiple} must be at least 1")
+        if self.budget_error not in BUDGET_ERRORS:
+            raise CompressError(f"--budget-error {self.budget_error!r} is neither 'sensitivity' nor 'kernel'")
+        if self.calibration_patches < 1:
+            raise CompressError(f"--calibration-patches {self.calibration_patches} must be at least 1")
+
+    @property
+    def is_budget(self) -> bool:
+        return self.kind() in ("target_params", "target_flops")
 
     @property
     def needs_weights(self) -> bool:
@@ -81,16 +93,121 @@ class RankPolicy:
         return "tuckerRanks"
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        """The policy as recorded in plans and reports; the budget-only settings only for budget policies."""
+        d = {k: v for k, v in asdict(self).items() if v is not None}
+        if not self.is_budget:
+            for key in _BUDGET_ONLY:
+                d.pop(key, None)
+        return d
 
 
-def choose_ranks(net: nn.Module, policy: RankPolicy, patch_size: tuple[int, ...]) -> dict[str, tuple[int, int]]:
+BUDGET_ERRORS = ("sensitivity", "kernel")
+_BUDGET_ONLY = ("guard", "budget_error", "calibration_patches")
+
+
+@dataclass
+class RankSelection:
+    """The chosen ranks, and for budget policies what the guard compared (None otherwise or when it is off)."""
+
+    ranks: dict[str, tuple[int, int]]
+    guard: dict | None = None
+
+
+def choose_ranks(net: nn.Module, policy: RankPolicy, patch_size: tuple[int, ...],
+                 calibration=None, progress=print) -> dict[str, tuple[int, int]]:
     """Ranks for every layer to factorise; layers where factorising would not be cheaper are left out."""
+    return select_ranks(net, policy, patch_size, calibration, progress).ranks
+
+
+def select_ranks(net: nn.Module, policy: RankPolicy, patch_size: tuple[int, ...], calibration=None,
+                 progress=print) -> RankSelection:
+    """Ranks by `policy`; budget policies are checked against the uniform ratio of the same cost.
+
+    calibration: a callable returning (list of input batches, description) for the budget policies' guard and
+    sensitivities, called only when they need it (the patches cost a preprocessing run); None uses synthetic CT
+    phantoms without plans (a bare network: z-scored HU).
+    """
+    policy.validate()
+    ranks, layers, io_shapes = _policy_ranks(net, policy, patch_size, calibration)
+    if not policy.is_budget or not policy.guard or not ranks:
+        return RankSelection(ranks)
+    from nnunet_compress.budget_guard import guard_budget_ranks
+    metric, target, base = _budget_terms(net, policy, io_shapes)
+    batches, source = _calibration_batches(net, patch_size, policy, calibration)
+    ranks, decision = guard_budget_ranks(net, layers, ranks, io_shapes, base, metric, target, policy.min_rank,
+                                         policy.multiple, batches, source)
+    progress(decision.line())
+    return RankSelection(ranks, decision.to_dict())
+
+
+def _budget_terms(net: nn.Module, policy: RankPolicy, io_shapes: dict) -> tuple[str, float, int]:
+    """(metric, target fraction, the whole network's total in that metric) of a budget policy."""
+    from nnunet_compress.profiling import count_parameters
+    if policy.kind() == "target_params":
+        return "params", policy.target_params, count_parameters(net)
+    return "flops", policy.target_flops, total_macs(net, io_shapes)
+
+
+_CALIBRATION_CACHE_ATTR = "_nnunet_compress_calibration"
+
+
+def _calibration_batches(net: nn.Module, patch_size, policy: RankPolicy, calibration) -> tuple[list, str]:
+    """The calibration batches, made once per selection (the sensitivities and the guard share them)."""
+    if calibration is None:
+        calibration = synthetic_calibration(None, None, None, _stem_channels(net), patch_size,
+                                            policy.calibration_patches)
+    cached = getattr(calibration, _CALIBRATION_CACHE_ATTR, None)
+    if cached is None:
+        cached = calibration()
+        try:
+            setattr(calibration, _CALIBRATION_CACHE_ATTR, cached)
+        except AttributeError:  # e.g. a bound method: no cache, the caller's source is called again
+            pass
+    return cached
+
+
+def _stem_channels(net: nn.Module) -> int:
+    for module in net.modules():
+        if isinstance(module, nn.modules.conv._ConvNd):
+            return int(module.in_channels)
+    raise CompressError("the network has no convolution; is this an nnU-Net network?")
+
+
+def calibration_source(images, plans: dict, dataset_json: dict, configuration: str, channels: int, patch_size,
+                       count: int, seed: int = 0):
+    """The calibration of a model: the user's images when given (-i), else synthetic CT phantoms; both through
+    nnU-Net's preprocessing with the model's plans."""
+    if images is not None:
+        return image_calibration(images, plans, dataset_json, configuration, patch_size, count, seed)
+    return synthetic_calibration(plans, dataset_json, configuration, channels, patch_size, count, seed)
+
+
+def synthetic_calibration(plans: dict | None, dataset_json: dict | None, configuration: str | None,
+                          channels: int, patch_size, count: int, seed: int = 0):
+    """A calibration source of `count` single-patch batches cut from synthetic CT phantoms."""
+    def make():
+        from nnunet_compress.calibration import random_patches, synthetic_ct_cases
+        volumes = synthetic_ct_cases(plans, dataset_json, configuration, channels, count=2, seed=seed)
+        return random_patches(volumes, patch_size, count, batch_size=1, seed=seed), "synthetic CT"
+    return make
+
+
+def image_calibration(images, plans: dict, dataset_json: dict, configuration: str, patch_size, count: int,
+                      seed: int = 0):
+    """A calibration source of `count` single-patch batches cut from the user's images (-i), preprocessed."""
+    def make():
+        from pathlib import Path as _Path
+        from nnunet_compress.calibration import preprocessed_cases, random_patches
+        volumes = preprocessed_cases(_Path(images), plans, dataset_json, configuration)
+        return random_patches(volumes, patch_size, count, batch_size=1, seed=seed), "image"
+    return make
+
+
+def _policy_ranks(net: nn.Module, policy: RankPolicy, patch_size, calibration) -> tuple[dict, dict, dict]:
+    """(ranks, decomposable layers, io shapes) by the policy alone, before any guard."""
     from nnunet_compress import ranks as R
     from nnunet_compress.tucker import layer_io_shapes
-    from nnunet_compress.profiling import count_parameters
 
-    policy.validate()
     kind = policy.kind()
     layers = R.decomposable_layers(net, include_stem=policy.include_stem, include_pointwise=policy.include_pointwise)
     io_shapes = layer_io_shapes(net, tuple(patch_size))
@@ -98,19 +215,25 @@ def choose_ranks(net: nn.Module, policy: RankPolicy, patch_size: tuple[int, ...]
     if kind == "ranks":
         all_layers = R.decomposable_layers(net, include_stem=True, include_pointwise=True)
         return R.ranks_fixed(all_layers, policy.ranks, io_shapes=io_shapes, only_cheaper=only_cheaper,
-                             min_rank=policy.min_rank, multiple=policy.multiple)
+                             min_rank=policy.min_rank, multiple=policy.multiple), all_layers, io_shapes
     if kind == "ratio":
         return R.ranks_by_ratio(layers, policy.ratio, min_rank=policy.min_rank, multiple=policy.multiple,
-                                io_shapes=io_shapes, only_cheaper=only_cheaper)
+                                io_shapes=io_shapes, only_cheaper=only_cheaper), layers, io_shapes
     if kind == "energy":
         return R.ranks_by_energy(layers, policy.energy, multiple=policy.multiple, io_shapes=io_shapes,
-                                 only_cheaper=only_cheaper, min_rank=policy.min_rank)
-    base_params = count_parameters(net)
-    base_macs = total_macs(net, io_shapes)
-    metric = "params" if kind == "target_params" else "flops"
-    target = policy.target_params if metric == "params" else policy.target_flops
-    return R.ranks_for_budget(layers, io_shapes, base_params, base_macs, target, metric=metric,
-                              multiple=policy.multiple, min_rank=policy.min_rank)
+                                 only_cheaper=only_cheaper, min_rank=policy.min_rank), layers, io_shapes
+    from nnunet_compress.profiling import count_parameters
+    metric, target, _ = _budget_terms(net, policy, io_shapes)
+    weights = None
+    if policy.budget_error == "sensitivity":
+        from nnunet_compress.budget_guard import layer_sensitivities
+        R.check_budget_reachable(layers, io_shapes, count_parameters(net), total_macs(net, io_shapes), target,
+                                 metric, policy.multiple, policy.min_rank)  # fail before measuring anything
+        batches, _ = _calibration_batches(net, patch_size, policy, calibration)
+        weights = layer_sensitivities(net, {n: c for n, c in layers.items() if n in io_shapes}, batches)
+    ranks = R.ranks_for_budget(layers, io_shapes, count_parameters(net), total_macs(net, io_shapes), target,
+                               metric=metric, multiple=policy.multiple, min_rank=policy.min_rank, weights=weights)
+    return ranks, layers, io_shapes
 
 
 def total_macs(net: nn.Module, io_shapes: dict) -> int:
@@ -163,6 +286,7 @@ class TuckerReport:
     flops_after: int
     layers: list[LayerRow] = field(default_factory=list)
     folds: dict[str, dict[str, float]] = field(default_factory=dict)
+    budget_guard: dict | None = None  # budget policies: both output changes and which ranks were kept
     rank_floor: dict = field(default_factory=dict)  # {"min_rank", "multiple", "layers": names at the floor}
 
     @property
@@ -185,6 +309,14 @@ class TuckerReport:
                  f"({self.params_after / self.params_before:.3f} of the original)",
                  f"GFLOPs per patch (torch counting): {self.flops_before / 1e9:.3f} -> {self.flops_after / 1e9:.3f} "
                  f"({self.flops_after / max(self.flops_before, 1):.3f} of the original)", ""]
+        if self.budget_guard:
+            g = self.budget_guard
+            uniform = "no uniform ratio fits the budget" if g["uniform_ratio"] is None else \
+                (f"uniform --rank-ratio {g['uniform_ratio']:.4f} ({g['uniform_cost']:.4f} of the {g['metric']}): "
+                 f"{g['uniform_output_change']:.4f}")
+            lines += [f"budget guard (relative change of the output logits on {g['patches']} {g['calibration']} "
+                      f"patches): budget ranks ({g['budget_cost']:.4f} of the {g['metric']}): "
+                      f"{g['budget_output_change']:.4f}; {uniform}; kept: **{g['chosen']}** ranks", ""]
         if self.floor_layers:
             lines += [self.floor_summary() + "; they are marked `floor` below.", ""]
         lines += ["| layer | kernel (out, in, k) | ranks (out, in) | at floor | params before | after | MFLOPs before "
@@ -227,10 +359,12 @@ def build_report(base_net: nn.Module, ranks: dict, errors: dict[str, float], pat
 
 
 def tucker_plans(parent_plans: dict, configuration: str, ranks: dict, policy: RankPolicy, plans_name: str,
-                 schedule: dict | None = None) -> dict:
+                 schedule: dict | None = None, budget_guard: dict | None = None) -> dict:
     """Parent plans with `configuration` rebuilt as a Tucker-factorised CompressedUNet."""
     arch = compressed_arch_kwargs(resolved_configuration(parent_plans, configuration), tucker_ranks=ranks)
     section: dict[str, Any] = {"method": "tucker", "rank_policy": policy.to_dict()}
+    if budget_guard:
+        section["budget_guard"] = budget_guard
     if schedule:
         section["schedule"] = schedule
     return derive_plans(parent_plans, configuration, plans_name, arch, section)
@@ -238,9 +372,15 @@ def tucker_plans(parent_plans: dict, configuration: str, ranks: dict, policy: Ra
 
 def compress_model_folder(source: str | Path, output: str | Path, policy: RankPolicy, folds: list[str] | None,
                           configuration: str | None = None, overwrite: bool = False,
-                          checkpoint_name: str = "checkpoint_final.pth", progress=print) -> TuckerReport:
-    """Write a Tucker-compressed copy of a trained model folder; the source is only read."""
-    from nnunet_compress.model_folder import open_model_folder
+                          checkpoint_name: str = "checkpoint_final.pth", progress=print,
+                          images: str | Path | None = None) -> TuckerReport:
+    """Write a Tucker-compressed copy of a trained model folder; the source is only read.
+
+    `images` (nnU-Net naming) calibrate the budget policies; without them synthetic CT phantoms do, both through
+    nnU-Net's preprocessing with this model's plans. Nothing is written before the ranks are settled, so a budget
+    the floor cannot meet leaves no output behind.
+    """
+    from nnunet_compress.model_folder import input_channels_of, open_model_folder
     policy.validate()
     source, output = Path(source), Path(output)
     folder = open_model_folder(source, folds, checkpoint_name)
@@ -250,16 +390,24 @@ def compress_model_folder(source: str | Path, output: str | Path, policy: RankPo
     if isinstance(first_net, CompressedUNet) and first_net.tucker_ranks:
         raise CompressError(f"{source} is already Tucker-compressed; compress its parent model instead")
     patch_size = tuple(resolved_configuration(folder.plans, configuration)["patch_size"])
-    ranks = choose_ranks(first_net, policy, patch_size)
+    calibration = None
+    if policy.is_budget:
+        calibration = calibration_source(images, folder.plans, folder.dataset_json, configuration,
+                                         input_channels_of(folder.plans, folder.dataset_json, configuration),
+                                         patch_size, policy.calibration_patches)
+    selection = select_ranks(first_net, policy, patch_size, calibration, progress)
+    ranks = selection.ranks
     if not ranks:
         raise CompressError("with this policy no layer becomes cheaper when factorised; lower the ratio/target")
-    plans = tucker_plans(folder.plans, configuration, ranks, policy, folder.plans.get("plans_name", "nnUNetPlans"))
+    plans = tucker_plans(folder.plans, configuration, ranks, policy, folder.plans.get("plans_name", "nnUNetPlans"),
+                         budget_guard=selection.guard)
     progress(f"factorising {len(ranks)} layers of {source} ({configuration}); folds: {', '.join(fold_names)}")
     reports: list[TuckerReport] = []
 
     def on_fold(fold: str, parent: nn.Module, errors: dict) -> None:
         if not reports:
             reports.append(build_report(parent, ranks, errors, patch_size, policy, configuration))
+            reports[0].budget_guard = selection.guard
             if reports[0].floor_layers:
                 progress(reports[0].floor_summary())
         reports[0].folds[fold] = errors

@@ -169,3 +169,147 @@ def test_unreachable_budget_says_what_the_floor_allows():
 def _saved_macs(conv, sizes, ranks) -> int:
     from nnunet_compress.tucker import conv_costs
     return conv_costs(conv, *sizes)[1] - conv_costs(conv, *sizes, ranks=ranks)[1]
+
+
+# ---- the guard: budget ranks vs the uniform ratio of no greater cost -------------------------------------------
+
+from nnunet_compress.budget_guard import (guard_budget_ranks, layer_sensitivities, network_fraction,  # noqa: E402
+                                          output_change, reference_outputs, uniform_ratio_within)
+
+
+class TwoConvs(nn.Module):
+    """x -> first (16->16, 3x3x3) -> LeakyReLU -> second (16->16, 3x3x3): small enough to reason about by hand."""
+
+    def __init__(self, first: nn.Conv3d, second: nn.Conv3d):
+        super().__init__()
+        self.first, self.second = first, second
+
+    def forward(self, x):
+        return self.second(nn.functional.leaky_relu(self.first(x), 0.1))
+
+
+def identity_like_conv(channels: int, seed: int) -> nn.Conv3d:
+    """A kernel whose channel unfoldings have a flat spectrum: a random orthogonal channel mix at the centre tap
+    plus small random taps. Every rank below full throws away a proportional share of the signal."""
+    g = torch.Generator().manual_seed(seed)
+    layer = nn.Conv3d(channels, channels, 3, padding=1, bias=False)
+    q = torch.linalg.qr(torch.randn(channels, channels, generator=g))[0]
+    with torch.no_grad():
+        layer.weight.copy_(0.05 * torch.randn(channels, channels, 3, 3, 3, generator=g))
+        layer.weight[:, :, 1, 1, 1] += q
+    return layer
+
+
+def exactly_low_rank_conv(channels: int, rank: int, seed: int) -> nn.Conv3d:
+    g = torch.Generator().manual_seed(seed)
+    layer = nn.Conv3d(channels, channels, 3, padding=1, bias=False)
+    core = torch.randn(rank, rank, 3, 3, 3, generator=g)
+    with torch.no_grad():
+        layer.weight.copy_(torch.einsum("ab...,oa,ib->oi...", core, torch.randn(channels, rank, generator=g) / 4,
+                                        torch.randn(channels, rank, generator=g) / 4))
+    return layer
+
+
+@pytest.fixture(scope="module")
+def two_convs():
+    net = TwoConvs(identity_like_conv(16, seed=1), exactly_low_rank_conv(16, 4, seed=2)).eval()
+    layers = {"first": net.first, "second": net.second}
+    io = {name: ((8, 8, 8), (8, 8, 8)) for name in layers}
+    base = sum(conv_costs_of(c, io[n])[1] for n, c in layers.items())
+    batches = [torch.randn(1, 16, 8, 8, 8, generator=torch.Generator().manual_seed(s)) for s in (3, 4)]
+    return net, layers, io, base, batches
+
+
+def conv_costs_of(conv, sizes, ranks=None):
+    from nnunet_compress.tucker import conv_costs
+    return conv_costs(conv, *sizes, ranks=ranks)
+
+
+def test_uniform_ratio_is_the_largest_within_the_budget(two_convs):
+    net, layers, io, base, _ = two_convs
+    target = 0.45
+    ratio, ranks, cost = uniform_ratio_within(layers, io, base, "flops", target, min_rank=4, multiple=1)
+    assert cost <= target
+    assert cost == pytest.approx(network_fraction(layers, ranks, io, base, "flops"))
+    # hand check: both layers 16 -> 16 at the same rank r, cost per layer 16r + 27r² + 16r MACs per voxel of
+    # 6912: r = 8 gives (256 + 1728) / 6912 = 0.287, r = 9: (288 + 2187) / 6912 = 0.358, r = 10: 0.4167,
+    # r = 11: (352 + 3267) / 6912 = 0.5236 > 0.45; so the uniform ratio keeps rank 10
+    assert ranks == {"first": (10, 10), "second": (10, 10)}
+    assert ratio == pytest.approx(10 / 16, abs=1e-8)  # the largest ratio with ceil(16·ratio) = 10
+    # no ratio fits a budget below the floor's cost
+    assert uniform_ratio_within(layers, io, base, "flops", 0.05, min_rank=4, multiple=1) is None
+
+
+def test_output_change_is_zero_for_lossless_ranks_and_grows_with_the_cut(two_convs):
+    net, layers, io, base, batches = two_convs
+    refs = reference_outputs(net, batches)
+    assert output_change(net, {"second": (4, 4)}, batches, refs) < 1e-5  # its exact multilinear rank
+    small, large = (output_change(net, {"first": (r, r)}, batches, refs) for r in (12, 4))
+    assert 0.05 < small < large
+
+
+def test_guard_falls_back_when_the_budget_ranks_hurt_the_output_more(two_convs):
+    """Budget ranks that cut the flat-spectrum layer to (4, 4) and leave the exactly-rank-4 layer alone cost
+    (16·4 + 27·16 + 16·4 + 6912) / 13824 = 0.536 of the MACs. The uniform ratio within that cost cuts BOTH
+    layers to rank 11 (cost 0.5236): lossless on the second (rank 4 < 11), and it keeps 11 of the first's
+    16 directions instead of 4. So it must change the output less, and the guard must take it."""
+    net, layers, io, base, batches = two_convs
+    budget = {"first": (4, 4)}
+    target = network_fraction(layers, budget, io, base, "flops")
+    assert target == pytest.approx((64 + 432 + 64 + 6912) / 13824)
+    ranks, decision = guard_budget_ranks(net, layers, budget, io, base, "flops", target, 4, 1, batches, "test")
+    assert decision.chosen == "uniform" and ranks == {"first": (11, 11), "second": (11, 11)}
+    assert decision.uniform_output_change < decision.budget_output_change
+    assert decision.uniform_cost <= target and decision.budget_cost == pytest.approx(target)
+    assert "using the uniform ranks" in decision.line() and "\n" not in decision.line()
+    record = decision.to_dict()
+    assert record["budget_output_change"] > record["uniform_output_change"] > 0
+
+
+def test_guard_keeps_budget_ranks_that_hurt_less(two_convs):
+    net, layers, io, base, batches = two_convs
+    budget = {"second": (4, 4)}  # lossless: output change ~0, the uniform ratio must cut the first layer too
+    target = network_fraction(layers, budget, io, base, "flops")
+    ranks, decision = guard_budget_ranks(net, layers, budget, io, base, "flops", target, 4, 1, batches, "test")
+    assert decision.chosen == "budget" and ranks == budget
+    assert decision.budget_output_change < 1e-5 < decision.uniform_output_change
+
+
+# ---- sensitivities ---------------------------------------------------------------------------------------------
+
+class DampedBranch(nn.Module):
+    """f = loud(x) + 0.01·quiet(x), with identical kernels: the network damps quiet's errors 100-fold."""
+
+    def __init__(self):
+        super().__init__()
+        self.loud = nn.Conv3d(4, 8, 3, padding=1)
+        self.quiet = nn.Conv3d(4, 8, 3, padding=1)
+        self.quiet.load_state_dict(self.loud.state_dict())
+
+    def forward(self, x):
+        return self.loud(x) + 0.01 * self.quiet(x)
+
+
+def test_sensitivities_measure_how_the_network_amplifies_a_layer():
+    torch.manual_seed(0)
+    net = DampedBranch()
+    layers = {"loud": net.loud, "quiet": net.quiet}
+    batches = [torch.randn(1, 4, 12, 12, 12, generator=torch.Generator().manual_seed(s)) for s in (0, 1)]
+    w = layer_sensitivities(net, layers, batches)
+    # both Jacobians are multiples of the identity (1 and 0.01) and both outputs equal y: exactly 1e-4 apart
+    assert w["quiet"] / w["loud"] == pytest.approx(1e-4, rel=1e-6)
+    # loud: ||v||² ||y||² / (n ||1.01 y||²) with ||v||² ≈ n (Hutchinson, 13824 entries per patch)
+    assert w["loud"] == pytest.approx(1 / 1.01 ** 2, rel=0.05)
+
+
+def test_weights_steer_the_allocator_to_the_damped_layer():
+    torch.manual_seed(3)
+    layers = {"a": nn.Conv3d(32, 32, 3), "b": nn.Conv3d(32, 32, 3)}
+    layers["b"].load_state_dict(layers["a"].state_dict())
+    io = {n: ((8, 8, 8), (8, 8, 8)) for n in layers}
+    base_params = sum(conv_costs_of(c, io[n])[0] for n, c in layers.items())
+    base_macs = sum(conv_costs_of(c, io[n])[1] for n, c in layers.items())
+    even = ranks_for_budget(layers, io, base_params, base_macs, 0.7, min_rank=8)
+    assert set(even) == {"a", "b"}  # identical layers, equal weights: both get cut
+    steered = ranks_for_budget(layers, io, base_params, base_macs, 0.7, min_rank=8, weights={"a": 1.0, "b": 1e-4})
+    assert list(steered) == ["b"]  # the budget is met by cutting only the layer whose errors the network damps
