@@ -114,62 +114,82 @@ def output_change(net: nn.Module, ranks: Mapping[str, tuple[int, int]], batches:
 
 # ---- the guard -------------------------------------------------------------------------------------------------
 
+UNIFORM = "uniform"
+
+
 @dataclass
 class GuardDecision:
-    """What the guard compared and kept; recorded in the compression report and the plans."""
+    """What the guard compared and kept; recorded in the compression report and the plans.
 
-    chosen: str  # "budget" or "uniform"
+    candidates: name -> {"cost": fraction of the metric, "output_change": relative change of the logits, and for
+    the uniform ratio "ratio"}. The flat fields repeat the best budget candidate and the uniform ratio, the two
+    numbers a reader compares.
+    """
+
+    chosen: str
     metric: str
     target: float
-    budget_cost: float
-    budget_output_change: float
-    uniform_ratio: float | None
-    uniform_cost: float | None
-    uniform_output_change: float | None
+    candidates: dict
     calibration: str  # where the patches came from
     patches: int
+    budget_cost: float = math.nan
+    budget_output_change: float = math.nan
+    uniform_ratio: float | None = None
+    uniform_cost: float | None = None
+    uniform_output_change: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def line(self) -> str:
-        """The one line printed when the guard falls back (or keeps the budget ranks)."""
-        if self.chosen == "uniform":
-            return (f"budget guard: the --target-{self.metric} ranks change the output by "
-                    f"{self.budget_output_change:.4f} (relative, on {self.patches} {self.calibration} patches), the "
-                    f"uniform --rank-ratio {self.uniform_ratio:.4f} at {self.uniform_cost:.4f} of the {self.metric} "
-                    f"by {self.uniform_output_change:.4f}: using the uniform ranks")
-        if self.uniform_ratio is None:
-            return (f"budget guard: no uniform ratio fits the budget; keeping the budget ranks (output change "
-                    f"{self.budget_output_change:.4f})")
-        return (f"budget guard: keeping the --target-{self.metric} ranks (output change {self.budget_output_change:.4f} "
-                f"vs {self.uniform_output_change:.4f} for the uniform --rank-ratio {self.uniform_ratio:.4f})")
+        """The one line printed after the comparison: what was measured and which ranks are used."""
+        measured = "; ".join(f"{name} ranks{_uniform_label(entry)} {entry['output_change']:.4f}"
+                             for name, entry in self.candidates.items())
+        head = f"budget guard (relative output change on {self.patches} {self.calibration} patches): {measured}"
+        if self.chosen == UNIFORM:
+            return f"{head}: the budget ranks change the output more, falling back to the uniform ranks"
+        return f"{head}: using the {self.chosen} ranks"
 
 
-def guard_budget_ranks(net: nn.Module, layers: Mapping[str, nn.Module], budget_ranks: Ranks, io_shapes: IOShapes,
-                       base: int, metric: str, target: float, min_rank: int, multiple: int,
-                       batches: Sequence[torch.Tensor], calibration: str) -> tuple[Ranks, GuardDecision]:
-    """The budget ranks, or the uniform-ratio ranks of no greater cost where those change the output less.
+def _uniform_label(entry: dict) -> str:
+    return f" (--rank-ratio {entry['ratio']:.4f}, {entry['cost']:.4f} of the cost)" if "ratio" in entry else ""
 
-    Ties keep the budget ranks (they spend the budget as asked). The uniform ranks compete only if their cost is
-    within the target, so falling back never breaks the budget.
+
+def guard_budget_ranks(net: nn.Module, layers: Mapping[str, nn.Module], candidates: Mapping[str, Ranks],
+                       io_shapes: IOShapes, base: int, metric: str, target: float, min_rank: int, multiple: int,
+                       batches: Sequence[torch.Tensor], calibration: str, compare_uniform: bool = True
+                       ) -> tuple[Ranks, GuardDecision]:
+    """Of the budget allocations in `candidates` (and, with compare_uniform, the uniform-ratio ranks of no greater
+    cost), the one that changes the network's output least on `batches`.
+
+    Ties keep the earlier candidate, budget ranks before the uniform ones (they spend the budget as asked). The
+    uniform ranks compete only if their cost is within the target, so falling back never breaks the budget.
     """
     if not batches:
         raise CompressError("the budget guard needs calibration patches; pass -i IMAGES or --calibration-patches 1+")
     references = reference_outputs(net, batches)
-    budget_change = output_change(net, budget_ranks, batches, references)
-    budget_cost = network_fraction(layers, budget_ranks, io_shapes, base, metric)
-    uniform = uniform_ratio_within(layers, io_shapes, base, metric, target, min_rank, multiple)
-    if uniform is None or not uniform[1]:
-        decision = GuardDecision("budget", metric, target, budget_cost, budget_change, None, None, None,
-                                 calibration, len(batches))
-        return budget_ranks, decision
-    ratio, uniform_ranks, uniform_cost = uniform
-    uniform_change = output_change(net, uniform_ranks, batches, references)
-    chosen = "uniform" if uniform_change < budget_change else "budget"
-    decision = GuardDecision(chosen, metric, target, budget_cost, budget_change, ratio, uniform_cost,
-                             uniform_change, calibration, len(batches))
-    return (uniform_ranks if chosen == "uniform" else budget_ranks), decision
+    entries: dict[str, dict] = {}
+    ranks_of: dict[str, Ranks] = {}
+    for name, ranks in candidates.items():
+        same = next((other for other, r in ranks_of.items() if r == dict(ranks)), None)
+        entries[name] = dict(entries[same]) if same is not None else \
+            {"cost": network_fraction(layers, ranks, io_shapes, base, metric),
+             "output_change": output_change(net, ranks, batches, references)}
+        ranks_of[name] = dict(ranks)
+    best_budget = min(entries, key=lambda n: entries[n]["output_change"])
+    decision = GuardDecision(best_budget, metric, target, entries, calibration, len(batches),
+                             entries[best_budget]["cost"], entries[best_budget]["output_change"])
+    uniform = uniform_ratio_within(layers, io_shapes, base, metric, target, min_rank, multiple) \
+        if compare_uniform else None
+    if uniform is not None and uniform[1]:
+        ratio, uniform_ranks, uniform_cost = uniform
+        change = output_change(net, uniform_ranks, batches, references)
+        entries[UNIFORM] = {"ratio": ratio, "cost": uniform_cost, "output_change": change}
+        ranks_of[UNIFORM] = uniform_ranks
+        decision.uniform_ratio, decision.uniform_cost, decision.uniform_output_change = ratio, uniform_cost, change
+        if change < decision.budget_output_change:
+            decision.chosen = UNIFORM
+    return ranks_of[decision.chosen], decision
 
 
 # ---- sensitivities ---------------------------------------------------------------------------------------------

@@ -38,10 +38,11 @@ def add_rank_options(p: argparse.ArgumentParser) -> None:
                         "default: synthetic CT phantoms through the same preprocessing")
     g.add_argument("--calibration-patches", type=int, default=4,
                    help="patches the sensitivities and the guard are measured on (4)")
-    g.add_argument("--budget-error", choices=("sensitivity", "kernel"), default="sensitivity",
-                   help="allocator's per-layer error: the kernel's reconstruction error weighted by how much the "
-                        "network output moves with that layer's output (sensitivity, default), or the kernel "
-                        "error alone (kernel)")
+    g.add_argument("--budget-error", choices=("kernel", "sensitivity", "best"), default="kernel",
+                   help="allocator's per-layer error: the kernel's reconstruction error (kernel, default), that error "
+                        "weighted by how much the network output moves with the layer's output (sensitivity), or "
+                        "both allocations, keeping the one that changes the output least on the calibration patches "
+                        "(best)")
     g.add_argument("--no-budget-guard", action="store_true",
                    help="keep the budget ranks even where the uniform --rank-ratio of no greater cost changes "
                         "the network's output less (by default the guard falls back to it)")

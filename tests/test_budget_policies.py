@@ -122,8 +122,10 @@ def test_choose_ranks_passes_the_floor_to_every_policy():
                    RankPolicy(target_params=0.3)):
         ranks = choose_ranks(net, policy, PATCH)
         assert ranks and not lowest_ranks(ranks, layers), policy
-    loose = choose_ranks(net, RankPolicy(target_flops=0.35, min_rank=2), PATCH)
-    assert lowest_ranks(loose, layers)  # --min-rank 2 is honoured as asked: lower ranks become possible
+    # --min-rank 2 is honoured as asked: lower ranks become possible. The guard is off here: on these random
+    # weights it falls back to the uniform ratio (every rank >= 8), which would hide what the allocator chose.
+    loose = choose_ranks(net, RankPolicy(target_flops=0.35, min_rank=2, guard=False), PATCH)
+    assert lowest_ranks(loose, layers)
 
 
 # ---- report ----------------------------------------------------------------------------------------------------
@@ -257,20 +259,28 @@ def test_guard_falls_back_when_the_budget_ranks_hurt_the_output_more(two_convs):
     budget = {"first": (4, 4)}
     target = network_fraction(layers, budget, io, base, "flops")
     assert target == pytest.approx((64 + 432 + 64 + 6912) / 13824)
-    ranks, decision = guard_budget_ranks(net, layers, budget, io, base, "flops", target, 4, 1, batches, "test")
+    ranks, decision = guard_budget_ranks(net, layers, {"budget": budget}, io, base, "flops", target, 4, 1, batches,
+                                         "test")
     assert decision.chosen == "uniform" and ranks == {"first": (11, 11), "second": (11, 11)}
     assert decision.uniform_output_change < decision.budget_output_change
     assert decision.uniform_cost <= target and decision.budget_cost == pytest.approx(target)
-    assert "using the uniform ranks" in decision.line() and "\n" not in decision.line()
+    assert "falling back to the uniform ranks" in decision.line() and "\n" not in decision.line()
     record = decision.to_dict()
     assert record["budget_output_change"] > record["uniform_output_change"] > 0
+    assert record["candidates"]["uniform"]["output_change"] == record["uniform_output_change"]
+    assert record["candidates"]["budget"]["output_change"] == record["budget_output_change"]
+    # without the uniform comparison (--no-budget-guard) the budget ranks stay, however bad
+    kept, alone = guard_budget_ranks(net, layers, {"budget": budget}, io, base, "flops", target, 4, 1, batches,
+                                     "test", compare_uniform=False)
+    assert kept == budget and alone.chosen == "budget" and alone.uniform_output_change is None
 
 
 def test_guard_keeps_budget_ranks_that_hurt_less(two_convs):
     net, layers, io, base, batches = two_convs
     budget = {"second": (4, 4)}  # lossless: output change ~0, the uniform ratio must cut the first layer too
     target = network_fraction(layers, budget, io, base, "flops")
-    ranks, decision = guard_budget_ranks(net, layers, budget, io, base, "flops", target, 4, 1, batches, "test")
+    ranks, decision = guard_budget_ranks(net, layers, {"budget": budget}, io, base, "flops", target, 4, 1, batches,
+                                         "test")
     assert decision.chosen == "budget" and ranks == budget
     assert decision.budget_output_change < 1e-5 < decision.uniform_output_change
 
@@ -288,6 +298,17 @@ class DampedBranch(nn.Module):
 
     def forward(self, x):
         return self.loud(x) + 0.01 * self.quiet(x)
+
+
+def test_guard_picks_the_best_of_several_budget_allocations(two_convs):
+    net, layers, io, base, batches = two_convs
+    bad, good = {"first": (4, 4)}, {"second": (4, 4)}
+    target = max(network_fraction(layers, r, io, base, "flops") for r in (bad, good))
+    ranks, decision = guard_budget_ranks(net, layers, {"kernel": bad, "sensitivity": good}, io, base, "flops",
+                                         target, 4, 1, batches, "test")
+    assert decision.chosen == "sensitivity" and ranks == good
+    assert set(decision.candidates) == {"kernel", "sensitivity", "uniform"}
+    assert decision.budget_output_change == decision.candidates["sensitivity"]["output_change"]
 
 
 def test_sensitivities_measure_how_the_network_amplifies_a_layer():
@@ -313,3 +334,4 @@ def test_weights_steer_the_allocator_to_the_damped_layer():
     assert set(even) == {"a", "b"}  # identical layers, equal weights: both get cut
     steered = ranks_for_budget(layers, io, base_params, base_macs, 0.7, min_rank=8, weights={"a": 1.0, "b": 1e-4})
     assert list(steered) == ["b"]  # the budget is met by cutting only the layer whose errors the network damps
+
