@@ -38,6 +38,8 @@ def add_rank_options(p: argparse.ArgumentParser) -> None:
                         "default: synthetic CT phantoms through the same preprocessing")
     g.add_argument("--calibration-patches", type=int, default=4,
                    help="patches the sensitivities and the guard are measured on (4)")
+    g.add_argument("--calibration-seed", type=int, default=0,
+                   help="seed of the calibration patches (which patches, which synthetic phantoms; 0)")
     g.add_argument("--budget-error", choices=("kernel", "sensitivity", "best"), default="kernel",
                    help="allocator's per-layer error: the kernel's reconstruction error (kernel, default), that error "
                         "weighted by how much the network output moves with the layer's output (sensitivity), or "
@@ -67,7 +69,7 @@ def rank_policy_from_args(args):
                         target_flops=args.target_flops, min_rank=args.min_rank, multiple=args.rank_multiple,
                         include_stem=args.include_stem, include_pointwise=args.include_pointwise,
                         replace_all=args.replace_all, guard=not args.no_budget_guard, budget_error=args.budget_error,
-                        calibration_patches=args.calibration_patches)
+                        calibration_patches=args.calibration_patches, calibration_seed=args.calibration_seed)
     policy.validate()
     if args.images is not None and not policy.is_budget:
         flag = {"ratio": "--rank-ratio", "ranks": "--ranks", "energy": "--energy"}[policy.kind()]
@@ -165,7 +167,7 @@ def cmd_plan_tucker(args) -> None:
         from nnunet_compress.model_folder import input_channels_of
         calibration = calibration_source(args.images, parent, dataset_json, args.configuration,
                                          input_channels_of(parent, dataset_json, args.configuration),
-                                         cfg["patch_size"], policy.calibration_patches)
+                                         cfg["patch_size"], policy.calibration_patches, policy.calibration_seed)
     selection = select_ranks(net, policy, tuple(cfg["patch_size"]), calibration)
     schedule = schedule_from_args(args)
     plans = tucker_plans(parent, args.configuration, selection.ranks, policy, args.plans_name or

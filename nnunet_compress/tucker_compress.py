@@ -46,6 +46,7 @@ class RankPolicy:
     # patch.
     budget_error: str = "kernel"
     calibration_patches: int = 4  # patches the guard and the sensitivities are measured on
+    calibration_seed: int = 0  # which patches (and which synthetic phantoms) are cut, and the sensitivity probes
 
     def kind(self) -> str:
         given = [k for k in ("ratio", "ranks", "energy", "target_params", "target_flops")
@@ -107,7 +108,7 @@ class RankPolicy:
 
 
 BUDGET_ERRORS = ("best", "kernel", "sensitivity")
-_BUDGET_ONLY = ("guard", "budget_error", "calibration_patches")
+_BUDGET_ONLY = ("guard", "budget_error", "calibration_patches", "calibration_seed")
 
 
 @dataclass
@@ -162,7 +163,7 @@ def _calibration_batches(net: nn.Module, patch_size, policy: RankPolicy, calibra
     """The calibration batches, made once per selection (the sensitivities and the guard share them)."""
     if calibration is None:
         calibration = synthetic_calibration(None, None, None, _stem_channels(net), patch_size,
-                                            policy.calibration_patches)
+                                            policy.calibration_patches, policy.calibration_seed)
     cached = getattr(calibration, _CALIBRATION_CACHE_ATTR, None)
     if cached is None:
         cached = calibration()
@@ -249,7 +250,8 @@ def _budget_candidates(net: nn.Module, policy: RankPolicy, patch_size, calibrati
         if kind == "sensitivity":
             from nnunet_compress.budget_guard import layer_sensitivities
             batches, _ = _calibration_batches(net, patch_size, policy, calibration)
-            weights = layer_sensitivities(net, {n: c for n, c in layers.items() if n in io_shapes}, batches)
+            weights = layer_sensitivities(net, {n: c for n, c in layers.items() if n in io_shapes}, batches,
+                                          seed=policy.calibration_seed)
         candidates[kind] = R.ranks_for_budget(layers, io_shapes, params, macs, target, metric=metric,
                                               multiple=policy.multiple, min_rank=policy.min_rank, weights=weights)
     return candidates
@@ -412,7 +414,7 @@ def compress_model_folder(source: str | Path, output: str | Path, policy: RankPo
     if policy.is_budget:
         calibration = calibration_source(images, folder.plans, folder.dataset_json, configuration,
                                          input_channels_of(folder.plans, folder.dataset_json, configuration),
-                                         patch_size, policy.calibration_patches)
+                                         patch_size, policy.calibration_patches, policy.calibration_seed)
     selection = select_ranks(first_net, policy, patch_size, calibration, progress)
     ranks = selection.ranks
     if not ranks:

@@ -335,3 +335,14 @@ def test_weights_steer_the_allocator_to_the_damped_layer():
     steered = ranks_for_budget(layers, io, base_params, base_macs, 0.7, min_rank=8, weights={"a": 1.0, "b": 1e-4})
     assert list(steered) == ["b"]  # the budget is met by cutting only the layer whose errors the network damps
 
+
+def test_calibration_seed_picks_other_patches_and_is_recorded():
+    from nnunet_compress.tucker_compress import synthetic_calibration
+    same_a, _ = synthetic_calibration(None, None, None, 1, PATCH, 2, seed=0)()
+    same_b, _ = synthetic_calibration(None, None, None, 1, PATCH, 2, seed=0)()
+    other, source = synthetic_calibration(None, None, None, 1, PATCH, 2, seed=1)()
+    assert source == "synthetic CT" and [b.shape for b in other] == [(1, 1, *PATCH)] * 2
+    assert all(torch.equal(a, b) for a, b in zip(same_a, same_b))
+    assert not any(torch.equal(a, b) for a, b in zip(same_a, other))
+    assert RankPolicy(target_flops=0.3, calibration_seed=1).to_dict()["calibration_seed"] == 1
+    assert "calibration_seed" not in RankPolicy(ratio=0.3).to_dict()  # budget-only, like --calibration-patches
