@@ -25,7 +25,7 @@ def assert_bit_identical(a, b):
 
 @pytest.mark.parametrize("argv", [
     ["tucker", "--rank-ratio", "0.5", "--min-rank", "4"],
-    ["tucker", "--target-flops", "0.4"],
+    ["tucker", "--target-flops", "0.6"],  # the tiny net at the default floor (--min-rank 8) keeps >= 0.52
     ["prune", "--method", "l1", "--target-flops", "0.6"],
     ["prune", "--method", "taylor", "--target-flops", "0.6", "--calibration-batches", "2", "--seed", "3"],
 ], ids=["tucker-ratio", "tucker-budget", "prune-l1", "prune-taylor"])

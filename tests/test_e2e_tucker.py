@@ -163,3 +163,69 @@ def test_paper_setting_factorises_every_layer_heads_included(tiny_ws, tiny_base,
     assert "encoder.stages.0.0.convs.0.conv" in names and any(".seg_layers." in n for n in names)
     weights = torch.load(out / "fold_0" / "checkpoint_final.pth", weights_only=False)["network_weights"]
     assert any(k.endswith("seg_layers.0.1.weight") for k in weights), "heads were not factorised"
+
+
+def test_budget_keeps_the_dice_of_the_uniform_ratio_at_the_same_flops(tiny_ws, tiny_base, tmp_path):
+    """Issue 14: --target-flops 0.18 once chose ranks of 1 and kept foreground Dice 0.002 where --rank-ratio 0.25
+    (0.18 of the FLOPs under --min-rank 4) kept 0.92. With the floor and the guard (which keeps whichever of the
+    budget ranks and the uniform ratio of no greater cost changes the output less on calibration patches) the
+    budget must stay within 0.01 of the uniform ratio (no fine-tuning; nnU-Net's predictor and evaluation)."""
+    ratio_out, budget_out = tmp_path / "ratio", tmp_path / "budget"
+    run_cli("tucker", tiny_base, "-o", ratio_out, "--rank-ratio", "0.25", "--min-rank", "4", env=tiny_ws.env(),
+            check=True)
+    proc = run_cli("tucker", tiny_base, "-o", budget_out, "--target-flops", "0.18", "--min-rank", "4",
+                   env=tiny_ws.env(), check=True)
+    assert "budget guard (relative output change on 4 synthetic CT patches)" in proc.stdout
+    report = json.loads((budget_out / "compression_report.json").read_text())
+    assert report["flops_after"] <= 0.18 * report["flops_before"]
+    assert min(min(r["ranks"]) for r in report["layers"]) >= 4  # every layer here has >= 8 channels per mode
+    guard = report["budget_guard"]
+    assert guard["chosen"] in ("budget", "uniform") and guard["calibration"] == "synthetic CT"
+    assert guard["budget_output_change"] > 0 and guard["uniform_output_change"] > 0
+    kept = min(guard["budget_output_change"], guard["uniform_output_change"])
+    assert (guard["chosen"] == "uniform") == (guard["uniform_output_change"] < guard["budget_output_change"])
+    assert kept == (guard["uniform_output_change"] if guard["chosen"] == "uniform" else guard["budget_output_change"])
+    floor_rows = [r["name"] for r in report["layers"] if r["at_floor"]]
+    assert report["rank_floor"]["layers"] == floor_rows
+    assert "budget guard" in (budget_out / "compression_report.md").read_text()
+    plans = json.loads((budget_out / "plans.json").read_text())
+    assert plans["configurations"]["3d_fullres"]["nnunet_compress"]["budget_guard"] == guard
+    ratio_dice = tiny.dice_scores(tiny_ws, tiny.predict_folder(tiny_ws, ratio_out, tiny_ws.root / "tucker_r025"))
+    budget_dice = tiny.dice_scores(tiny_ws, tiny.predict_folder(tiny_ws, budget_out, tiny_ws.root / "tucker_f018"))
+    assert budget_dice["mean_foreground"] >= ratio_dice["mean_foreground"] - 0.01, (budget_dice, ratio_dice)
+
+
+def test_budget_floor_errors_through_the_cli(tiny_ws, tiny_base, tmp_path):
+    before = tree_checksums(tiny_base)
+    out = tmp_path / "out"
+    # the tiny net's floor (--min-rank 8) keeps 0.518 of its FLOPs: 0.18 cannot be met
+    proc = run_cli("tucker", tiny_base, "-o", out, "--target-flops", "0.18", env=tiny_ws.env())
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: --target-flops 0.18 cannot"), \
+        proc.stderr
+    assert "at the rank floor (--min-rank 8" in lines[0] and "choose --target-flops 0.5" in lines[0]
+    assert not out.exists() and not list(tmp_path.glob(".*partial*"))
+    # a fixed rank below the floor is refused, naming the layer and the floor
+    ranks = tmp_path / "ranks.json"
+    ranks.write_text(json.dumps({"decoder.stages.0.convs.0.conv": [2, 8]}))
+    proc = run_cli("tucker", tiny_base, "-o", out, "--ranks", ranks, env=tiny_ws.env())
+    assert proc.returncode == 2 and "decoder.stages.0.convs.0.conv" in proc.stderr and \
+        "below the rank floor 8" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert not out.exists()
+    assert tree_checksums(tiny_base) == before
+
+
+def test_plan_tucker_budget_records_the_guard(tiny_ws, tiny_base):
+    plans_name = f"{tiny.TINY_PLANS}_tuckerF0.3"
+    proc = run_cli("plan", "tucker", "-d", tiny_ws.dataset_id, "-c", "3d_fullres", "-p", tiny.TINY_PLANS,
+                   "--target-flops", "0.3", "--min-rank", "4", "--weights", tiny.checkpoint_path(tiny_base),
+                   "-i", tiny_ws.raw_dataset / "imagesTr", "--plans-name", plans_name, "--overwrite",
+                   env=tiny_ws.env(), check=True)
+    assert "budget guard (relative output change on 4 image patches)" in proc.stdout
+    section = json.loads(tiny_ws.plans_path(plans_name).read_text())["configurations"]["3d_fullres"]["nnunet_compress"]
+    guard = section["budget_guard"]
+    assert guard["calibration"] == "image" and guard["patches"] == 4 and guard["chosen"] in ("budget", "uniform")
+    assert section["rank_policy"]["budget_error"] == "kernel" and section["rank_policy"]["guard"] is True
+    ranks = json.loads(tiny_ws.plans_path(plans_name).read_text())["configurations"]["3d_fullres"]["architecture"][
+        "arch_kwargs"]["tucker_ranks"]
+    assert ranks and min(min(r) for r in ranks.values()) >= 4
