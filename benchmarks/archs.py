@@ -29,7 +29,7 @@ from nnunet_compress.tucker_compress import RankPolicy, choose_ranks
 
 @dataclass(frozen=True)
 class Architecture:
-    """One TotalSegmentator configuration (DESIGN.md §6)."""
+    """One TotalSegmentator configuration (docs/totalsegmentator_architecture.md)."""
 
     name: str
     features: tuple[int, ...]

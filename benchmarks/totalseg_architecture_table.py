@@ -2,12 +2,12 @@
 
     .venv/bin/python benchmarks/totalseg_architecture_table.py [--json out.json] [--check-patch 32]
 
-So that anyone can check our counts against Weber et al.'s published ones (DESIGN.md section 6), this builds the
-1.5 mm part model (6 stages 32-64-128-256-320-320, 25 outputs: organs) and the 3 mm ``--fast`` model (5 stages,
-118 outputs) from nnU-Net plans with nnU-Net's own ``get_network_from_plans`` (random weights: counts depend on
-shapes only) and, for every rank factor of the paper's grid, applies the paper's setting: rank
-R = min(C, max(8, ceil(C * f))) on both channel modes of EVERY Conv3d/ConvTranspose3d, stem and 1x1x1 heads
-included, even where the factorisation is not cheaper, i.e. ``RankPolicy(ratio=f, min_rank=8, include_stem=True,
+So that anyone can check our counts against Weber et al.'s published ones (docs/totalsegmentator_architecture.md),
+this builds the 1.5 mm part model (6 stages 32-64-128-256-320-320, 25 outputs: organs) and the 3 mm ``--fast`` model
+(5 stages, 118 outputs) from nnU-Net plans with nnU-Net's own ``get_network_from_plans`` (random weights: counts
+depend on shapes only) and, for every rank factor of the paper's grid, applies the paper's setting: rank R = min(C,
+max(8, ceil(C * f))) on both channel modes of EVERY Conv3d/ConvTranspose3d, stem and 1x1x1 heads included, even
+where the factorisation is not cheaper, i.e. ``RankPolicy(ratio=f, min_rank=8, include_stem=True,
 include_pointwise=True, replace_all=True)``.
 
 How the numbers are counted (the paper used fvcore, which counts one multiply-add as one FLOP):

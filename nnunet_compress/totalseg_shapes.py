@@ -5,12 +5,14 @@ exact architectures: the benchmark that checks our parameter/FLOP counts against
 and the tests that run TotalSegmentator's own code on a compressed home. Both build the networks from the plans
 written here, with nnU-Net's own ``get_network_from_plans``, so they see what nnU-Net builds from the shipped plans.
 
-Facts (DESIGN.md section 6, totalsegmentator 2.18): PlainConvUNet, 3x3x3 kernels, stride 2 after the first stage,
-2 convolutions per stage in encoder and decoder, conv bias, affine InstanceNorm, LeakyReLU, 2x2x2 transposed convs.
-1.5 mm part models: 6 stages 32-64-128-256-320-320, patch 128^3. 3 mm ``--fast`` model: 5 stages 32...320, patch
-112x112x128. The plans are written in the nnU-Net 2.1 format (``UNet_class_name``, ``pool_op_kernel_sizes`` ...)
-that TotalSegmentator's v2 weights ship with (its nnunet.py silences nnU-Net's "old plans format" warning for them);
-nnU-Net >= 2.2 converts that format itself, and so does our compression, so both formats are exercised.
+Facts (checked against totalsegmentator 2.18; written out in docs/totalsegmentator_architecture.md): PlainConvUNet,
+3x3x3 kernels, stride 2 after the first stage, 2 convolutions per stage in encoder and decoder, conv bias, affine
+InstanceNorm, LeakyReLU, 2x2x2 transposed convs. 1.5 mm part models: 6 stages 32-64-128-256-320-320, patch 128^3.
+3 mm ``--fast`` model: 5 stages 32...320, patch 112x112x128. The plans are written in the nnU-Net 2.1 format
+(``UNet_class_name``, ``pool_op_kernel_sizes`` ...) that TotalSegmentator's v2 weights ship with (its nnunet.py
+silences nnU-Net's "old plans format" warning for them); nnU-Net >= 2.2 converts that format itself, and so does our
+compression, so both formats are exercised.
+
 The label names come from the installed TotalSegmentator, so they match what its code maps back to class names.
 """
 
@@ -42,7 +44,8 @@ class Architecture:
 ARCH_1_5MM_ORGANS = Architecture("1.5 mm (organs, id 291)", 6, 1.5, (128, 128, 128), 25)
 ARCH_3MM = Architecture("3 mm (--fast, id 297)", 5, 3.0, (112, 112, 128), 118)
 
-# The Tucker paper's counts (fvcore: one multiply-add = one FLOP), DESIGN.md section 6. None = not published.
+# The Tucker paper's counts (fvcore: one multiply-add = one FLOP; docs/totalsegmentator_architecture.md).
+# None = not published.
 PUBLISHED = {
     ARCH_1_5MM_ORGANS.name: {"params_M": {None: 31.19, 0.3: 3.69}, "GFLOPs": {None: 480.6, 0.3: 65.0}},
     ARCH_3MM.name: {"params_M": {None: 16.55, 0.3: 1.98}, "GFLOPs": {None: 369.1}},
