@@ -191,6 +191,10 @@ def add_schedule_options(p: argparse.ArgumentParser) -> None:
                    help="epochs between checkpoint_latest.pth saves (nnU-Net: 50); what --c resumes from")
     g.add_argument("--augmentation", choices=("nnunet", "none"),
                    help="'none' trains without nnU-Net's augmentation (for quick CPU runs on easy data)")
+    g.add_argument("--seed", type=int,
+                   help="seed of the training run (python, numpy and torch at trainer start) and of the method's "
+                        "own random draws; a run repeats exactly with nnUNet_n_proc_DA=0 (default: unseeded, as "
+                        "nnU-Net; Sauron's reference channels then use 12345)")
 
 
 def schedule_from_args(args) -> dict:
@@ -203,6 +207,10 @@ def schedule_from_args(args) -> dict:
             schedule[key] = value
     if getattr(args, "augmentation", None):
         schedule["augmentation"] = args.augmentation
+    if getattr(args, "seed", None) is not None:
+        if args.seed < 0:
+            raise CompressError(f"--seed must be a non-negative integer, got {args.seed}")
+        schedule["seed"] = args.seed
     return schedule
 
 
@@ -275,8 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="demo_work")
     p.add_argument("--fast", action="store_true", help="shorter training (for a quick look)")
     p.add_argument("--seed", type=int, default=0,
-                   help="seed of the synthetic dataset and of Sauron's reference channels (0); nnU-Net's own "
-                        "training draws are not seeded by nnU-Net")
+                   help="seed of the synthetic dataset and of every training run and random choice in it (0); "
+                        "each seed repeats exactly (data loading runs in the training process)")
     p.set_defaults(func=cmd_demo)
 
     from nnunet_compress import cli_pruning

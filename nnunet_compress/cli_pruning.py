@@ -62,7 +62,8 @@ def cmd_plan_sauron(args) -> None:
     from nnunet_compress.plans import format_number_tag
     from nnunet_compress.pruning.sauron import SauronConfig
     config = SauronConfig(lambda_=args.lambda_, tau_start=args.tau_start, tau_max=args.tau_max, kappa=args.kappa,
-                          rho=args.rho, mu=args.mu, class_guard=args.class_guard, seed=args.seed)
+                          rho=args.rho, mu=args.mu, class_guard=args.class_guard,
+                          seed=12345 if args.seed is None else args.seed)
     config.validate()
     write_pruning_plans(args, "sauron", config.to_dict(), f"sauron{format_number_tag(args.tau_max)}")
 
@@ -118,9 +119,7 @@ def register(sub, plan_sub) -> None:
     p.add_argument("--class-guard", type=float, default=0.5,
                    help="undo an epoch's removal after which a class keeps less than this share of its validation "
                         "pseudo Dice, and keep those filters from then on (0.5; 0 turns it off)")
-    p.add_argument("--seed", type=int, default=12345,
-                   help="seed of the random reference channels (plus the fold number; 12345)")
-    add_schedule_options(p)
+    add_schedule_options(p)  # its --seed also seeds the random reference channels (plus the fold number)
     p.set_defaults(func=cmd_plan_sauron)
 
     p = sub.add_parser("prune", help="one-shot filter pruning of a trained model folder (no fine-tuning)")

@@ -80,11 +80,11 @@ def run_demo(workdir: Path, fast: bool = False, seed: int = 0) -> list[DemoRow]:
             check(cli(["plan", "tucker", "-d", str(ws.dataset_id), "-c", tiny.CONFIGURATION, "-p", tiny.TINY_PLANS,
                        "--rank-ratio", str(ratio), "--min-rank", "4", "--epochs", str(max(3, epochs // 5)),
                        "--iterations-per-epoch", "25", "--val-iterations", "2", "--lr", "1e-3", "--augmentation", "none",
-                       "--overwrite"]))
+                       "--seed", str(seed), "--overwrite"]))
             tiny.train(ws, plans_name, "nnUNetTrainerTucker", pretrained=tiny.checkpoint_path(base_folder))
         rows.append(measure(ws, f"tucker {ratio} + fine-tuning", finetuned, f"tucker{ratio}_ft"))
 
-    rows.extend(taylor_rows(ws, base_folder, epochs))
+    rows.extend(taylor_rows(ws, base_folder, epochs, seed))
     rows.extend(sauron_rows(ws, base_folder, epochs, seed))
 
     print("[demo] 4/4 summary (one 3D patch on the CPU; Dice = mean foreground Dice on the held-out cases)")
@@ -102,7 +102,7 @@ def check(exit_code: int) -> None:
         raise SystemExit(exit_code)
 
 
-def taylor_rows(ws: tiny.TinyWorkspace, base_folder: Path, epochs: int) -> list[DemoRow]:
+def taylor_rows(ws: tiny.TinyWorkspace, base_folder: Path, epochs: int, seed: int = 0) -> list[DemoRow]:
     """One-shot L1 pruning (no fine-tuning) and Taylor pruning inside nnU-Net's training loop, to half the FLOPs."""
     from nnunet_compress.cli import main as cli
     print("[demo] pruning: one-shot L1 (nnunet-compress prune) and Taylor in the training loop "
@@ -119,7 +119,7 @@ def taylor_rows(ws: tiny.TinyWorkspace, base_folder: Path, epochs: int) -> list[
         check(cli(["plan", "taylor", "-d", str(ws.dataset_id), "-c", tiny.CONFIGURATION, "-p", tiny.TINY_PLANS,
                    "--target-flops", "0.5", "--step", "0.1", "--accumulate-batches", "4",
                    "--epochs", str(max(8, epochs // 3)), "--iterations-per-epoch", "20", "--val-iterations", "2", "--lr", "1e-3",
-                   "--augmentation", "none", "--overwrite"]))
+                   "--augmentation", "none", "--seed", str(seed), "--overwrite"]))
         tiny.train(ws, plans_name, "nnUNetTrainerTaylorPruning", pretrained=tiny.checkpoint_path(base_folder))
     rows.append(measure(ws, "Taylor F0.5 + fine-tuning", folder, "taylor_F0.5"))
     return rows

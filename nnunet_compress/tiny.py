@@ -66,7 +66,8 @@ class TinyWorkspace:
 
 
 def tiny_plans(parent: dict, num_epochs: int, iterations_per_epoch: int, features: tuple[int, ...] = (8, 16, 32, 64),
-               patch_size: tuple[int, int, int] = (32, 48, 48), batch_size: int = 2) -> dict:
+               patch_size: tuple[int, int, int] = (32, 48, 48), batch_size: int = 2,
+               training_seed: int = 0) -> dict:
     """nnU-Net's 3d_fullres plans with a small U-Net (3×3×3 kernels, stride 2) and a short schedule."""
     plans = copy.deepcopy(parent)
     plans["plans_name"] = TINY_PLANS
@@ -85,7 +86,8 @@ def tiny_plans(parent: dict, num_epochs: int, iterations_per_epoch: int, feature
     cfg["batch_size"] = batch_size
     cfg["nnunet_compress"] = {"schedule": {"num_epochs": num_epochs, "num_iterations_per_epoch": iterations_per_epoch,
                                            "num_val_iterations_per_epoch": 4, "initial_lr": 1e-2,
-                                           "augmentation": "none", "seed": TRAINING_SEED}}
+                                           "augmentation": "none",
+                                           "seed": TRAINING_SEED + training_seed}}
     return plans
 
 
@@ -102,7 +104,11 @@ TRAINING_SEED = 0
 
 def prepare_dataset(ws: TinyWorkspace, num_train: int = 12, num_test: int = 4, seed: int = 0,
                     num_epochs: int = BASE_EPOCHS, iterations_per_epoch: int = 25) -> Path:
-    """Synthetic raw data -> nnU-Net planning and preprocessing -> tiny plans. Returns the tiny plans file."""
+    """Synthetic raw data -> nnU-Net planning and preprocessing -> tiny plans. Returns the tiny plans file.
+
+    `seed` draws the synthetic cases and offsets the base training's seed (``TRAINING_SEED + seed``), so seed 0 is
+    the tested default and other seeds give independent repeats of the whole pipeline (benchmarks/stability.py).
+    """
     from nnunet_compress.synthetic import write_synthetic_dataset
     if not ws.raw_dataset.exists():
         write_synthetic_dataset(str(ws.raw), ws.dataset_id, name=ws.dataset_name, num_train=num_train,
@@ -111,7 +117,7 @@ def prepare_dataset(ws: TinyWorkspace, num_train: int = 12, num_test: int = 4, s
     if not parent_path.exists():
         run_nnunet(["nnUNetv2_plan_and_preprocess", "-d", str(ws.dataset_id), "-c", CONFIGURATION,
                     "--verify_dataset_integrity", "-np", "2"], ws.env(), ws.root / "logs" / "plan_and_preprocess.log")
-    plans = tiny_plans(read_json(parent_path), num_epochs, iterations_per_epoch)
+    plans = tiny_plans(read_json(parent_path), num_epochs, iterations_per_epoch, training_seed=seed)
     write_json(ws.plans_path(TINY_PLANS), plans)
     return ws.plans_path(TINY_PLANS)
 

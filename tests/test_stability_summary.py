@@ -1,0 +1,34 @@
+"""benchmarks/stability.py's arithmetic: spread over seeds, the worst run, and which rows the aims apply to."""
+
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import stability  # noqa: E402
+
+
+def row(model, dice, per_class):
+    return {"model": model, "dice": dice, "dice_per_class": per_class, "params": 10, "gflops": 1.0}
+
+
+def test_spread_and_minimum_per_class():
+    runs = {0: [row("base", 0.9, {"1": 0.9, "2": 0.9}), row("Taylor F0.5 + fine-tuning", 0.8, {"1": 0.9, "2": 0.7})],
+            1: [row("base", 0.8, {"1": 0.8, "2": 0.8}), row("Taylor F0.5 + fine-tuning", 0.45, {"1": 0.9, "2": 0.0})]}
+    summary = {s["model"]: s for s in stability.summarise(runs)}
+    taylor = summary["Taylor F0.5 + fine-tuning"]
+    assert taylor["mean_dice"]["mean"] == pytest.approx(0.625)
+    assert taylor["mean_dice"]["std"] == pytest.approx(statistics.pstdev([0.8, 0.45]))
+    assert taylor["mean_dice"]["min"] == 0.45 and taylor["lowest_class_dice"] == 0.0
+    assert taylor["per_class"]["2"] == pytest.approx({"mean": 0.35, "std": 0.35, "min": 0.0})
+    lines = stability.aims(list(summary.values()))
+    assert len(lines) == 1 and "MISSED: aim >= 0.5" in lines[0] and "MISSED: aim <= 0.03" in lines[0]
+
+
+@pytest.mark.parametrize("model, tuned", [("tucker 0.5 (no fine-tuning)", False), ("tucker 0.5 + fine-tuning", True),
+                                          ("L1 prune F0.5 (no fine-tuning)", False), ("base", False),
+                                          ("Sauron (pruned while training)", True)])
+def test_which_rows_are_fine_tuned(model, tuned):
+    assert stability.is_fine_tuned(model) is tuned
