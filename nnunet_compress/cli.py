@@ -292,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     cli_pruning.register(sub, plan_sub)
     from nnunet_compress import cli_eval
     cli_eval.register(sub)
+    from nnunet_compress import cli_distill
+    cli_distill.register(sub)
     return parser
 
 

@@ -4,6 +4,8 @@
 compression section, so the trainer finds them where it finds the rest of the method's settings. Everything that can be checked before training is checked here, with
 nothing written on failure: α and T, and a ``--teacher`` checkpoint (readable, trained for this dataset's labels,
 with its classes, input channels and architecture those of the parent plans).
+
+``pseudo-dataset`` writes the label-free training data (:mod:`nnunet_compress.pseudo_dataset`).
 """
 
 from __future__ import annotations
@@ -73,3 +75,34 @@ def add_distillation(plans: dict, configuration: str, settings, dataset_json: di
     cfg[SECTION]["distillation"] = settings.to_dict()
     return plans
 
+
+def cmd_pseudo_dataset(args) -> None:
+    from nnunet_compress.pseudo_dataset import PseudoDatasetRequest, write_pseudo_dataset
+    if args.num_processes < 1:
+        raise CompressError(f"--num-processes {args.num_processes} must be at least 1")
+    request = PseudoDatasetRequest(parent=args.model_folder, images=args.images, dataset_id=args.dataset_id,
+                                   name=args.name, folds=args.folds, checkpoint=args.checkpoint,
+                                   overwrite=args.overwrite, device=args.device, disable_tta=args.disable_tta,
+                                   num_processes=args.num_processes)
+    raw, prep, plans = write_pseudo_dataset(request, progress=lambda line: print(line, flush=True))
+    print(f"wrote {raw} (raw dataset, labels = the parent's predictions) and the parent's plans {plans} in {prep}")
+    print(f"next: nnUNetv2_preprocess -d {args.dataset_id} -plans_name {plans} -c CONFIGURATION, then "
+          f"nnunet-compress plan tucker|taylor|sauron -d {args.dataset_id} -p {plans} ... --distill --alpha 1")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("pseudo-dataset", help="write an nnU-Net raw dataset whose labels are a trained model's "
+                                              "predictions on your images (label-free fine-tuning)")
+    p.add_argument("model_folder", type=Path, help="the parent (uncompressed) model folder")
+    p.add_argument("-i", "--images", type=Path, required=True,
+                   help="folder of images in nnU-Net naming (CASE_0000.nii.gz, one file per channel)")
+    p.add_argument("-d", "--dataset-id", type=int, required=True, help="id of the new dataset (1-999, unused)")
+    p.add_argument("-n", "--name", help="name of the new dataset (default: the parent's dataset name + 'Pseudo')")
+    p.add_argument("-f", "--folds", nargs="+", help="folds of the parent to predict with (default: all, ensembled)")
+    p.add_argument("--checkpoint", default="checkpoint_final.pth")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--disable-tta", action="store_true", help="no mirroring at prediction (faster, slightly worse)")
+    p.add_argument("--num-processes", type=int, default=2, help="nnU-Net's preprocessing/export processes (2)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing dataset of this id and name (raw, plans and preprocessed data)")
+    p.set_defaults(func=cmd_pseudo_dataset)
