@@ -70,7 +70,6 @@ class DistillationTrainerMixin(CheckpointExtrasMixin):
 
     def teacher_outputs(self, data: torch.Tensor):
         from nnunetv2.utilities.helpers import dummy_context
-        data = data.to(self.device, non_blocking=True)
         with torch.no_grad(), (torch.autocast(self.device.type, enabled=True) if self.device.type == "cuda"
                                else dummy_context()):
             return self.teacher(data)
@@ -95,6 +94,8 @@ class DistillationTrainerMixin(CheckpointExtrasMixin):
         if self.distillation is None:
             yield terms
             return
+        # the batch goes to the device once: nnU-Net's train_step then finds it there
+        batch["data"] = batch["data"].to(self.device, non_blocking=True)
         teacher = self.teacher_outputs(batch["data"])
         label_loss = self.loss
         loss = DistillationLoss.for_trainer_loss(label_loss, self.distillation.alpha, self.distillation.temperature,
