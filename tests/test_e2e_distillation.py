@@ -164,7 +164,7 @@ def test_plan_distill_bad_input(tiny_ws, tiny_base, tmp_path):
     ckpt["network_weights"][key] = torch.zeros(16, *ckpt["network_weights"][key].shape[1:])
     torch.save(ckpt, wider)
     cases = [
-        (["tucker", "--rank-ratio", "0.5", "--distill", "--alpha", "1.5"], "--alpha 1.5 is outside [0, 1]"),
+        (["tucker", "--rank-ratio", "0.5", "--distill", "--alpha", "1.5"], r"--alpha 1.5 is outside \[0, 1\]"),
         (["tucker", "--rank-ratio", "0.5", "--distill", "--temperature", "0"], "must be positive"),
         (["taylor", "--target-flops", "0.5", "--alpha", "0.5"], "only with --distill"),
         (["sauron", "--distill", "--teacher", tmp_path / "missing.pth"], "teacher checkpoint .* does not exist"),
