@@ -143,11 +143,15 @@ def cmd_convert(args) -> None:
 
 
 def cmd_plan_tucker(args) -> None:
+    from nnunet_compress import cli_distill
     from nnunet_compress.model_folder import build_network, load_checkpoint, strip_wrapper_prefixes
     from nnunet_compress.plans import read_parent_plans, write_plans_beside, resolved_configuration
     from nnunet_compress.tucker_compress import calibration_source, select_ranks, tucker_plans
     policy = rank_policy_from_args(args)
+    distillation = cli_distill.distillation_settings_from_args(args)
     folder, parent = read_parent_plans(args.dataset, args.plans)
+    if distillation is not None:
+        cli_distill.check_parent_is_uncompressed(parent, args.configuration)
     cfg = resolved_configuration(parent, args.configuration)
     dataset_json = read_dataset_json(folder)
     net = build_network(parent, dataset_json, args.configuration)
@@ -171,7 +175,10 @@ def cmd_plan_tucker(args) -> None:
     selection = select_ranks(net, policy, tuple(cfg["patch_size"]), calibration)
     schedule = schedule_from_args(args)
     plans = tucker_plans(parent, args.configuration, selection.ranks, policy, args.plans_name or
-                         f"{args.plans}_{policy.tag()}", schedule, budget_guard=selection.guard)
+                         f"{args.plans}_{policy.tag()}{cli_distill.plans_name_suffix(args)}", schedule,
+                         budget_guard=selection.guard)
+    if distillation is not None:
+        cli_distill.add_distillation(plans, args.configuration, distillation, dataset_json)
     path = write_plans_beside(folder, plans, args.overwrite)
     print(path)
 
@@ -277,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_rank_options(p)
     p.add_argument("--weights", type=Path, help="parent checkpoint (needed by --energy / --target-*)")
     add_schedule_options(p)
+    from nnunet_compress.cli_distill import add_distillation_options
+    add_distillation_options(p)
     p.set_defaults(func=cmd_plan_tucker)
 
     p = sub.add_parser("demo", help="the end-to-end demo on synthetic data")
@@ -291,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     cli_pruning.register(sub, plan_sub)
     from nnunet_compress import cli_eval
     cli_eval.register(sub)
+    from nnunet_compress import cli_distill
+    cli_distill.register(sub)
     return parser
 
 

@@ -42,12 +42,19 @@ def taylor_settings_from_args(args, **extra):
 
 
 def write_pruning_plans(args, method: str, settings: dict, tag: str) -> None:
-    from nnunet_compress.cli import schedule_from_args
+    from nnunet_compress import cli_distill
+    from nnunet_compress.cli import read_dataset_json, schedule_from_args
     from nnunet_compress.plans import read_parent_plans, write_plans_beside
     from nnunet_compress.taylor_prune import pruning_plans
+    distillation = cli_distill.distillation_settings_from_args(args)
     folder, parent = read_parent_plans(args.dataset, args.plans)
-    plans = pruning_plans(parent, args.configuration, method, settings, args.plans_name or f"{args.plans}_{tag}",
+    if distillation is not None:
+        cli_distill.check_parent_is_uncompressed(parent, args.configuration)
+    plans = pruning_plans(parent, args.configuration, method, settings,
+                          args.plans_name or f"{args.plans}_{tag}{cli_distill.plans_name_suffix(args)}",
                           schedule_from_args(args))
+    if distillation is not None:
+        cli_distill.add_distillation(plans, args.configuration, distillation, read_dataset_json(folder))
     print(write_plans_beside(folder, plans, args.overwrite))
 
 
@@ -94,6 +101,7 @@ def positive_int(text: str) -> int:
 
 def register(sub, plan_sub) -> None:
     from nnunet_compress.cli import add_plan_common, add_schedule_options
+    from nnunet_compress.cli_distill import add_distillation_options
 
     p = plan_sub.add_parser("taylor", help="plans for nnUNetTrainerTaylorPruning")
     add_plan_common(p)
@@ -106,6 +114,7 @@ def register(sub, plan_sub) -> None:
                    help="keep scoring more batches, up to this many, until every class has appeared in one "
                         "(default: 32, or --accumulate-batches if larger)")
     add_schedule_options(p)
+    add_distillation_options(p)
     p.set_defaults(func=cmd_plan_taylor)
 
     p = plan_sub.add_parser("sauron", help="plans for nnUNetTrainerSauron")
@@ -120,6 +129,7 @@ def register(sub, plan_sub) -> None:
                    help="undo an epoch's removal after which a class keeps less than this share of its validation "
                         "pseudo Dice, and keep those filters from then on (0.5; 0 turns it off)")
     add_schedule_options(p)  # its --seed also seeds the random reference channels (plus the fold number)
+    add_distillation_options(p)
     p.set_defaults(func=cmd_plan_sauron)
 
     p = sub.add_parser("prune", help="one-shot filter pruning of a trained model folder (no fine-tuning)")

@@ -83,6 +83,7 @@ def run_demo(workdir: Path, fast: bool = False, seed: int = 0) -> list[DemoRow]:
                        "--seed", str(seed), "--overwrite"]))
             tiny.train(ws, plans_name, "nnUNetTrainerTucker", pretrained=tiny.checkpoint_path(base_folder))
         rows.append(measure(ws, f"tucker {ratio} + fine-tuning", finetuned, f"tucker{ratio}_ft"))
+    rows.append(label_free_row(ws, base_folder, 0.25, epochs, seed))
 
     rows.extend(taylor_rows(ws, base_folder, epochs, seed))
     rows.extend(sauron_rows(ws, base_folder, epochs, seed))
@@ -95,6 +96,40 @@ def run_demo(workdir: Path, fast: bool = False, seed: int = 0) -> list[DemoRow]:
     atomic_write_file(summary, lambda tmp: tmp.write_text(json.dumps([asdict(r) for r in rows], indent=2)))
     print(f"[demo] done in {(time.time() - t0) / 60:.1f} min; figures in {summary}")
     return rows
+
+
+# the label-free row's dataset: the base model's predictions on extra unlabelled synthetic cases
+PSEUDO_ID, PSEUDO_NAME, UNLABELLED_CASES = 511, "SyntheticUnlabelled", range(1000, 1012)
+
+
+def label_free_row(ws: tiny.TinyWorkspace, base_folder: Path, ratio: float, epochs: int, seed: int = 0) -> DemoRow:
+    """Tucker `ratio` fine-tuned without labels: the base model labels unseen scans and teaches the student.
+
+    The same schedule as the labelled Tucker fine-tuning, on 12 extra synthetic cases that no model was trained or
+    tested on (what a hospital holds: its own scans, no labels), with the teacher's probabilities only (α = 1).
+    """
+    from nnunet_compress.cli import main as cli
+    from nnunet_compress.nnunet_env import run_nnunet
+    from nnunet_compress.synthetic import write_unlabelled_images
+    pseudo = tiny.TinyWorkspace(ws.root, PSEUDO_ID, PSEUDO_NAME)
+    plans_name = f"{tiny.TINY_PLANS}_tucker{ratio}_distill"
+    folder = pseudo.model_folder("nnUNetTrainerTucker", plans_name)
+    if not tiny.checkpoint_path(folder).exists():
+        print(f"[demo]      label-free: the base model labels {len(UNLABELLED_CASES)} unlabelled scans "
+              "(nnunet-compress pseudo-dataset), Tucker fine-tuned from its probabilities (--distill --alpha 1)")
+        images = ws.root / "unlabelled_images"
+        write_unlabelled_images(images, seed=seed, indices=UNLABELLED_CASES)
+        check(cli(["pseudo-dataset", str(base_folder), "-i", str(images), "-d", str(PSEUDO_ID), "-n", PSEUDO_NAME,
+                   "--disable-tta", "--num-processes", "1", "--overwrite"]))
+        run_nnunet(["nnUNetv2_preprocess", "-d", str(PSEUDO_ID), "-c", tiny.CONFIGURATION, "-plans_name",
+                    tiny.TINY_PLANS, "-np", "1"], pseudo.env(), ws.root / "logs" / "preprocess_pseudo.log")
+        check(cli(["plan", "tucker", "-d", str(PSEUDO_ID), "-c", tiny.CONFIGURATION, "-p", tiny.TINY_PLANS,
+                   "--rank-ratio", str(ratio), "--min-rank", "4", "--distill", "--alpha", "1",
+                   "--epochs", str(max(3, epochs // 5)), "--iterations-per-epoch", "25", "--val-iterations", "2",
+                   "--lr", "1e-3", "--augmentation", "none", "--seed", str(seed), "--overwrite"]))
+        tiny.train(pseudo, plans_name, "nnUNetTrainerTucker", pretrained=tiny.checkpoint_path(base_folder),
+                   log_name="demo_label_free")
+    return measure(ws, f"tucker {ratio} + label-free distill", folder, f"tucker{ratio}_label_free")
 
 
 def check(exit_code: int) -> None:

@@ -17,7 +17,7 @@ from torch import nn
 
 from nnunet_compress.errors import CompressError
 from nnunet_compress.network import CompressedUNet, unwrap
-from nnunet_compress.training import SECTION
+from nnunet_compress.training import SECTION, CheckpointExtrasMixin
 
 CHECKPOINT_KEY = "nnunet_compress"
 
@@ -84,7 +84,7 @@ def _cpu_copy(obj):
     return copy.deepcopy(obj)
 
 
-class PruningTrainerMixin:
+class PruningTrainerMixin(CheckpointExtrasMixin):
     """Mixed into an nnUNetTrainer subclass; the subclass decides what to prune and calls apply_pruning."""
 
     method: str = ""
@@ -216,16 +216,11 @@ class PruningTrainerMixin:
         cost = state.get("initial_cost")
         self.initial_cost = tuple(cost) if cost else None
 
-    def save_checkpoint(self, filename: str) -> None:
-        super().save_checkpoint(filename)
-        if self.local_rank != 0 or self.disable_checkpointing:
-            return
+    def checkpoint_extras(self) -> dict:
         from nnunet_compress.pruning.surgery import channel_counts
-        from nnunet_compress.model_folder import save_checkpoint
-        checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
-        checkpoint[CHECKPOINT_KEY] = {"method": self.method, "channels": channel_counts(self.plain_network),
-                                      "state": self.pruning_state()}
-        save_checkpoint(checkpoint, Path(filename))
+        return {**super().checkpoint_extras(),
+                CHECKPOINT_KEY: {"method": self.method, "channels": channel_counts(self.plain_network),
+                                 "state": self.pruning_state()}}
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         if not self.was_initialized:

@@ -123,6 +123,23 @@ def write_synthetic_dataset(raw_root: str, dataset_id: int, name: str = "Synthet
     return str(target)
 
 
+def write_unlabelled_images(folder: str | Path, seed: int, indices) -> list[str]:
+    """Only the images of cases `indices` (``<case>_0000.nii.gz``), for label-free fine-tuning.
+
+    They stand for the scans a hospital holds without labels: drawn from the same distribution as the dataset's
+    cases, and, with indices beyond ``num_train + num_test``, none of them is a case any model was trained or tested
+    on. Returns the case ids.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    ids = []
+    for index in indices:
+        case = generate_case(seed, int(index))
+        _write_nifti(case.image_hu, case.spacing, folder / f"{case.identifier}_0000{FILE_ENDING}")
+        ids.append(case.identifier)
+    return ids
+
+
 def generate_case(seed: int, index: int) -> SyntheticCase:
     """Case number `index` of the dataset with `seed`, independent of how many cases are generated around it."""
     rng = case_rng(seed, index)

@@ -108,6 +108,36 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class CheckpointExtrasMixin:
+    """Entries of ours in nnU-Net's checkpoint files, added in one re-write of the file per save.
+
+    nnU-Net assembles and writes its checkpoint dict inside ``save_checkpoint`` with no hook, so state that a
+    resumed run needs (pruned shapes, method state, the distillation teacher's path) is added to the written file.
+    Every mixin contributes through :meth:`checkpoint_extras` (cooperatively, via ``super()``), so a trainer that
+    prunes *and* distils still re-writes its checkpoint once.
+    """
+
+    def checkpoint_extras(self) -> dict:
+        return {}
+
+    def save_checkpoint(self, filename: str) -> None:
+        super().save_checkpoint(filename)
+        if self.local_rank != 0 or self.disable_checkpointing:
+            return
+        extras = self.checkpoint_extras()
+        if not extras:
+            return
+        from pathlib import Path
+        from nnunet_compress.model_folder import save_checkpoint
+        checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
+        checkpoint.update(extras)
+        save_checkpoint(checkpoint, Path(filename))
+
+
+# Where -pretrained_weights came from, kept on the network it initialised: the default distillation teacher.
+PARENT_CHECKPOINT_ATTR = "_nnunet_compress_parent_checkpoint"
+
+
 def load_checkpoint_weights(fname: str) -> dict[str, torch.Tensor]:
     from nnunet_compress.model_folder import load_checkpoint
     return load_checkpoint(fname)["network_weights"]
@@ -119,6 +149,8 @@ def load_pretrained_weights_into(network: torch.nn.Module, fname: str, verbose: 
     net = unwrap(network)
     assert isinstance(net, CompressedUNet)
     errors = net.load_parent_weights(load_checkpoint_weights(fname))
+    from pathlib import Path
+    setattr(net, PARENT_CHECKPOINT_ATTR, str(Path(fname).resolve()))
     print(f"nnunet-compress: initialised every layer (segmentation heads included) from {fname}")
     if errors and verbose:
         for name, err in errors.items():

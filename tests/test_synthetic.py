@@ -263,3 +263,14 @@ def test_rejects_a_grid_too_small_for_the_phantom():
         make_case(np.random.default_rng(0), (20, 64, 64), (2.5, 1.4, 1.4))
     with pytest.raises(CompressError, match="positive"):
         make_case(np.random.default_rng(0), (40, 64, 64), (2.5, 0.0, 1.4))
+
+
+def test_unlabelled_images_are_the_cases_of_those_indices(tmp_path):
+    import SimpleITK as sitk
+    from nnunet_compress.synthetic import generate_case, write_unlabelled_images
+    ids = write_unlabelled_images(tmp_path / "images", seed=3, indices=[20, 21])
+    assert ids == ["synct_020", "synct_021"]
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["synct_020_0000.nii.gz",
+                                                                       "synct_021_0000.nii.gz"]
+    written = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "images" / "synct_021_0000.nii.gz")))
+    assert np.array_equal(written, generate_case(3, 21).image_hu)

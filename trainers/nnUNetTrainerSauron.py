@@ -15,6 +15,9 @@ epoch's validation against the pseudo Dice before it; if a class present before 
 is undone (network shape, weights and optimizer state, and the thresholds' τ steps and patience of that epoch),
 its filters are protected (always kept), and that epoch removes nothing (its δ_prune was measured on the undone
 network). With the guard on, the last epoch removes nothing: no validation would be left to check it.
+
+Plans made with ``--distill`` replace the segmentation term by the distillation loss against the parent
+(nnunet_compress.distillation_trainer); the δ_opt term is added to it as before.
 """
 
 import time
@@ -28,6 +31,7 @@ from torch import autocast
 from nnunet_compress.pruning.sauron import (SauronConfig, ThresholdState, channels_to_keep, choose_reference,
                                             delta_prune, sauron_regulariser)
 from nnunet_compress.class_guard import StepGuard
+from nnunet_compress.distillation_trainer import DistillationTrainerMixin
 from nnunet_compress.pruning.feature_maps import FeatureMapRecorder
 from nnunet_compress.pruning_trainer import PruningTrainerMixin, agree_across_ranks
 from nnunet_compress.training import ScheduleFromPlansMixin, install_pretrained_weights_hook
@@ -35,7 +39,7 @@ from nnunet_compress.training import ScheduleFromPlansMixin, install_pretrained_
 install_pretrained_weights_hook()
 
 
-class nnUNetTrainerSauron(PruningTrainerMixin, ScheduleFromPlansMixin, nnUNetTrainer):
+class nnUNetTrainerSauron(DistillationTrainerMixin, PruningTrainerMixin, ScheduleFromPlansMixin, nnUNetTrainer):
     method = "sauron"
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -43,6 +47,7 @@ class nnUNetTrainerSauron(PruningTrainerMixin, ScheduleFromPlansMixin, nnUNetTra
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.sauron = SauronConfig.from_dict(self.pruning_section().get("settings", {})).validate()
         self.apply_schedule_from_plans()
+        self.setup_distillation()
         self.thresholds = None  # ThresholdState, created once the groups are known (on_train_start / resume)
         self.channel_history: list[dict] = []
         self._recorder = FeatureMapRecorder()
@@ -79,7 +84,10 @@ class nnUNetTrainerSauron(PruningTrainerMixin, ScheduleFromPlansMixin, nnUNetTra
             target.to(self.device, non_blocking=True)
         self.optimizer.zero_grad(set_to_none=True)
         self._recorder.take()
-        with autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context():
+        # with --distill plans self.loss is the distillation loss here (the teacher's forward does not touch the
+        # student's feature-map hooks)
+        with self.distilling(batch) as distill_terms, \
+                (autocast(self.device.type, enabled=True) if self.device.type == "cuda" else dummy_context()):
             output = self.network(data)
             seg_loss = self.loss(output, target)
             feature_maps = self._recorder.take()
@@ -102,7 +110,7 @@ class nnUNetTrainerSauron(PruningTrainerMixin, ScheduleFromPlansMixin, nnUNetTra
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.network.parameters(), 12)
             self.optimizer.step()
-        return {"loss": seg_loss.detach().cpu().numpy(), "sauron_reg": reg.detach().cpu().numpy()}
+        return {"loss": seg_loss.detach().cpu().numpy(), "sauron_reg": reg.detach().cpu().numpy(), **distill_terms}
 
     def on_train_epoch_end(self, train_outputs):
         super().on_train_epoch_end(train_outputs)

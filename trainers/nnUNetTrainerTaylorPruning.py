@@ -13,12 +13,16 @@ step and compares it at the validation that precedes the next step: if a class p
 share of its value, the step is undone (network shape, weights and optimizer state from a snapshot taken just
 before it), the filters it removed are protected, and pruning continues with other filters. Every rollback goes
 to the training log, into the checkpoint's pruning state, and into fold_X/pruning_report.json.
+
+Plans made with ``--distill`` fine-tune towards the parent's soft predictions as well
+(nnunet_compress.distillation_trainer); the Taylor scores still come from nnU-Net's loss on the labels.
 """
 
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_compress.class_guard import StepGuard
+from nnunet_compress.distillation_trainer import DistillationTrainerMixin
 from nnunet_compress.pruning_trainer import PruningTrainerMixin, agree_across_ranks
 from nnunet_compress.taylor_prune import (TaylorSettings, batches_covering_classes, channels_to_remove,
                                           choose_channels_to_keep, taylor_scores)
@@ -27,7 +31,7 @@ from nnunet_compress.training import ScheduleFromPlansMixin, install_pretrained_
 install_pretrained_weights_hook()
 
 
-class nnUNetTrainerTaylorPruning(PruningTrainerMixin, ScheduleFromPlansMixin, nnUNetTrainer):
+class nnUNetTrainerTaylorPruning(DistillationTrainerMixin, PruningTrainerMixin, ScheduleFromPlansMixin, nnUNetTrainer):
     method = "taylor"
     default_schedule = {"num_epochs": 50, "initial_lr": 1e-3}
 
@@ -36,6 +40,7 @@ class nnUNetTrainerTaylorPruning(PruningTrainerMixin, ScheduleFromPlansMixin, nn
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.settings = TaylorSettings.from_dict(self.pruning_section().get("settings", {}))
         self.apply_schedule_from_plans()
+        self.setup_distillation()
         self.target_reached = False
         self.pruning_history: list[dict] = []
         self.class_guard = StepGuard(self.settings.class_guard, self.class_names())
