@@ -37,8 +37,13 @@ from nnunet_compress import tiny  # noqa: E402
 from nnunet_compress.budget_guard import output_change, reference_outputs  # noqa: E402
 from nnunet_compress.calibration import preprocessed_cases, random_patches  # noqa: E402
 from nnunet_compress.model_folder import input_channels_of, load_fold_network, open_model_folder  # noqa: E402
-from nnunet_compress.tucker_compress import (RankPolicy, build_report, calibration_source,  # noqa: E402
-                                             compress_model_folder, select_ranks)
+from nnunet_compress.tucker_compress import (  # noqa: E402
+    RankPolicy,
+    build_report,
+    calibration_source,
+    compress_model_folder,
+    select_ranks,
+)
 
 SEED_INDEPENDENT = ("kernel, no guard",)  # no calibration patches are involved
 
@@ -114,8 +119,8 @@ def main() -> None:
         row["dice_per_class"] = dice_of[key]["per_class"]
     args.output.write_text(json.dumps(rows, indent=2))
 
-    print(f"\n| variant | target | seed | FLOPs | lowest rank | guard: output change on calibration (chosen) | "
-          f"held-out output change | Dice |")
+    print("\n| variant | target | seed | FLOPs | lowest rank | guard: output change on calibration (chosen) | "
+          "held-out output change | Dice |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         g = r["budget_guard"]

@@ -39,8 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.archs import (ARCHITECTURES, as_compressed_unet, build_original, flops, params,  # noqa: E402
-                              prune_to_ratio, tucker)
+from benchmarks.archs import ARCHITECTURES, as_compressed_unet, build_original, flops, params, prune_to_ratio, tucker  # noqa: E402
 from benchmarks.engines import ENGINES, cached_start_up, make_runner  # noqa: E402
 from nnunet_compress.inference import openvino_engine  # noqa: E402
 from nnunet_compress.inference.settings import CACHE_VARIABLE  # noqa: E402

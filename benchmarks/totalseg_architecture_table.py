@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import sys
 import time
 import warnings
@@ -42,10 +41,16 @@ from torch import nn
 
 from nnunet_compress.model_folder import build_network
 from nnunet_compress.profiling import count_flops, count_parameters
+from nnunet_compress.totalseg_shapes import (
+    ARCH_1_5MM_ORGANS,
+    ARCH_3MM,
+    PUBLISHED,
+    Architecture,
+    dataset_json,
+    old_format_plans,
+)
 from nnunet_compress.tucker import conv_costs, layer_io_shapes
 from nnunet_compress.tucker_compress import RankPolicy, choose_ranks, total_macs, tucker_plans
-from nnunet_compress.totalseg_shapes import ARCH_1_5MM_ORGANS, ARCH_3MM, PUBLISHED, Architecture, dataset_json, \
-    old_format_plans
 
 GRID = (0.9, 0.7, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05)
 CONFIGURATION = "3d_fullres"

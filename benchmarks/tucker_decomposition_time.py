@@ -31,9 +31,9 @@ from tensorly.decomposition import partial_tucker
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from totalseg_architecture_table import build, paper_policy  # noqa: E402
 
+from nnunet_compress.totalseg_shapes import ARCH_1_5MM_ORGANS, ARCH_3MM  # noqa: E402
 from nnunet_compress.tucker import channel_modes, tucker2_factors  # noqa: E402
 from nnunet_compress.tucker_compress import choose_ranks  # noqa: E402
-from nnunet_compress.totalseg_shapes import ARCH_1_5MM_ORGANS, ARCH_3MM  # noqa: E402
 
 ARCHS = {"3mm": ARCH_3MM, "1.5mm": ARCH_1_5MM_ORGANS}
 

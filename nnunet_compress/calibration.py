@@ -43,6 +43,7 @@ def preprocessed_cases(folder: Path, plans: dict, dataset_json: dict, configurat
                        max_cases: int = 4) -> list[np.ndarray]:
     from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
     from nnunet_compress.model_folder import input_channels_of
     pm = PlansManager(plans)
     cm = pm.get_configuration(configuration)

@@ -80,6 +80,7 @@ def score_case(reference: str, prediction: str, classes: list[EvalClass], ignore
     """{class label: {'dice', 'nsd', 'n_ref', 'n_pred'}} of one case; runs in a worker process."""
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics, region_or_label_to_mask
     from nnunetv2.imageio.reader_writer_registry import recursive_find_reader_writer_by_name
+
     from nnunet_compress.surface_dice import normalized_surface_dice
     reader = recursive_find_reader_writer_by_name(reader_class_name)()
     keys = [c.key for c in classes]

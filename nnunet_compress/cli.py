@@ -94,11 +94,11 @@ def cmd_demo_data(args) -> None:
 
 
 def cmd_profile(args) -> None:
-    from nnunet_compress.model_folder import (input_channels_of, load_fold_network,
-                                              open_model_folder)
+    import torch
+
+    from nnunet_compress.model_folder import input_channels_of, load_fold_network, open_model_folder
     from nnunet_compress.plans import resolved_configuration
     from nnunet_compress.profiling import format_profile, profile_network
-    import torch
     folder = open_model_folder(args.model_folder, [args.fold] if args.fold else None, args.checkpoint)
     fold = next(iter(folder.folds))
     net, _, configuration = load_fold_network(folder, fold, args.configuration)
@@ -145,7 +145,7 @@ def cmd_convert(args) -> None:
 def cmd_plan_tucker(args) -> None:
     from nnunet_compress import cli_distill
     from nnunet_compress.model_folder import build_network, load_checkpoint, strip_wrapper_prefixes
-    from nnunet_compress.plans import read_parent_plans, write_plans_beside, resolved_configuration
+    from nnunet_compress.plans import read_parent_plans, resolved_configuration, write_plans_beside
     from nnunet_compress.tucker_compress import calibration_source, select_ranks, tucker_plans
     policy = rank_policy_from_args(args)
     distillation = cli_distill.distillation_settings_from_args(args)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from nnunet_compress.errors import CompressError
-
 
 def add_taylor_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("pruning target (choose one)")

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from nnunet_compress import tiny
-from nnunet_compress.model_folder import atomic_write_file, load_fold_network, open_model_folder, input_channels_of
+from nnunet_compress.model_folder import atomic_write_file, input_channels_of, load_fold_network, open_model_folder
 from nnunet_compress.plans import resolved_configuration
 from nnunet_compress.profiling import profile_network
 

@@ -16,8 +16,15 @@ from typing import Callable
 
 from torch import nn
 
-from nnunet_compress.model_folder import (ModelFolder, atomic_output_folder, build_network, copy_folder_metadata,
-                                          load_fold_network, save_checkpoint, write_json)
+from nnunet_compress.model_folder import (
+    ModelFolder,
+    atomic_output_folder,
+    build_network,
+    copy_folder_metadata,
+    load_fold_network,
+    save_checkpoint,
+    write_json,
+)
 
 # called once per fold with (fold, parent network, relative reconstruction error per factorised layer)
 FoldCallback = Callable[[str, nn.Module, dict], None]

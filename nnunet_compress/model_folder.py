@@ -23,8 +23,6 @@ from torch import nn
 
 from nnunet_compress.errors import CompressError
 
-CHECKPOINT_NAMES = ("checkpoint_final.pth", "checkpoint_best.pth", "checkpoint_latest.pth")
-
 
 def read_json(path: Path) -> dict:
     try:

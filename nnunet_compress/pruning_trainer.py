@@ -168,6 +168,7 @@ class PruningTrainerMixin(CheckpointExtrasMixin):
         """Per-class pseudo Dice of the network now, on fresh validation batches, computed as nnU-Net's
         on_validation_epoch_end does but logged nowhere (for a pruning step before any validation has run)."""
         import numpy as np
+
         from nnunet_compress.class_guard import dice_from_counts
         self.on_validation_epoch_start()
         with torch.no_grad():

@@ -109,6 +109,7 @@ def predict_labels(folder: ModelFolder, images: Path, output: Path, request: Pse
     """The parent's segmentation of every image, by nnU-Net's predictor (all requested folds ensembled)."""
     import torch
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
     from nnunet_compress.nnunet_env import trainers_path
     ext = [p for p in os.environ.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
     if trainers_path() not in ext:  # parents that are themselves compressed name our trainers

@@ -8,7 +8,7 @@ rank, remove) and the stopping rule.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -234,8 +234,14 @@ def prune_until_target(net: nn.Module, settings: TaylorSettings, method: str, in
     class_guard of its agreement is undone, its filters are protected, and the next step picks others. Each undone
     step is appended to `rollbacks` (if given) and reported through `progress`.
     """
-    from nnunet_compress.class_guard import (ParentAgreement, ProtectedChannels, collapsed_classes, network_snapshot,
-                                             removed_channels, restore_network)
+    from nnunet_compress.class_guard import (
+        ParentAgreement,
+        ProtectedChannels,
+        collapsed_classes,
+        network_snapshot,
+        removed_channels,
+        restore_network,
+    )
     from nnunet_compress.pruning.dependency import channel_groups
     from nnunet_compress.pruning.importance import l1_importance
     from nnunet_compress.pruning.surgery import prune_channels
@@ -303,11 +309,18 @@ def prune_model_folder(source: str | Path, output: str | Path, method: str, sett
     """Write a pruned copy of a trained model folder (no fine-tuning); the source is only read."""
     from nnunet_compress.calibration import preprocessed_cases, random_patches
     from nnunet_compress.class_guard import foreground_class_names
-    from nnunet_compress.model_folder import (atomic_output_folder, check_output_location, copy_folder_metadata,
-                                              input_channels_of, load_fold_network, open_model_folder,
-                                              save_checkpoint, write_json)
-    from nnunet_compress.pruning.surgery import channel_counts
     from nnunet_compress.derived_folder import derived_checkpoint
+    from nnunet_compress.model_folder import (
+        atomic_output_folder,
+        check_output_location,
+        copy_folder_metadata,
+        input_channels_of,
+        load_fold_network,
+        open_model_folder,
+        save_checkpoint,
+        write_json,
+    )
+    from nnunet_compress.pruning.surgery import channel_counts
 
     if method not in ("taylor", "l1"):
         raise CompressError(f"--method {method!r} unknown; choose taylor or l1")

@@ -89,6 +89,7 @@ class ScheduleFromPlansMixin:
         distribution and where nnU-Net's spatial augmentation would dominate the run time on two cores.
         """
         import inspect
+
         from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
         if self.augmentation == "nnunet":
             return nnUNetTrainer.get_training_transforms(*args, **kwargs)
@@ -128,6 +129,7 @@ class CheckpointExtrasMixin:
         if not extras:
             return
         from pathlib import Path
+
         from nnunet_compress.model_folder import save_checkpoint
         checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
         checkpoint.update(extras)

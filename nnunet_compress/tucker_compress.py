@@ -16,8 +16,8 @@ from typing import Any
 
 from torch import nn
 
-from nnunet_compress.errors import CompressError
 from nnunet_compress.derived_folder import write_derived_model_folder
+from nnunet_compress.errors import CompressError
 from nnunet_compress.model_folder import check_output_location, load_fold_network, write_json
 from nnunet_compress.network import CompressedUNet, compressed_arch_kwargs
 from nnunet_compress.plans import derive_plans, format_number_tag, resolved_configuration
@@ -205,6 +205,7 @@ def image_calibration(images, plans: dict, dataset_json: dict, configuration: st
     """A calibration source of `count` single-patch batches cut from the user's images (-i), preprocessed."""
     def make():
         from pathlib import Path as _Path
+
         from nnunet_compress.calibration import preprocessed_cases, random_patches
         volumes = preprocessed_cases(_Path(images), plans, dataset_json, configuration)
         return random_patches(volumes, patch_size, count, batch_size=1, seed=seed), "image"
@@ -351,8 +352,8 @@ class TuckerReport:
 
 def build_report(base_net: nn.Module, ranks: dict, errors: dict[str, float], patch_size, policy: RankPolicy,
                  configuration: str) -> TuckerReport:
-    from nnunet_compress.tucker import conv_costs, layer_io_shapes
     from nnunet_compress.profiling import count_parameters
+    from nnunet_compress.tucker import conv_costs, layer_io_shapes
     io_shapes = layer_io_shapes(base_net, tuple(patch_size))
     rows, saved_params, saved_macs = [], 0, 0
     for name, (r_out, r_in) in ranks.items():

@@ -12,8 +12,14 @@ from torch import nn
 
 from nnunet_compress.errors import CompressError
 from nnunet_compress.profiling import count_parameters
-from nnunet_compress.ranks import (decomposable_layers, rank_floor, ranks_by_energy, ranks_by_ratio, ranks_fixed,
-                                   ranks_for_budget)
+from nnunet_compress.ranks import (
+    decomposable_layers,
+    rank_floor,
+    ranks_by_energy,
+    ranks_by_ratio,
+    ranks_fixed,
+    ranks_for_budget,
+)
 from nnunet_compress.tucker import layer_io_shapes
 from nnunet_compress.tucker_compress import RankPolicy, build_report, choose_ranks, total_macs
 
@@ -175,8 +181,14 @@ def _saved_macs(conv, sizes, ranks) -> int:
 
 # ---- the guard: budget ranks vs the uniform ratio of no greater cost -------------------------------------------
 
-from nnunet_compress.budget_guard import (guard_budget_ranks, layer_sensitivities, network_fraction,  # noqa: E402
-                                          output_change, reference_outputs, uniform_ratio_within)
+from nnunet_compress.budget_guard import (  # noqa: E402
+    guard_budget_ranks,
+    layer_sensitivities,
+    network_fraction,
+    output_change,
+    reference_outputs,
+    uniform_ratio_within,
+)
 
 
 class TwoConvs(nn.Module):

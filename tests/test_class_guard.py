@@ -17,9 +17,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from test_pruning_surgery import plain_unet  # noqa: E402
 
-from nnunet_compress.class_guard import (ParentAgreement, ProtectedChannels, StepGuard, collapsed_classes,  # noqa
-                                         dice_from_counts, foreground_class_names, network_snapshot,
-                                         removed_channels, restore_network)
+from nnunet_compress.class_guard import (  # noqa
+    ParentAgreement,
+    ProtectedChannels,
+    StepGuard,
+    collapsed_classes,
+    dice_from_counts,
+    foreground_class_names,
+    network_snapshot,
+    removed_channels,
+    restore_network,
+)
 from nnunet_compress.errors import CompressError  # noqa: E402
 from nnunet_compress.pruning.surgery import channel_counts, prune_channels  # noqa: E402
 from nnunet_compress.pruning_trainer import PruningTrainerMixin  # noqa: E402

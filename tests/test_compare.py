@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
+from test_compare_metrics import brute_force_nsd
 
 from conftest import run_cli
-from test_compare_metrics import brute_force_nsd
 
 pytestmark = pytest.mark.e2e
 

@@ -10,7 +10,6 @@ from scipy.spatial.distance import cdist
 from nnunet_compress.stats import adjust, benjamini_hochberg, holm, paired_wilcoxon
 from nnunet_compress.surface_dice import normalized_surface_dice
 
-
 # ---- surface Dice: hand-computed cases ------------------------------------------------------------------------
 
 def test_identical_masks_score_one():

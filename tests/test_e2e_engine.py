@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_e2e_tucker import read_segmentations, tree_checksums
 
 from conftest import run_cli
 from nnunet_compress import tiny
 from nnunet_compress.model_folder import load_checkpoint
-from test_e2e_tucker import read_segmentations, tree_checksums
 
 pytestmark = pytest.mark.e2e
 

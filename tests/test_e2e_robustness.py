@@ -1,8 +1,8 @@
 """Reproducibility of compressed weights, and nnU-Net's multi-part prediction with compressed models."""
 
+import numpy as np
 import pytest
 import SimpleITK as sitk
-import numpy as np
 import torch
 
 from conftest import run_cli

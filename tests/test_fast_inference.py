@@ -16,7 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from nnunet_compress import fast_inference as fi
 from nnunet_compress.network import CompressedUNet
-from nnunet_compress.pruning.surgery import set_channel_counts, channel_counts
+from nnunet_compress.pruning.surgery import channel_counts, set_channel_counts
 from nnunet_compress.tucker import replace_convs
 from nnunet_compress.tucker_compress import RankPolicy, choose_ranks
 
@@ -169,6 +169,7 @@ def test_state_dict_and_modules_untouched():
 def test_sliding_window_prediction_equal():
     """nnU-Net's predictor (sliding window, Gaussian weighting) gives the same logits on both paths."""
     from types import SimpleNamespace
+
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     net = tucker_unet()
     predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,

@@ -69,6 +69,7 @@ def test_forward_runs_inside_the_block_and_outputs_are_bit_identical(monkeypatch
 
 def small_unet():
     from torch import nn
+
     from nnunet_compress.network import CompressedUNet
     torch.manual_seed(0)
     return CompressedUNet(1, 3, "dynamic_network_architectures.architectures.unet.PlainConvUNet", n_stages=3,

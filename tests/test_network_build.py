@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from nnunet_compress.network import CompressedUNet
-from nnunet_compress.pruning.surgery import channel_counts, prune_channels
 from nnunet_compress.pruning.dependency import channel_groups
+from nnunet_compress.pruning.surgery import channel_counts, prune_channels
 
 PLAIN = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
 KWARGS = dict(n_stages=3, features_per_stage=[8, 16, 32], conv_op=nn.Conv3d, kernel_sizes=3, strides=[1, 2, 2],

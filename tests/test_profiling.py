@@ -2,7 +2,6 @@
 
 import json
 
-import pytest
 import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from torch import nn

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from torch import nn
-
 from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet, ResidualUNet
 from dynamic_network_architectures.building_blocks.residual import BottleneckD
+from torch import nn
 
 from nnunet_compress.errors import CompressError
 from nnunet_compress.pruning.dependency import ChannelGroup, channel_groups

@@ -5,14 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
 from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
+from torch import nn
 
 from nnunet_compress.errors import CompressError
 from nnunet_compress.pruning.dependency import ChannelGroup, channel_groups
-from nnunet_compress.pruning.importance import (TaylorImportance, l1_importance, normalize_per_layer,
-                                                output_normalized_backward, select_channels_to_keep)
+from nnunet_compress.pruning.importance import (
+    TaylorImportance,
+    l1_importance,
+    normalize_per_layer,
+    output_normalized_backward,
+    select_channels_to_keep,
+)
 
 
 def plain_unet() -> PlainConvUNet:

@@ -15,11 +15,10 @@ import math
 
 import pytest
 import torch
-from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
-
 from dynamic_network_architectures.architectures.unet import PlainConvUNet, ResidualEncoderUNet
 from dynamic_network_architectures.building_blocks.residual import BottleneckD
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from nnunet_compress.errors import CompressError
 from nnunet_compress.pruning.dependency import channel_groups

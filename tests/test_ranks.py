@@ -15,8 +15,16 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from nnunet_compress.errors import CompressError
-from nnunet_compress.ranks import (decomposable_layers, keep_only_cheaper, ranks_by_energy, ranks_by_ratio,
-                                   ranks_fixed, ranks_for_budget, ratio_rank, round_rank)
+from nnunet_compress.ranks import (
+    decomposable_layers,
+    keep_only_cheaper,
+    ranks_by_energy,
+    ranks_by_ratio,
+    ranks_fixed,
+    ranks_for_budget,
+    ratio_rank,
+    round_rank,
+)
 from nnunet_compress.tucker import conv_costs, layer_io_shapes, replace_convs
 
 torch.set_num_threads(1)

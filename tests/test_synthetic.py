@@ -267,6 +267,7 @@ def test_rejects_a_grid_too_small_for_the_phantom():
 
 def test_unlabelled_images_are_the_cases_of_those_indices(tmp_path):
     import SimpleITK as sitk
+
     from nnunet_compress.synthetic import generate_case, write_unlabelled_images
     ids = write_unlabelled_images(tmp_path / "images", seed=3, indices=[20, 21])
     assert ids == ["synct_020", "synct_021"]

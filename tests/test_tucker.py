@@ -25,8 +25,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from nnunet_compress.errors import CompressError
-from nnunet_compress.tucker import (TuckerConv, conv_costs, decompose_conv, gram_svd, layer_io_shapes,
-                                    replace_convs)
+from nnunet_compress.tucker import TuckerConv, conv_costs, decompose_conv, gram_svd, layer_io_shapes, replace_convs
 
 torch.set_num_threads(1)
 

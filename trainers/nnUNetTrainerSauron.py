@@ -28,11 +28,17 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 
-from nnunet_compress.pruning.sauron import (SauronConfig, ThresholdState, channels_to_keep, choose_reference,
-                                            delta_prune, sauron_regulariser)
 from nnunet_compress.class_guard import StepGuard
 from nnunet_compress.distillation_trainer import DistillationTrainerMixin
 from nnunet_compress.pruning.feature_maps import FeatureMapRecorder
+from nnunet_compress.pruning.sauron import (
+    SauronConfig,
+    ThresholdState,
+    channels_to_keep,
+    choose_reference,
+    delta_prune,
+    sauron_regulariser,
+)
 from nnunet_compress.pruning_trainer import PruningTrainerMixin, agree_across_ranks
 from nnunet_compress.training import ScheduleFromPlansMixin, install_pretrained_weights_hook
 

@@ -24,8 +24,13 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunet_compress.class_guard import StepGuard
 from nnunet_compress.distillation_trainer import DistillationTrainerMixin
 from nnunet_compress.pruning_trainer import PruningTrainerMixin, agree_across_ranks
-from nnunet_compress.taylor_prune import (TaylorSettings, batches_covering_classes, channels_to_remove,
-                                          choose_channels_to_keep, taylor_scores)
+from nnunet_compress.taylor_prune import (
+    TaylorSettings,
+    batches_covering_classes,
+    channels_to_remove,
+    choose_channels_to_keep,
+    taylor_scores,
+)
 from nnunet_compress.training import ScheduleFromPlansMixin, install_pretrained_weights_hook
 
 install_pretrained_weights_hook()

@@ -42,17 +42,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from dynamic_network_architectures.building_blocks.plain_conv_encoder import PlainConvEncoder
+from dynamic_network_architectures.building_blocks.residual import BasicBlockD, BottleneckD, StackedResidualBlocks
+from dynamic_network_architectures.building_blocks.residual_encoders import ResidualEncoder
+from dynamic_network_architectures.building_blocks.simple_conv_blocks import ConvDropoutNormReLU, StackedConvBlocks
+from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
 from torch import nn
 from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
-
-from dynamic_network_architectures.building_blocks.plain_conv_encoder import PlainConvEncoder
-from dynamic_network_architectures.building_blocks.residual import (BasicBlockD, BottleneckD,
-                                                                     StackedResidualBlocks)
-from dynamic_network_architectures.building_blocks.residual_encoders import ResidualEncoder
-from dynamic_network_architectures.building_blocks.simple_conv_blocks import (ConvDropoutNormReLU,
-                                                                              StackedConvBlocks)
-from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
 
 from nnunet_compress.errors import CompressError
 

@@ -22,11 +22,10 @@ import operator
 from typing import Mapping, Sequence
 
 import torch
-from torch import nn
-from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
-
 from dynamic_network_architectures.building_blocks.residual import BasicBlockD, BottleneckD, StackedResidualBlocks
 from dynamic_network_architectures.building_blocks.simple_conv_blocks import ConvDropoutNormReLU, StackedConvBlocks
+from torch import nn
+from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from nnunet_compress.errors import CompressError
 from nnunet_compress.pruning.dependency import ChannelGroup, channel_groups, consumer_segments
