@@ -46,7 +46,7 @@ def parse_args(argv=None):
 
 def is_fine_tuned(model: str) -> bool:
     """Rows whose model was trained after compression (the aims about lost classes apply to those)."""
-    return "fine-tuning" in model and "no fine-tuning" not in model or model.startswith("Sauron")
+    return " + " in model or model.startswith("Sauron")  # "+ fine-tuning", "+ label-free distill", Sauron
 
 
 def summarise(runs: dict[int, list[dict]]) -> list[dict]:
@@ -121,10 +121,21 @@ def plot(summary: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def write(results: dict, stem: Path) -> str:
+    """The table, aims and plot of the seeds finished so far (rewritten after every seed: a long run reports early)."""
+    text = table(results["summary"]) + "\n\n" + "\n".join(f"- {a}" for a in results["aims"]) + "\n"
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=2))
+    stem.with_suffix(".md").write_text(text)
+    plot(results["summary"], stem.with_suffix(".png"))
+    return text
+
+
 def main(argv=None) -> dict:
     from nnunet_compress.demo import run_demo
     args = parse_args(argv)
     t0 = time.time()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = RESULTS / ("stability" + (f"_{args.tag}" if args.tag else ""))
     runs, minutes = {}, {}
     for seed in args.seeds:
         t = time.time()
@@ -134,17 +145,12 @@ def main(argv=None) -> dict:
         runs[seed] = [{"model": r.model, "dice": r.dice, "dice_per_class": r.dice_per_class, "params": r.params,
                        "gflops": r.gflops} for r in rows]
         minutes[seed] = (time.time() - t) / 60
-    summary = summarise(runs)
-    results = {"settings": {"seeds": args.seeds, "fast": args.fast, "workdir": str(args.workdir)},
-               "runs": runs, "summary": summary, "aims": aims(summary), "minutes_per_seed": minutes,
-               "minutes": (time.time() - t0) / 60}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / ("stability" + (f"_{args.tag}" if args.tag else ""))
-    text = table(summary) + "\n\n" + "\n".join(f"- {a}" for a in results["aims"]) + "\n"
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    stem.with_suffix(".md").write_text(text)
-    plot(summary, stem.with_suffix(".png"))
-    print(text)
+        summary = summarise(runs)
+        results = {"settings": {"seeds": args.seeds, "fast": args.fast, "workdir": str(args.workdir)},
+                   "seeds_done": list(runs), "runs": runs, "summary": summary, "aims": aims(summary),
+                   "minutes_per_seed": minutes, "minutes": (time.time() - t0) / 60}
+        text = write(results, stem)
+        print(f"[stability] after {len(runs)} of {len(args.seeds)} seeds:\n{text}", flush=True)
     print(f"[stability] {results['minutes']:.1f} min; wrote {stem}.json/.md/.png")
     return results
 

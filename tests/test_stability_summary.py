@@ -29,6 +29,7 @@ def test_spread_and_minimum_per_class():
 
 @pytest.mark.parametrize("model, tuned", [("tucker 0.5 (no fine-tuning)", False), ("tucker 0.5 + fine-tuning", True),
                                           ("L1 prune F0.5 (no fine-tuning)", False), ("base", False),
-                                          ("Sauron (pruned while training)", True)])
+                                          ("Sauron (pruned while training)", True),
+                                          ("tucker 0.25 + label-free distill", True)])
 def test_which_rows_are_fine_tuned(model, tuned):
     assert stability.is_fine_tuned(model) is tuned
