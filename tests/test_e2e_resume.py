@@ -143,7 +143,10 @@ def test_taylor_resumes_exactly(tiny_ws, tiny_base):
     final = resume(tiny_ws, "nnUNetTrainerTaylorPruning", plans)
     history = final["nnunet_compress"]["state"]["history"]
     assert history[:2] == saved["state"]["history"]
-    assert [h["epoch"] for h in history] == list(range(len(history))) and len(history) >= 3
+    # one step per epoch, except where the class guard undid a step (its epoch then leaves the history)
+    epochs = [h["epoch"] for h in history]
+    undone = len(final["nnunet_compress"]["state"].get("class_guard", {}).get("rollbacks", []))
+    assert epochs == sorted(set(epochs)) and epochs[-1] + 1 <= len(history) + undone and len(history) >= 3, epochs
     assert all(b["flops"] < a["flops"] for a, b in zip(history, history[1:]))
 
 
