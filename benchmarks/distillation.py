@@ -33,11 +33,17 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from nnunet_compress import tiny  # noqa: E402
-from nnunet_compress.nnunet_env import run_nnunet  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 PSEUDO_ID, PSEUDO_NAME = 503, "SyntheticUnlabelled"  # not the end-to-end test's 502, should they share a workspace
 METHODS = ("tucker", "taylor", "sauron")
+
+
+def unlabelled_indices(n: int) -> range:
+    """Case indices beyond the labelled dataset's 16: scans no model was trained or tested on."""
+    return range(1000, 1000 + n)
+
+
 MIN_GAIN = 0.01  # labelled fine-tuning must gain this much Dice before a "share recovered" is printed
 
 
@@ -88,7 +94,7 @@ class Bench:
         folder = self.ws.root / "unlabelled_images"
         if not folder.is_dir() or len(list(folder.iterdir())) != self.args.unlabelled:
             # indices beyond the labelled dataset's 16 cases: scans no model was trained or tested on
-            write_unlabelled_images(folder, seed=0, indices=range(1000, 1000 + self.args.unlabelled))
+            write_unlabelled_images(folder, seed=0, indices=unlabelled_indices(self.args.unlabelled))
         return folder
 
     def pseudo_dataset(self, base: Path) -> None:
@@ -99,10 +105,8 @@ class Bench:
                 json.loads(dataset_json.read_text())["numTraining"] == self.args.unlabelled:
             return
         print("[bench] pseudo-dataset: the base model labels the unlabelled cases; nnUNetv2_preprocess", flush=True)
-        cli("pseudo-dataset", base, "-i", images, "-d", PSEUDO_ID, "-n", PSEUDO_NAME,
-            "--num-processes", 1, "--overwrite")
-        run_nnunet(["nnUNetv2_preprocess", "-d", str(PSEUDO_ID), "-c", tiny.CONFIGURATION, "-plans_name",
-                    tiny.TINY_PLANS, "-np", "1"], self.ws.env(), self.ws.root / "logs" / "preprocess_pseudo.log")
+        tiny.label_unlabelled_cases(self.ws, base, images, PSEUDO_ID, PSEUDO_NAME, seed=0,
+                                    indices=unlabelled_indices(self.args.unlabelled), tta=True)
         import shutil  # models trained on an earlier pseudo-dataset of this id are out of date
         shutil.rmtree(self.pseudo.results / self.pseudo.dataset_folder_name, ignore_errors=True)
 

@@ -109,20 +109,14 @@ def label_free_row(ws: tiny.TinyWorkspace, base_folder: Path, ratio: float, epoc
     tested on (what a hospital holds: its own scans, no labels), with the teacher's probabilities only (α = 1).
     """
     from nnunet_compress.cli import main as cli
-    from nnunet_compress.nnunet_env import run_nnunet
-    from nnunet_compress.synthetic import write_unlabelled_images
     pseudo = tiny.TinyWorkspace(ws.root, PSEUDO_ID, PSEUDO_NAME)
     plans_name = f"{tiny.TINY_PLANS}_tucker{ratio}_distill"
     folder = pseudo.model_folder("nnUNetTrainerTucker", plans_name)
     if not tiny.checkpoint_path(folder).exists():
         print(f"[demo]      label-free: the base model labels {len(UNLABELLED_CASES)} unlabelled scans "
               "(nnunet-compress pseudo-dataset), Tucker fine-tuned from its probabilities (--distill --alpha 1)")
-        images = ws.root / "unlabelled_images"
-        write_unlabelled_images(images, seed=seed, indices=UNLABELLED_CASES)
-        check(cli(["pseudo-dataset", str(base_folder), "-i", str(images), "-d", str(PSEUDO_ID), "-n", PSEUDO_NAME,
-                   "--disable-tta", "--num-processes", "1", "--overwrite"]))
-        run_nnunet(["nnUNetv2_preprocess", "-d", str(PSEUDO_ID), "-c", tiny.CONFIGURATION, "-plans_name",
-                    tiny.TINY_PLANS, "-np", "1"], pseudo.env(), ws.root / "logs" / "preprocess_pseudo.log")
+        tiny.label_unlabelled_cases(ws, base_folder, ws.root / "unlabelled_images", PSEUDO_ID, PSEUDO_NAME, seed,
+                                    UNLABELLED_CASES)
         check(cli(["plan", "tucker", "-d", str(PSEUDO_ID), "-c", tiny.CONFIGURATION, "-p", tiny.TINY_PLANS,
                    "--rank-ratio", str(ratio), "--min-rank", "4", "--distill", "--alpha", "1",
                    "--epochs", str(max(3, epochs // 5)), "--iterations-per-epoch", "25", "--val-iterations", "2",

@@ -137,6 +137,28 @@ def train(ws: TinyWorkspace, plans: str = TINY_PLANS, trainer: str = BASE_TRAINE
     return ws.model_folder(trainer, plans)
 
 
+def label_unlabelled_cases(ws: TinyWorkspace, parent_folder: Path, images: Path, dataset_id: int, name: str,
+                           seed: int, indices, tta: bool = False) -> TinyWorkspace:
+    """Label-free data for distillation: unlabelled synthetic scans, labelled by `parent_folder`, preprocessed.
+
+    Writes the images of cases `indices` (none of the labelled dataset's), runs ``nnunet-compress pseudo-dataset``
+    and ``nnUNetv2_preprocess`` with the tiny plans; returns the new dataset's workspace (same root). `tta`: the
+    parent predicts with nnU-Net's test-time mirroring (slower, the labels a user would get by default).
+    """
+    from nnunet_compress.cli import main as cli
+    from nnunet_compress.errors import CompressError
+    from nnunet_compress.synthetic import write_unlabelled_images
+    pseudo = TinyWorkspace(ws.root, dataset_id, name)
+    write_unlabelled_images(images, seed=seed, indices=indices)
+    argv = ["pseudo-dataset", str(parent_folder), "-i", str(images), "-d", str(dataset_id), "-n", name,
+            "--num-processes", "1", "--overwrite"] + ([] if tta else ["--disable-tta"])
+    if cli(argv) != 0:
+        raise CompressError(f"nnunet-compress {' '.join(argv)} failed")
+    run_nnunet(["nnUNetv2_preprocess", "-d", str(dataset_id), "-c", CONFIGURATION, "-plans_name", TINY_PLANS,
+                "-np", "1"], pseudo.env(), ws.root / "logs" / f"preprocess_{name}.log")
+    return pseudo
+
+
 def predict_folder(ws: TinyWorkspace, model_folder: Path, output: Path, fold: str = "0",
                    input_folder: Path | None = None) -> Path:
     """``nnUNetv2_predict_from_modelfolder`` on the held-out images; returns the output folder."""
