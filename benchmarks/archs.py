@@ -23,8 +23,9 @@ from torch import nn
 from nnunet_compress.pruning.dependency import channel_groups
 from nnunet_compress.pruning.importance import l1_importance
 from nnunet_compress.pruning.surgery import prune_channels
-from nnunet_compress.tucker import replace_convs
-from nnunet_compress.tucker_compress import RankPolicy, choose_ranks
+from nnunet_compress.tucker.decomposition import replace_convs
+from nnunet_compress.tucker.ranks import RankPolicy
+from nnunet_compress.workflows.tucker import choose_ranks
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,7 @@ class FastOriginal(nn.Module):
         self.net = net
 
     def forward(self, x):
-        from nnunet_compress.fast_inference import fast_convolutions
+        from nnunet_compress.inference.torch_paths import fast_convolutions
         with fast_convolutions(x):
             return self.net(x)
 

@@ -1,7 +1,7 @@
 """Budget rank policies against the uniform ratio at the same cost, on a trained tiny nnU-Net (no fine-tuning).
 
 For each FLOPs target and calibration seed it chooses ranks the way ``nnunet-compress tucker`` does
-(:func:`nnunet_compress.tucker_compress.select_ranks`, synthetic-CT calibration through the model's
+(:func:`nnunet_compress.workflows.tucker.select_ranks`, synthetic-CT calibration through the model's
 preprocessing, as without ``-i``) for these variants:
 
 - ``ratio R``: the uniform ``--rank-ratio R`` (the issue's reference point);
@@ -15,7 +15,7 @@ the relative change of the output logits on patches of the held-out images (imag
 sees). Held-out foreground Dice (``nnUNetv2_predict_from_modelfolder`` + nnU-Net's evaluation) is computed once
 per distinct set of ranks, for the variants named by ``--dice`` (the model folder is written by
 ``compress_model_folder`` with those ranks; the decomposition is deterministic, so it is the folder the budget
-command writes). Usage (a workspace made by ``nnunet_compress.tiny``, base model trained)::
+command writes). Usage (a workspace made by ``nnunet_compress.demo.tiny``, base model trained)::
 
     python benchmarks/budget_policies.py WORKSPACE_ROOT [--targets 0.18] [--seeds 0 1] [--min-rank 4]
         [--ratio 0.25] [--dice ratio "kernel, no guard" default] [-o budget_policies.json]
@@ -33,17 +33,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from nnunet_compress import tiny  # noqa: E402
-from nnunet_compress.budget_guard import output_change, reference_outputs  # noqa: E402
-from nnunet_compress.calibration import preprocessed_cases, random_patches  # noqa: E402
-from nnunet_compress.model_folder import input_channels_of, load_fold_network, open_model_folder  # noqa: E402
-from nnunet_compress.tucker_compress import (  # noqa: E402
-    RankPolicy,
-    build_report,
-    calibration_source,
-    compress_model_folder,
-    select_ranks,
-)
+from nnunet_compress.demo import tiny  # noqa: E402
+from nnunet_compress.nnunet.calibration import preprocessed_cases, random_patches  # noqa: E402
+from nnunet_compress.nnunet.model_folder import input_channels_of, load_fold_network, open_model_folder  # noqa: E402
+from nnunet_compress.tucker.budget_guard import output_change, reference_outputs  # noqa: E402
+from nnunet_compress.tucker.ranks import RankPolicy
+from nnunet_compress.workflows.tucker import build_report, calibration_source, compress_model_folder, select_ranks
 
 SEED_INDEPENDENT = ("kernel, no guard",)  # no calibration patches are involved
 

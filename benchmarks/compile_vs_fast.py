@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.archs import ARCHITECTURES, as_compressed_unet, build_original, tucker  # noqa: E402
 from benchmarks.speed import RESULTS  # noqa: E402
-from nnunet_compress import fast_inference  # noqa: E402
+from nnunet_compress.inference import torch_paths as fast_inference  # noqa: E402
 
 
 def main(argv=None) -> int:

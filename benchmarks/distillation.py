@@ -32,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from nnunet_compress import tiny  # noqa: E402
+from nnunet_compress.demo import tiny  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
 PSEUDO_ID, PSEUDO_NAME = 503, "SyntheticUnlabelled"  # not the end-to-end test's 502, should they share a workspace
@@ -48,7 +48,7 @@ MIN_GAIN = 0.01  # labelled fine-tuning must gain this much Dice before a "share
 
 
 def cli(*args) -> None:
-    from nnunet_compress.cli import main
+    from nnunet_compress.cli.main import main
     code = main([str(a) for a in args])
     if code != 0:
         raise SystemExit(f"nnunet-compress {' '.join(map(str, args))} failed (exit {code})")
@@ -90,7 +90,7 @@ class Bench:
         return folder
 
     def unlabelled_images(self) -> Path:
-        from nnunet_compress.synthetic import write_unlabelled_images
+        from nnunet_compress.nnunet.synthetic import write_unlabelled_images
         folder = self.ws.root / "unlabelled_images"
         if not folder.is_dir() or len(list(folder.iterdir())) != self.args.unlabelled:
             # indices beyond the labelled dataset's 16 cases: scans no model was trained or tested on

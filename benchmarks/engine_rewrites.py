@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.archs import ARCHITECTURES, as_compressed_unet, build_original, tucker  # noqa: E402
 from benchmarks.engines import engine_variable  # noqa: E402
 from benchmarks.speed import RESULTS, device_name, relative_deviation, time_interleaved  # noqa: E402
-from nnunet_compress import fast_inference as fi  # noqa: E402
+from nnunet_compress.inference import torch_paths as fi  # noqa: E402
 
 TORCH_STEPS = {  # FastOptions switched on per torch row, cumulatively
     "torch plain": None,
@@ -59,7 +59,7 @@ def options(**switches):
 
 def foldable(chain) -> bool:
     """A factorised (non-transposed) conv followed by an affine InstanceNorm without running statistics."""
-    from nnunet_compress.tucker import TuckerConv
+    from nnunet_compress.tucker.decomposition import TuckerConv
     conv = chain[0] if len(chain) in (2, 3) else None
     norm = chain[1] if conv is not None else None
     return (isinstance(conv, TuckerConv) and not conv.transposed and conv[2].groups == 1

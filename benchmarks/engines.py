@@ -25,9 +25,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from nnunet_compress.fast_inference import fast_convolutions, plain_inference
 from nnunet_compress.inference import openvino_engine
 from nnunet_compress.inference.settings import ENGINE_VARIABLE
+from nnunet_compress.inference.torch_paths import fast_convolutions, plain_inference
 
 ENGINES = ("torch", "torch+paths", "openvino", "onnxruntime")
 

@@ -131,7 +131,7 @@ def write(results: dict, stem: Path) -> str:
 
 
 def main(argv=None) -> dict:
-    from nnunet_compress.demo import run_demo
+    from nnunet_compress.demo.run import run_demo
     args = parse_args(argv)
     t0 = time.time()
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -12,8 +12,8 @@ include_pointwise=True, replace_all=True)``.
 
 How the numbers are counted (the paper used fvcore, which counts one multiply-add as one FLOP):
 * GFLOPs = multiply-accumulates of all convolutions for one patch, counted ANALYTICALLY from each layer's input
-  and output size (``tucker.layer_io_shapes``, a shapes-only pass on the 'meta' device) and its kernel and ranks
-  (``tucker.conv_costs``). A real 128^3 forward of a 31 M-parameter network on a 2-core CPU takes minutes and tens
+  and output size (``costs.layer_io_shapes``, a shapes-only pass on the 'meta' device) and its kernel and ranks
+  (``costs.conv_costs``). A real 128^3 forward of a 31 M-parameter network on a 2-core CPU takes minutes and tens
   of GB; the analytic count is exact for convolutions and is cross-checked here against torch's
   ``FlopCounterMode`` (divided by two) on a real forward of the actually built compressed network at a small
   patch (``--check-patch``). Like fvcore's conv handler, biases are not counted. fvcore also books 5 FLOPs per
@@ -39,9 +39,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nnunet_compress.model_folder import build_network
-from nnunet_compress.profiling import count_flops, count_parameters
-from nnunet_compress.totalseg_shapes import (
+from nnunet_compress.costs import conv_costs, count_flops, count_parameters, layer_io_shapes, total_macs
+from nnunet_compress.nnunet.model_folder import build_network
+from nnunet_compress.nnunet.plans import tucker_plans
+from nnunet_compress.totalseg.shapes import (
     ARCH_1_5MM_ORGANS,
     ARCH_3MM,
     PUBLISHED,
@@ -49,8 +50,8 @@ from nnunet_compress.totalseg_shapes import (
     dataset_json,
     old_format_plans,
 )
-from nnunet_compress.tucker import conv_costs, layer_io_shapes
-from nnunet_compress.tucker_compress import RankPolicy, choose_ranks, total_macs, tucker_plans
+from nnunet_compress.tucker.ranks import RankPolicy
+from nnunet_compress.workflows.tucker import choose_ranks
 
 GRID = (0.9, 0.7, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05)
 CONFIGURATION = "3d_fullres"
@@ -184,7 +185,7 @@ def main(argv=None) -> int:
           "Native patch: 128^3 (1.5 mm), 112x112x128 (3 mm). Params run at inference: without the deep-supervision "
           "heads of the lower decoder stages (built by nnU-Net, unused at inference; the paper leaves them out).")
     if args.json:
-        from nnunet_compress.model_folder import atomic_write_file
+        from nnunet_compress.nnunet.model_folder import atomic_write_file
         args.json.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_file(args.json, lambda tmp: tmp.write_text(json.dumps(
             {"grid": GRID, "convention": "GFLOPs = conv multiply-accumulates / 1e9 (fvcore)", "rows": rows,

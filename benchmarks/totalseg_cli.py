@@ -19,7 +19,7 @@ warm-up run, reported separately as "first run (conversion)": it fills the engin
 (a fresh cache under ``--work``, emptied at every start). Then ``--breakdown-runs`` runs per home go through
 benchmarks/totalseg_stages.py, TotalSegmentator's CLI with timers, for a table of where the seconds go.
 
-The source home is a stand-in built here (nnunet_compress.totalseg_standin: TotalSegmentator's layout and
+The source home is a stand-in built here (nnunet_compress.totalseg.standin: TotalSegmentator's layout and
 architectures, He-initialised random weights), unless ``--source-home`` names a home with real weights (never
 written to: TotalSegmentator runs on a copy of its config.json with a link to its models). Random weights give
 realistic network, resampling and saving times but not realistic segmentations, so TotalSegmentator's
@@ -51,7 +51,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from nnunet_compress.totalseg import RESULTS as HOME_RESULTS  # noqa: E402
+from nnunet_compress.totalseg.home import RESULTS as HOME_RESULTS  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STAGES_DRIVER = Path(__file__).resolve().parent / "totalseg_stages.py"
@@ -167,7 +167,7 @@ def build_homes(args, work: Path) -> list[dict]:
     else:
         source = root / "original_standin"
         if not (source / "config.json").is_file():  # written last: its presence means the home is complete
-            from nnunet_compress.totalseg_standin import write_standin_home
+            from nnunet_compress.totalseg.standin import write_standin_home
             shutil.rmtree(source, ignore_errors=True)
             t0 = time.perf_counter()
             write_standin_home(source, [args.task])
@@ -203,7 +203,7 @@ def derive(source_home: Path, target: Path, task: str, options: list[str]) -> No
 def write_synthetic_ct(path: Path, size_xyz: tuple[int, int, int], spacing_mm: float, seed: int = 0) -> None:
     """A CT-like volume in HU (int16) for timing: air, body with fat rim, lungs, liver, spine, noise.
 
-    Built slice by slice (nnunet_compress.synthetic's phantoms hold several full-volume float grids, gigabytes at
+    Built slice by slice (nnunet_compress.nnunet.synthetic's phantoms hold several full-volume float grids, gigabytes at
     whole-body size). Anatomy is crude on purpose: only the size and a CT's intensity range matter for timing.
     """
     import SimpleITK as sitk

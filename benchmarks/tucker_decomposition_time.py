@@ -6,7 +6,7 @@ For every conv the paper's setting factorises (rank R = min(C, max(8, ceil(C * r
 stem and 1x1x1 heads included), it runs, side by side in one process:
 
 * ``tensorly``: ``partial_tucker`` with its defaults (HOSVD start by LAPACK SVD of each unfolding, then HOOI);
-* ``ours``: :func:`nnunet_compress.tucker.tucker2_factors`, the same ``partial_tucker`` with the HOSVD start
+* ``ours``: :func:`nnunet_compress.tucker.decomposition.tucker2_factors`, the same ``partial_tucker`` with the HOSVD start
   computed from the small Gram matrix (``tucker.gram_svd``).
 
 and prints seconds and relative reconstruction errors of both. The weights are nnU-Net's random initialisation
@@ -31,9 +31,9 @@ from tensorly.decomposition import partial_tucker
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from totalseg_architecture_table import build, paper_policy  # noqa: E402
 
-from nnunet_compress.totalseg_shapes import ARCH_1_5MM_ORGANS, ARCH_3MM  # noqa: E402
-from nnunet_compress.tucker import channel_modes, tucker2_factors  # noqa: E402
-from nnunet_compress.tucker_compress import choose_ranks  # noqa: E402
+from nnunet_compress.totalseg.shapes import ARCH_1_5MM_ORGANS, ARCH_3MM  # noqa: E402
+from nnunet_compress.tucker.decomposition import channel_modes, tucker2_factors  # noqa: E402
+from nnunet_compress.workflows.tucker import choose_ranks  # noqa: E402
 
 ARCHS = {"3mm": ARCH_3MM, "1.5mm": ARCH_1_5MM_ORGANS}
 

@@ -8,3 +8,10 @@ exception is a bug and is shown with its traceback only under ``--debug``.
 
 class CompressError(Exception):
     """A problem with the user's input, stated together with the fix."""
+
+
+def first_line(e: BaseException) -> str:
+    """The first lines of an exception's message, joined and capped: torch's size-mismatch and OpenVINO's
+    conversion errors run to hundreds of lines, and an `error:` line must stay one line."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return "; ".join(lines[:3])[:400]

@@ -21,8 +21,12 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from nnunet_compress.errors import CompressError
+from nnunet_compress.errors import CompressError, first_line
 from nnunet_compress.inference import openvino_engine
+from nnunet_compress.inference.torch_paths import fast_convolutions
+from nnunet_compress.pruning.dependency import channel_groups
+from nnunet_compress.pruning.surgery import channel_counts, set_channel_counts
+from nnunet_compress.tucker.decomposition import replace_convs
 
 NETWORK_CLASS_NAME = "nnunet_compress.network.CompressedUNet"
 
@@ -100,11 +104,9 @@ class CompressedUNet(nn.Module):
             if hasattr(base, attr):
                 setattr(self, attr, getattr(base, attr))
         if channels:
-            from nnunet_compress.pruning.surgery import set_channel_counts
             set_channel_counts(self, dict(channels))
         self.tucker_ranks = {k: tuple(v) for k, v in (tucker_ranks or {}).items()}
         if self.tucker_ranks:
-            from nnunet_compress.tucker import replace_convs
             replace_convs(self, self.tucker_ranks, decompose=False)
 
     def initialize(self, module: nn.Module) -> None:
@@ -119,7 +121,6 @@ class CompressedUNet(nn.Module):
                 return out
         # torch's CPU fallback: thin convs go to oneDNN / GEMMs instead of torch's slow generic kernel, freed
         # feature-map memory is kept for the next layer (fast_inference.py)
-        from nnunet_compress.fast_inference import fast_convolutions
         with fast_convolutions(x):
             return self.decoder(self.encoder(x))
 
@@ -130,7 +131,6 @@ class CompressedUNet(nn.Module):
     # ---- loading -------------------------------------------------------------------------------------------
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         if self.per_fold_channels:
-            from nnunet_compress.pruning.surgery import channel_counts, set_channel_counts
             wanted = channel_counts_in_state_dict(self, state_dict)
             if wanted and wanted != channel_counts(self):
                 set_channel_counts(self, wanted)
@@ -159,7 +159,6 @@ class CompressedUNet(nn.Module):
         Returns the relative reconstruction error of every factorised layer. Weights that already fit this
         network exactly (a compressed checkpoint) are loaded as they are.
         """
-        from nnunet_compress.model_folder import strip_wrapper_prefixes
         state_dict = strip_wrapper_prefixes(dict(state_dict))
         own = self.state_dict()
         if own.keys() == state_dict.keys() and all(own[k].shape == state_dict[k].shape for k in own):
@@ -172,7 +171,6 @@ class CompressedUNet(nn.Module):
             raise CompressError("the pretrained weights are neither this compressed network's nor its parent "
                                 f"network's ({e}); pass the checkpoint of the model these plans were derived "
                                 "from") from None
-        from nnunet_compress.pruning.surgery import channel_counts
         # the channel map only knows plain convs, so compare against this architecture before factorisation
         unfactorised = self._sibling(channels=self.channels)
         mine, theirs = channel_counts(unfactorised), channel_counts(parent)
@@ -181,20 +179,13 @@ class CompressedUNet(nn.Module):
                                 "checkpoint of the model these plans were derived from")
         errors: dict[str, float] = {}
         if self.tucker_ranks:
-            from nnunet_compress.tucker import replace_convs
             errors = replace_convs(parent, self.tucker_ranks, decompose=True)
         self.load_state_dict(parent.state_dict())
         return errors
 
 
-def first_line(e: BaseException) -> str:
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return "; ".join(lines[:3])[:400]
-
-
 def channel_counts_in_state_dict(net: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> dict[str, int]:
     """Kept channels of every prunable group as the weights in `state_dict` have them (by the producer's shape)."""
-    from nnunet_compress.pruning.dependency import channel_groups
     counts = {}
     for group in channel_groups(net):
         if not group.prunable:
@@ -252,3 +243,14 @@ def compressed_arch_kwargs(parent_configuration: Mapping, channels: Mapping[str,
         },
         "_kw_requires_import": list(arch.get("_kw_requires_import", [])),
     }
+
+
+def strip_wrapper_prefixes(state_dict: dict) -> dict:
+    """Checkpoints written outside nnU-Net may carry DDP's 'module.' or torch.compile's '_orig_mod.' prefixes."""
+    out = {}
+    for k, v in state_dict.items():
+        for prefix in ("module.", "_orig_mod."):
+            if k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out

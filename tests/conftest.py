@@ -41,7 +41,7 @@ REUSE_WORKSPACE = os.environ.get("NNUNET_COMPRESS_TEST_WORKSPACE")
 
 @pytest.fixture(scope="session")
 def tiny_ws(tmp_path_factory):
-    from nnunet_compress.tiny import default_workspace, prepare_dataset
+    from nnunet_compress.demo.tiny import default_workspace, prepare_dataset
     root = Path(REUSE_WORKSPACE) if REUSE_WORKSPACE else tmp_path_factory.mktemp("tiny")
     ws = default_workspace(root, dataset_id=501)
     prepare_dataset(ws)
@@ -51,7 +51,7 @@ def tiny_ws(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_base(tiny_ws) -> Path:
     """Model folder of the tiny base model (fold 0), trained with nnUNetv2_train on the CPU."""
-    from nnunet_compress.tiny import checkpoint_path, train
+    from nnunet_compress.demo.tiny import checkpoint_path, train
     if REUSE_WORKSPACE and checkpoint_path(tiny_ws.model_folder()).is_file():
         return tiny_ws.model_folder()
     return train(tiny_ws)
@@ -59,7 +59,7 @@ def tiny_base(tiny_ws) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_base_dice(tiny_ws, tiny_base) -> dict:
-    from nnunet_compress.tiny import dice_scores, predict_folder
+    from nnunet_compress.demo.tiny import dice_scores, predict_folder
     out = predict_folder(tiny_ws, tiny_base, tiny_ws.root / "pred_base")
     return dice_scores(tiny_ws, out)
 

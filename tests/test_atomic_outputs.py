@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 
 from nnunet_compress.errors import CompressError
-from nnunet_compress.model_folder import atomic_output_folder, atomic_write_file
+from nnunet_compress.nnunet.model_folder import atomic_output_folder, atomic_write_file
 
 WRITER = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from nnunet_compress.model_folder import atomic_output_folder
+    from nnunet_compress.nnunet.model_folder import atomic_output_folder
     with atomic_output_folder(Path(sys.argv[1])) as tmp:
         (tmp / "plans.json").write_text("{}")
         (tmp / "fold_0").mkdir()

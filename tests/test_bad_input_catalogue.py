@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
-from nnunet_compress import tiny
+from nnunet_compress.demo import tiny
 
 pytestmark = pytest.mark.e2e
 

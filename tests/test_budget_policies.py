@@ -10,9 +10,10 @@ import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from torch import nn
 
+from nnunet_compress.costs import count_parameters, layer_io_shapes, total_macs
 from nnunet_compress.errors import CompressError
-from nnunet_compress.profiling import count_parameters
-from nnunet_compress.ranks import (
+from nnunet_compress.tucker.ranks import (
+    RankPolicy,
     decomposable_layers,
     rank_floor,
     ranks_by_energy,
@@ -20,8 +21,7 @@ from nnunet_compress.ranks import (
     ranks_fixed,
     ranks_for_budget,
 )
-from nnunet_compress.tucker import layer_io_shapes
-from nnunet_compress.tucker_compress import RankPolicy, build_report, choose_ranks, total_macs
+from nnunet_compress.workflows.tucker import build_report, choose_ranks
 
 torch.set_num_threads(1)
 
@@ -175,13 +175,13 @@ def test_unreachable_budget_says_what_the_floor_allows():
 
 
 def _saved_macs(conv, sizes, ranks) -> int:
-    from nnunet_compress.tucker import conv_costs
+    from nnunet_compress.costs import conv_costs
     return conv_costs(conv, *sizes)[1] - conv_costs(conv, *sizes, ranks=ranks)[1]
 
 
 # ---- the guard: budget ranks vs the uniform ratio of no greater cost -------------------------------------------
 
-from nnunet_compress.budget_guard import (  # noqa: E402
+from nnunet_compress.tucker.budget_guard import (  # noqa: E402
     guard_budget_ranks,
     layer_sensitivities,
     network_fraction,
@@ -235,7 +235,7 @@ def two_convs():
 
 
 def conv_costs_of(conv, sizes, ranks=None):
-    from nnunet_compress.tucker import conv_costs
+    from nnunet_compress.costs import conv_costs
     return conv_costs(conv, *sizes, ranks=ranks)
 
 
@@ -349,7 +349,7 @@ def test_weights_steer_the_allocator_to_the_damped_layer():
 
 
 def test_calibration_seed_picks_other_patches_and_is_recorded():
-    from nnunet_compress.tucker_compress import synthetic_calibration
+    from nnunet_compress.workflows.tucker import synthetic_calibration
     same_a, _ = synthetic_calibration(None, None, None, 1, PATCH, 2, seed=0)()
     same_b, _ = synthetic_calibration(None, None, None, 1, PATCH, 2, seed=0)()
     other, source = synthetic_calibration(None, None, None, 1, PATCH, 2, seed=1)()

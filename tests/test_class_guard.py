@@ -17,7 +17,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from test_pruning_surgery import plain_unet  # noqa: E402
 
-from nnunet_compress.class_guard import (  # noqa
+from nnunet_compress.errors import CompressError  # noqa: E402
+from nnunet_compress.nnunet.pruning_trainer import PruningTrainerMixin  # noqa: E402
+from nnunet_compress.pruning.class_guard import (  # noqa
     ParentAgreement,
     ProtectedChannels,
     StepGuard,
@@ -28,10 +30,8 @@ from nnunet_compress.class_guard import (  # noqa
     removed_channels,
     restore_network,
 )
-from nnunet_compress.errors import CompressError  # noqa: E402
 from nnunet_compress.pruning.surgery import channel_counts, prune_channels  # noqa: E402
-from nnunet_compress.pruning_trainer import PruningTrainerMixin  # noqa: E402
-from nnunet_compress.taylor_prune import TaylorSettings, choose_channels_to_keep, prune_until_target  # noqa: E402
+from nnunet_compress.pruning.taylor import TaylorSettings, choose_channels_to_keep, prune_until_target
 
 CARRIER = "decoder.stages.1.convs.1.conv"  # its channel 0 alone drives class 2
 NAMES = ["organ", "lesion"]

@@ -2,7 +2,8 @@
 
 import pytest
 
-from nnunet_compress.cli import build_parser, schedule_from_args
+from nnunet_compress.cli.main import build_parser
+from nnunet_compress.cli.options import schedule_from_args
 from nnunet_compress.errors import CompressError
 
 COMMON = ["-d", "501", "-c", "3d_fullres"]
@@ -28,7 +29,7 @@ def test_negative_seed_is_refused():
 
 
 def test_tiny_plans_offset_the_training_seed():
-    from nnunet_compress import tiny
+    from nnunet_compress.demo import tiny
     parent = {"configurations": {tiny.CONFIGURATION: {"architecture": {"arch_kwargs": {}}}}}
     assert tiny.tiny_plans(parent, 1, 1)["configurations"][tiny.CONFIGURATION]["nnunet_compress"]["schedule"][
         "seed"] == tiny.TRAINING_SEED

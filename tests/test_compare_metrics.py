@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import cdist
 
-from nnunet_compress.stats import adjust, benjamini_hochberg, holm, paired_wilcoxon
-from nnunet_compress.surface_dice import normalized_surface_dice
+from nnunet_compress.evaluation.stats import adjust, benjamini_hochberg, holm, paired_wilcoxon
+from nnunet_compress.evaluation.surface_dice import normalized_surface_dice
 
 # ---- surface Dice: hand-computed cases ------------------------------------------------------------------------
 

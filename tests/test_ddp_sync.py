@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nnunet_compress.network import CompressedUNet
-from nnunet_compress.pruning_trainer import PruningTrainerMixin
+from nnunet_compress.nnunet.pruning_trainer import PruningTrainerMixin
 
 BASE_KWARGS = dict(n_stages=3, features_per_stage=[4, 8, 16], conv_op=nn.Conv3d, kernel_sizes=[[3, 3, 3]] * 3,
                    strides=[[1, 1, 1], [2, 2, 2], [2, 2, 2]], n_conv_per_stage=[2, 2, 2],

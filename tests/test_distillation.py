@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from nnunet_compress.distillation import DistillationLoss, DistillationSettings, soft_target_kl
+from nnunet_compress.distillation.loss import DistillationLoss, DistillationSettings, soft_target_kl
 from nnunet_compress.errors import CompressError
 
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from conftest import run_cli
-from nnunet_compress import tiny
-from nnunet_compress.nnunet_env import run_nnunet
+from nnunet_compress.demo import tiny
+from nnunet_compress.nnunet.env import run_nnunet
 
 pytestmark = pytest.mark.e2e
 
@@ -29,7 +29,7 @@ SCHEDULE = ["--iterations-per-epoch", "10", "--val-iterations", "2", "--lr", "1e
 @pytest.fixture(scope="module")
 def pseudo_ws(tiny_ws, tiny_base, tmp_path_factory) -> tiny.TinyWorkspace:
     """Dataset 502: the unlabelled images with the base model's predictions as labels, preprocessed."""
-    from nnunet_compress.synthetic import write_unlabelled_images
+    from nnunet_compress.nnunet.synthetic import write_unlabelled_images
     images = tmp_path_factory.mktemp("unlabelled") / "images"
     write_unlabelled_images(images, seed=0, indices=UNLABELLED)
     ws = tiny.TinyWorkspace(tiny_ws.root, PSEUDO_ID, PSEUDO_NAME)

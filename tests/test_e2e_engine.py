@@ -16,8 +16,8 @@ import torch
 from test_e2e_tucker import read_segmentations, tree_checksums
 
 from conftest import run_cli
-from nnunet_compress import tiny
-from nnunet_compress.model_folder import load_checkpoint
+from nnunet_compress.demo import tiny
+from nnunet_compress.nnunet.model_folder import load_checkpoint
 
 pytestmark = pytest.mark.e2e
 

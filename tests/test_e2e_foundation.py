@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
-from nnunet_compress.nnunet_env import trainers_path
+from nnunet_compress.nnunet.env import trainers_path
 
 pytestmark = pytest.mark.e2e
 

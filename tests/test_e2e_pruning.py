@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import run_cli
-from nnunet_compress import tiny
+from nnunet_compress.demo import tiny
 
 pytestmark = pytest.mark.e2e
 
@@ -89,7 +89,7 @@ def test_sauron_trainer_removes_filters_and_predicts(tiny_ws, tiny_base):
     extra = checkpoint["nnunet_compress"]
     history = extra["state"]["channel_history"]
     assert len(history) == 4
-    from nnunet_compress.model_folder import build_network
+    from nnunet_compress.nnunet.model_folder import build_network
     from nnunet_compress.pruning.surgery import channel_counts
     parent = json.loads(tiny_ws.plans_path(tiny.TINY_PLANS).read_text())
     dataset_json = json.loads((folder / "dataset.json").read_text())

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from conftest import run_cli
-from nnunet_compress import tiny
-from nnunet_compress.nnunet_env import nnunet_command, run_nnunet
+from nnunet_compress.demo import tiny
+from nnunet_compress.nnunet.env import nnunet_command, run_nnunet
 
 pytestmark = pytest.mark.e2e
 

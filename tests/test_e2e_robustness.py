@@ -6,8 +6,8 @@ import SimpleITK as sitk
 import torch
 
 from conftest import run_cli
-from nnunet_compress import tiny
-from nnunet_compress.nnunet_env import run_nnunet
+from nnunet_compress.demo import tiny
+from nnunet_compress.nnunet.env import run_nnunet
 
 pytestmark = pytest.mark.e2e
 

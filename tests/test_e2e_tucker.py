@@ -10,7 +10,7 @@ import SimpleITK as sitk
 import torch
 
 from conftest import run_cli
-from nnunet_compress import tiny
+from nnunet_compress.demo import tiny
 
 pytestmark = pytest.mark.e2e
 

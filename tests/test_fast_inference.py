@@ -1,4 +1,4 @@
-"""The CPU fast paths (nnunet_compress.fast_inference) give the plain paths' results, and stay out of the way.
+"""The CPU fast paths (nnunet_compress.inference.torch_paths) give the plain paths' results, and stay out of the way.
 
 Numerical checks only (no timing): single convolutions of every geometry the re-routing handles, whole compressed
 networks (Tucker-factorised and pruned, 3-d and 2-d, built as nnU-Net builds them: CompressedUNet from arch
@@ -14,11 +14,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from nnunet_compress import fast_inference as fi
+from nnunet_compress.inference import torch_paths as fi
 from nnunet_compress.network import CompressedUNet
 from nnunet_compress.pruning.surgery import channel_counts, set_channel_counts
-from nnunet_compress.tucker import replace_convs
-from nnunet_compress.tucker_compress import RankPolicy, choose_ranks
+from nnunet_compress.tucker.decomposition import replace_convs
+from nnunet_compress.tucker.ranks import RankPolicy
+from nnunet_compress.workflows.tucker import choose_ranks
 
 # these tests are about torch's CPU paths, the fallback of the OpenVINO engine
 pytestmark = pytest.mark.usefixtures("torch_engine")

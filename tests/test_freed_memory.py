@@ -5,8 +5,8 @@ import resource
 import pytest
 import torch
 
-from nnunet_compress import fast_inference as fi
-from nnunet_compress import freed_memory as fm
+from nnunet_compress.inference import freed_memory as fm
+from nnunet_compress.inference import torch_paths as fi
 
 # these tests are about torch's CPU paths, the fallback of the OpenVINO engine
 pytestmark = pytest.mark.usefixtures("torch_engine")

@@ -18,8 +18,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from nnunet_compress.model_folder import load_fold_network, open_model_folder
 from nnunet_compress.network import CompressedUNet
+from nnunet_compress.nnunet.model_folder import load_fold_network, open_model_folder
 
 DATA = Path(__file__).parent / "data" / "legacy_folders"
 FOLDERS = ["tucker_r0.5", "l1_F0.6", "converted"]

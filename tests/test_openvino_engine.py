@@ -18,12 +18,13 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from nnunet_compress.errors import CompressError
-from nnunet_compress.fast_inference import plain_inference
 from nnunet_compress.inference import openvino_engine as engine
 from nnunet_compress.inference.settings import from_environment
+from nnunet_compress.inference.torch_paths import plain_inference
 from nnunet_compress.network import CompressedUNet
-from nnunet_compress.tucker import replace_convs
-from nnunet_compress.tucker_compress import RankPolicy, choose_ranks
+from nnunet_compress.tucker.decomposition import replace_convs
+from nnunet_compress.tucker.ranks import RankPolicy
+from nnunet_compress.workflows.tucker import choose_ranks
 
 PLAIN = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
 PATCH = (16, 16, 16)

@@ -2,9 +2,9 @@
 
 import pytest
 
-from nnunet_compress.cli import build_parser
+from nnunet_compress.cli.main import build_parser
 from nnunet_compress.errors import CompressError
-from nnunet_compress.presets import apply_preset, available_presets
+from nnunet_compress.nnunet.presets import apply_preset, available_presets
 
 
 def parse(*argv):

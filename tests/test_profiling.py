@@ -6,7 +6,8 @@ import torch
 from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from torch import nn
 
-from nnunet_compress.profiling import count_parameters, format_profile, profile_network
+from nnunet_compress.costs import count_parameters
+from nnunet_compress.evaluation.profiling import format_profile, profile_network
 
 
 def small_unet(deep_supervision: bool = False) -> PlainConvUNet:

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import run_cli
 from nnunet_compress.errors import CompressError
-from nnunet_compress.pseudo_dataset import image_cases
+from nnunet_compress.workflows.pseudo_dataset import image_cases
 
 
 @pytest.fixture

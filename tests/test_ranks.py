@@ -14,8 +14,10 @@ from dynamic_network_architectures.architectures.unet import PlainConvUNet, Resi
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from nnunet_compress.costs import conv_costs, layer_io_shapes
 from nnunet_compress.errors import CompressError
-from nnunet_compress.ranks import (
+from nnunet_compress.tucker.decomposition import replace_convs
+from nnunet_compress.tucker.ranks import (
     decomposable_layers,
     keep_only_cheaper,
     ranks_by_energy,
@@ -25,7 +27,6 @@ from nnunet_compress.ranks import (
     ratio_rank,
     round_rank,
 )
-from nnunet_compress.tucker import conv_costs, layer_io_shapes, replace_convs
 
 torch.set_num_threads(1)
 

@@ -15,9 +15,9 @@ import pytest
 import SimpleITK as sitk
 from scipy import ndimage
 
-from nnunet_compress import synthetic
 from nnunet_compress.errors import CompressError
-from nnunet_compress.synthetic import LABELS, generate_case, make_case, write_synthetic_dataset
+from nnunet_compress.nnunet import synthetic
+from nnunet_compress.nnunet.synthetic import LABELS, generate_case, make_case, write_synthetic_dataset
 
 NUM_TRAIN, NUM_TEST, SEED = 5, 2, 3
 
@@ -268,7 +268,7 @@ def test_rejects_a_grid_too_small_for_the_phantom():
 def test_unlabelled_images_are_the_cases_of_those_indices(tmp_path):
     import SimpleITK as sitk
 
-    from nnunet_compress.synthetic import generate_case, write_unlabelled_images
+    from nnunet_compress.nnunet.synthetic import generate_case, write_unlabelled_images
     ids = write_unlabelled_images(tmp_path / "images", seed=3, indices=[20, 21])
     assert ids == ["synct_020", "synct_021"]
     assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["synct_020_0000.nii.gz",

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nnunet_compress.errors import CompressError
-from nnunet_compress.taylor_prune import TaylorSettings, batches_covering_classes
+from nnunet_compress.pruning.taylor import TaylorSettings, batches_covering_classes
 
 
 def label_batches(label_sets):
@@ -65,7 +65,7 @@ class Group:
 
 
 def test_step_floors_cap_what_one_step_takes_from_a_layer():
-    from nnunet_compress.taylor_prune import removable_channels, step_floors
+    from nnunet_compress.pruning.taylor import removable_channels, step_floors
     groups = [Group("narrow", 8), Group("wide", 64), Group("at_floor", 4)]
     floors = step_floors(groups, {"narrow": 2, "wide": 16, "at_floor": 4}, max_layer_step=0.2)
     # 20% of 8 is 1.6 -> one channel; 20% of 64 -> 12; a layer at its floor keeps it

@@ -14,7 +14,7 @@ import torch
 
 from nnunet_compress.errors import CompressError
 from nnunet_compress.network import CompressedUNet, compressed_arch_kwargs
-from nnunet_compress.teacher import build_parent_network, load_teacher, parent_architecture
+from nnunet_compress.nnunet.teacher import build_parent_network, load_teacher, parent_architecture
 
 PLAIN = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
 LABELS = {"background": 0, "a": 1, "b": 2}
@@ -147,8 +147,8 @@ class FakeTrainer:
 
 
 def test_mixin_swaps_the_loss_for_one_step_and_logs_both_terms(tmp_path):
-    from nnunet_compress.distillation import DistillationSettings, soft_target_kl
-    from nnunet_compress.distillation_trainer import DistillationTrainerMixin
+    from nnunet_compress.distillation.loss import DistillationSettings, soft_target_kl
+    from nnunet_compress.nnunet.distillation_trainer import DistillationTrainerMixin
 
     class Trainer(DistillationTrainerMixin, FakeTrainer):
         pass

@@ -1,7 +1,7 @@
 """`nnunet-compress totalseg` end to end: TotalSegmentator's own Python API runs the compressed home, offline.
 
 TotalSegmentator's weights cannot be downloaded here, so a stand-in source home is built with TotalSegmentator's
-layout, dataset names, trainers, class counts and architecture and random weights (nnunet_compress.totalseg_standin).
+layout, dataset names, trainers, class counts and architecture and random weights (nnunet_compress.totalseg.standin).
 TotalSegmentator then runs in a subprocess on a small synthetic CT, with every network call refused and recorded,
 and with nnU-Net's predictor watched to see which model folder and network class it really loads.
 """
@@ -17,7 +17,7 @@ import pytest
 import SimpleITK as sitk
 
 from conftest import run_cli
-from nnunet_compress.totalseg_standin import write_offline_config, write_standin_model
+from nnunet_compress.totalseg.standin import write_offline_config, write_standin_model
 
 pytestmark = pytest.mark.e2e
 
@@ -63,7 +63,7 @@ def fast_source_home(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def synthetic_ct(tmp_path_factory) -> Path:
     """A small CT-like volume (about 48 x 72 x 72 voxels at 2-3 mm x 1.2-1.6 mm), as TotalSegmentator's input."""
-    from nnunet_compress.synthetic import generate_case
+    from nnunet_compress.nnunet.synthetic import generate_case
     case = generate_case(seed=3, index=0)
     img = sitk.GetImageFromArray(case.image_hu.astype(np.int16))
     img.SetSpacing(tuple(float(s) for s in case.spacing[::-1]))
@@ -131,8 +131,8 @@ def test_compressed_home_runs_in_totalsegmentator_offline(fast_source_home, synt
 
 def test_total_task_resolves_to_the_five_part_models():
     """The default 'total' task: TotalSegmentator's five 1.5 mm part models, each once, in its own layout."""
-    from nnunet_compress.totalseg import task_models
-    from nnunet_compress.totalseg_shapes import PART_MODELS, architecture_for
+    from nnunet_compress.totalseg.home import task_models
+    from nnunet_compress.totalseg.shapes import PART_MODELS, architecture_for
     models = task_models(["total", "total_fast"])
     assert [m.dataset_id for m in models] == [291, 292, 293, 294, 295, 297]
     assert str(models[0].model_folder) == \

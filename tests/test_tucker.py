@@ -24,8 +24,9 @@ from dynamic_network_architectures.architectures.unet import PlainConvUNet, Resi
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from nnunet_compress.costs import conv_costs, layer_io_shapes
 from nnunet_compress.errors import CompressError
-from nnunet_compress.tucker import TuckerConv, conv_costs, decompose_conv, gram_svd, layer_io_shapes, replace_convs
+from nnunet_compress.tucker.decomposition import TuckerConv, decompose_conv, gram_svd, replace_convs
 
 torch.set_num_threads(1)
 

@@ -10,14 +10,14 @@ averaged over the epoch. At each epoch end every layer drops the channels whose 
 threshold τ — physically, with the inputs of the layers that read them — and τ adapts per layer. Training
 continues on the smaller network, so it speeds up as it prunes.
 
-The class guard (``--class-guard``, see nnunet_compress.class_guard): an epoch's removal is judged at the next
+The class guard (``--class-guard``, see nnunet_compress.pruning.class_guard): an epoch's removal is judged at the next
 epoch's validation against the pseudo Dice before it; if a class present before fell below that share, the removal
 is undone (network shape, weights and optimizer state, and the thresholds' τ steps and patience of that epoch),
 its filters are protected (always kept), and that epoch removes nothing (its δ_prune was measured on the undone
 network). With the guard on, the last epoch removes nothing: no validation would be left to check it.
 
 Plans made with ``--distill`` replace the segmentation term by the distillation loss against the parent
-(nnunet_compress.distillation_trainer); the δ_opt term is added to it as before.
+(nnunet_compress.nnunet.distillation_trainer); the δ_opt term is added to it as before.
 """
 
 import time
@@ -28,8 +28,10 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.helpers import dummy_context
 from torch import autocast
 
-from nnunet_compress.class_guard import StepGuard
-from nnunet_compress.distillation_trainer import DistillationTrainerMixin
+from nnunet_compress.nnunet.distillation_trainer import DistillationTrainerMixin
+from nnunet_compress.nnunet.pruning_trainer import PruningTrainerMixin, agree_across_ranks
+from nnunet_compress.nnunet.training import ScheduleFromPlansMixin, install_pretrained_weights_hook
+from nnunet_compress.pruning.class_guard import StepGuard
 from nnunet_compress.pruning.feature_maps import FeatureMapRecorder
 from nnunet_compress.pruning.sauron import (
     SauronConfig,
@@ -39,8 +41,7 @@ from nnunet_compress.pruning.sauron import (
     delta_prune,
     sauron_regulariser,
 )
-from nnunet_compress.pruning_trainer import PruningTrainerMixin, agree_across_ranks
-from nnunet_compress.training import ScheduleFromPlansMixin, install_pretrained_weights_hook
+from nnunet_compress.pruning.surgery import channel_counts
 
 install_pretrained_weights_hook()
 
@@ -142,7 +143,6 @@ class nnUNetTrainerSauron(DistillationTrainerMixin, PruningTrainerMixin, Schedul
                                    "check it)")
         else:
             removed_total = self.remove_below_thresholds(groups, converged)
-        from nnunet_compress.pruning.surgery import channel_counts
         params, flops = self.current_cost()
         epoch_time = time.time() - self._epoch_wall_start
         self.channel_history.append({"epoch": self.current_epoch, "channels": channel_counts(self.plain_network),

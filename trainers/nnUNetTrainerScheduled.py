@@ -1,13 +1,13 @@
 """nnU-Net's default trainer with epochs, iterations and learning rate taken from the plans.
 
 Used for the tiny demo/test base model and for any run whose schedule should be recorded in its plans
-(see nnunet_compress.training.ScheduleFromPlansMixin). Without a compression section it is nnUNetTrainer.
+(see nnunet_compress.nnunet.training.ScheduleFromPlansMixin). Without a compression section it is nnUNetTrainer.
 """
 
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_compress.training import ScheduleFromPlansMixin
+from nnunet_compress.nnunet.training import ScheduleFromPlansMixin
 
 
 class nnUNetTrainerScheduled(ScheduleFromPlansMixin, nnUNetTrainer):

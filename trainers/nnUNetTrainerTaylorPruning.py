@@ -8,30 +8,31 @@ sums Taylor importance over `accumulate_batches` training batches, removes the `
 important filters (globally after layer-wise normalisation, or per layer), and fine-tunes — until the FLOP or
 parameter target of the plans is met; then it fine-tunes to the end of the schedule.
 
-The class guard (``--class-guard``, see nnunet_compress.class_guard) records every class's pseudo Dice before a
+The class guard (``--class-guard``, see nnunet_compress.pruning.class_guard) records every class's pseudo Dice before a
 step and compares it at the validation that precedes the next step: if a class present before fell below that
 share of its value, the step is undone (network shape, weights and optimizer state from a snapshot taken just
 before it), the filters it removed are protected, and pruning continues with other filters. Every rollback goes
 to the training log, into the checkpoint's pruning state, and into fold_X/pruning_report.json.
 
 Plans made with ``--distill`` fine-tune towards the parent's soft predictions as well
-(nnunet_compress.distillation_trainer); the Taylor scores still come from nnU-Net's loss on the labels.
+(nnunet_compress.nnunet.distillation_trainer); the Taylor scores still come from nnU-Net's loss on the labels.
 """
 
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_compress.class_guard import StepGuard
-from nnunet_compress.distillation_trainer import DistillationTrainerMixin
-from nnunet_compress.pruning_trainer import PruningTrainerMixin, agree_across_ranks
-from nnunet_compress.taylor_prune import (
+from nnunet_compress.nnunet.distillation_trainer import DistillationTrainerMixin
+from nnunet_compress.nnunet.pruning_trainer import PruningTrainerMixin, agree_across_ranks
+from nnunet_compress.nnunet.training import ScheduleFromPlansMixin, install_pretrained_weights_hook
+from nnunet_compress.pruning.class_guard import StepGuard
+from nnunet_compress.pruning.surgery import channel_counts
+from nnunet_compress.pruning.taylor import (
     TaylorSettings,
     batches_covering_classes,
     channels_to_remove,
     choose_channels_to_keep,
     taylor_scores,
 )
-from nnunet_compress.training import ScheduleFromPlansMixin, install_pretrained_weights_hook
 
 install_pretrained_weights_hook()
 
@@ -84,7 +85,6 @@ class nnUNetTrainerTaylorPruning(DistillationTrainerMixin, PruningTrainerMixin, 
                                self.settings.balance_classes)
         n_remove = channels_to_remove(groups, self.settings.step)
         if not getattr(self, "initial_channels", None):
-            from nnunet_compress.pruning.surgery import channel_counts
             self.initial_channels = channel_counts(net)
         keep = choose_channels_to_keep(net, self.settings, scores, n_remove, self.initial_channels,
                                        self.class_guard.protected)

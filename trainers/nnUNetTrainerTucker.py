@@ -7,14 +7,14 @@ The plans name nnunet_compress.network.CompressedUNet with the Tucker ranks, so 
 `-pretrained_weights` (a checkpoint of the parent, uncompressed model) is decomposed into it — every layer,
 segmentation heads included — before the first epoch. The fine-tuning schedule (default 50 epochs at a tenth of
 nnU-Net's learning rate, as a fine-tune of an already trained model needs) comes from the plans. Plans made with
-``--distill`` train it towards the parent's soft predictions as well (nnunet_compress.distillation_trainer).
+``--distill`` train it towards the parent's soft predictions as well (nnunet_compress.nnunet.distillation_trainer).
 """
 
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_compress.distillation_trainer import DistillationTrainerMixin
-from nnunet_compress.training import ScheduleFromPlansMixin, compression_section, install_pretrained_weights_hook
+from nnunet_compress.nnunet.distillation_trainer import DistillationTrainerMixin
+from nnunet_compress.nnunet.training import ScheduleFromPlansMixin, compression_section, install_pretrained_weights_hook
 
 install_pretrained_weights_hook()
 

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from nnunet_compress.errors import CompressError
+from nnunet_compress.pruning.class_guard import check_class_guard
 
 STATE_VERSION = 1
 
@@ -63,7 +64,7 @@ class SauronConfig:
     Not from the paper:
     class_guard: an epoch's removal after which a class keeps less than this share of its validation pseudo Dice
                (measured at the next epoch's validation) is undone and its filters protected (0 turns it off);
-               see nnunet_compress.class_guard.
+               see nnunet_compress.pruning.class_guard.
     seed:      seed of the reference-channel draws (plus the fold number); 12345 is what runs used before.
     """
 
@@ -94,7 +95,6 @@ class SauronConfig:
         if not 0 <= self.mu < 1:
             raise CompressError(f"Sauron mu must lie in [0, 1) (got {self.mu}); it is a fraction of channels, "
                                 f"set e.g. mu=0.02")
-        from nnunet_compress.class_guard import check_class_guard
         self.class_guard = check_class_guard(self.class_guard)
         if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or self.seed < 0:
             raise CompressError(f"--seed {self.seed!r} must be a non-negative integer, e.g. --seed 0")

@@ -1,0 +1,167 @@
+"""The end-to-end demo: synthetic CT -> tiny nnU-Net -> every compression method -> side-by-side table.
+
+Each step is the command a user would run (nnU-Net's CLI for planning, training and prediction; ours for the
+rest); the demo only strings them together and prints what each model costs and how well it segments.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from nnunet_compress.demo import tiny
+from nnunet_compress.evaluation.profiling import profile_network
+from nnunet_compress.nnunet.model_folder import (
+    atomic_write_file,
+    input_channels_of,
+    load_fold_network,
+    open_model_folder,
+)
+from nnunet_compress.nnunet.plans import resolved_configuration
+
+
+@dataclass
+class DemoRow:
+    model: str
+    params: int
+    gflops: float
+    latency_ms: float
+    dice: float
+    dice_per_class: dict
+
+    def line(self, base: "DemoRow") -> str:
+        return (f"{self.model:<34} {self.params:>10,} {self.params / base.params:>6.2f} {self.gflops:>8.3f} "
+                f"{self.gflops / base.gflops:>6.2f} {self.latency_ms:>8.1f} {base.latency_ms / self.latency_ms:>6.2f}x"
+                f" {self.dice:>7.3f}")
+
+
+HEADER = (f"{'model':<34} {'params':>10} {'ratio':>6} {'GFLOPs':>8} {'ratio':>6} {'ms':>8} {'speed':>7} "
+          f"{'Dice':>7}")
+
+
+def measure(ws: tiny.TinyWorkspace, name: str, model_folder: Path, prediction_name: str) -> DemoRow:
+    """Profile one patch and predict the held-out cases with nnU-Net's predictor."""
+    folder = open_model_folder(model_folder, ["0"])
+    net, _, configuration = load_fold_network(folder, "0")
+    patch = tuple(resolved_configuration(folder.plans, configuration)["patch_size"])
+    prof = profile_network(net, input_channels_of(folder.plans, folder.dataset_json, configuration), patch,
+                           runs=7, warmup=2)
+    predictions = tiny.predict_folder(ws, model_folder, ws.root / "predictions" / prediction_name)
+    dice = tiny.dice_scores(ws, predictions)
+    return DemoRow(name, prof.params, prof.flops / 1e9, prof.latency_s * 1000, dice["mean_foreground"],
+                   dice["per_class"])
+
+
+def run_demo(workdir: Path, fast: bool = False, seed: int = 0) -> list[DemoRow]:
+    t0 = time.time()
+    ws = tiny.default_workspace(workdir)
+    # the in-process steps (plans, profiling) read nnU-Net's folders from the environment like the CLI does
+    os.environ.update(ws.env())
+    epochs = 20 if fast else tiny.BASE_EPOCHS
+    print(f"[demo] workspace {ws.root}")
+    print("[demo] 1/4 synthetic CT dataset + nnUNetv2_plan_and_preprocess + tiny plans")
+    tiny.prepare_dataset(ws, seed=seed, num_epochs=epochs)
+    base_folder = ws.model_folder()
+    if not tiny.checkpoint_path(base_folder).exists():
+        print(f"[demo] 2/4 nnUNetv2_train (base model, {epochs} short epochs on the CPU)")
+        tiny.train(ws)
+    rows = [measure(ws, "base", base_folder, "base")]
+    print(f"[demo]      base model: mean foreground Dice {rows[0].dice:.3f}")
+
+    print("[demo] 3/4 Tucker: post-training compression (nnunet-compress tucker) and fine-tuning "
+          "(nnUNetv2_train -tr nnUNetTrainerTucker)")
+    for ratio in (0.5, 0.25):
+        out = ws.root / "compressed" / f"tucker{ratio}"
+        if not out.exists():
+            tiny.run_compress(["tucker", str(base_folder), "-o", str(out), "--rank-ratio", str(ratio), "--min-rank", "4"])
+        rows.append(measure(ws, f"tucker {ratio} (no fine-tuning)", out, f"tucker{ratio}"))
+        plans_name = f"{tiny.TINY_PLANS}_tucker{ratio}"
+        finetuned = ws.model_folder("nnUNetTrainerTucker", plans_name)
+        if not tiny.checkpoint_path(finetuned).exists():
+            tiny.run_compress(["plan", "tucker", "-d", str(ws.dataset_id), "-c", tiny.CONFIGURATION, "-p", tiny.TINY_PLANS,
+                       "--rank-ratio", str(ratio), "--min-rank", "4", "--epochs", str(max(3, epochs // 5)),
+                       "--iterations-per-epoch", "25", "--val-iterations", "2", "--lr", "1e-3", "--augmentation", "none",
+                       "--seed", str(seed), "--overwrite"])
+            tiny.train(ws, plans_name, "nnUNetTrainerTucker", pretrained=tiny.checkpoint_path(base_folder))
+        rows.append(measure(ws, f"tucker {ratio} + fine-tuning", finetuned, f"tucker{ratio}_ft"))
+    rows.append(label_free_row(ws, base_folder, 0.25, epochs, seed))
+
+    rows.extend(taylor_rows(ws, base_folder, epochs, seed))
+    rows.extend(sauron_rows(ws, base_folder, epochs, seed))
+
+    print("[demo] 4/4 summary (one 3D patch on the CPU; Dice = mean foreground Dice on the held-out cases)")
+    print(HEADER)
+    for row in rows:
+        print(row.line(rows[0]))
+    summary = ws.root / "demo_summary.json"
+    atomic_write_file(summary, lambda tmp: tmp.write_text(json.dumps([asdict(r) for r in rows], indent=2)))
+    print(f"[demo] done in {(time.time() - t0) / 60:.1f} min; figures in {summary}")
+    return rows
+
+
+# the label-free row's dataset: the base model's predictions on extra unlabelled synthetic cases
+PSEUDO_ID, PSEUDO_NAME, UNLABELLED_CASES = 511, "SyntheticUnlabelled", range(1000, 1012)
+
+
+def label_free_row(ws: tiny.TinyWorkspace, base_folder: Path, ratio: float, epochs: int, seed: int = 0) -> DemoRow:
+    """Tucker `ratio` fine-tuned without labels: the base model labels unseen scans and teaches the student.
+
+    The same schedule as the labelled Tucker fine-tuning, on 12 extra synthetic cases that no model was trained or
+    tested on (what a hospital holds: its own scans, no labels), with the teacher's probabilities only (α = 1).
+    """
+    pseudo = tiny.TinyWorkspace(ws.root, PSEUDO_ID, PSEUDO_NAME)
+    plans_name = f"{tiny.TINY_PLANS}_tucker{ratio}_distill"
+    folder = pseudo.model_folder("nnUNetTrainerTucker", plans_name)
+    if not tiny.checkpoint_path(folder).exists():
+        print(f"[demo]      label-free: the base model labels {len(UNLABELLED_CASES)} unlabelled scans "
+              "(nnunet-compress pseudo-dataset), Tucker fine-tuned from its probabilities (--distill --alpha 1)")
+        tiny.label_unlabelled_cases(ws, base_folder, ws.root / "unlabelled_images", PSEUDO_ID, PSEUDO_NAME, seed,
+                                    UNLABELLED_CASES)
+        tiny.run_compress(["plan", "tucker", "-d", str(PSEUDO_ID), "-c", tiny.CONFIGURATION, "-p", tiny.TINY_PLANS,
+                   "--rank-ratio", str(ratio), "--min-rank", "4", "--distill", "--alpha", "1",
+                   "--epochs", str(max(3, epochs // 5)), "--iterations-per-epoch", "25", "--val-iterations", "2",
+                   "--lr", "1e-3", "--augmentation", "none", "--seed", str(seed), "--overwrite"])
+        tiny.train(pseudo, plans_name, "nnUNetTrainerTucker", pretrained=tiny.checkpoint_path(base_folder),
+                   log_name="demo_label_free")
+    return measure(ws, f"tucker {ratio} + label-free distill", folder, f"tucker{ratio}_label_free")
+
+
+def taylor_rows(ws: tiny.TinyWorkspace, base_folder: Path, epochs: int, seed: int = 0) -> list[DemoRow]:
+    """One-shot L1 pruning (no fine-tuning) and Taylor pruning inside nnU-Net's training loop, to half the FLOPs."""
+    print("[demo] pruning: one-shot L1 (nnunet-compress prune) and Taylor in the training loop "
+          "(nnUNetv2_train -tr nnUNetTrainerTaylorPruning), both to about half the FLOPs")
+    rows = []
+    l1 = ws.root / "compressed" / "l1_F0.5"
+    if not l1.exists():
+        tiny.run_compress(["prune", str(base_folder), "-o", str(l1), "--method", "l1", "--target-flops", "0.5",
+                   "--step", "0.05"])
+    rows.append(measure(ws, "L1 prune F0.5 (no fine-tuning)", l1, "l1_F0.5"))
+    plans_name = f"{tiny.TINY_PLANS}_taylorF0.5"
+    folder = ws.model_folder("nnUNetTrainerTaylorPruning", plans_name)
+    if not tiny.checkpoint_path(folder).exists():
+        tiny.run_compress(["plan", "taylor", "-d", str(ws.dataset_id), "-c", tiny.CONFIGURATION, "-p", tiny.TINY_PLANS,
+                   "--target-flops", "0.5", "--step", "0.1", "--accumulate-batches", "4",
+                   "--epochs", str(max(8, epochs // 3)), "--iterations-per-epoch", "20", "--val-iterations", "2", "--lr", "1e-3",
+                   "--augmentation", "none", "--seed", str(seed), "--overwrite"])
+        tiny.train(ws, plans_name, "nnUNetTrainerTaylorPruning", pretrained=tiny.checkpoint_path(base_folder))
+    rows.append(measure(ws, "Taylor F0.5 + fine-tuning", folder, "taylor_F0.5"))
+    return rows
+
+
+def sauron_rows(ws: tiny.TinyWorkspace, base_folder: Path, epochs: int, seed: int = 0) -> list[DemoRow]:
+    """Sauron pruning while (re)training, started from the base model's weights."""
+    print("[demo] Sauron: pruning during training (nnUNetv2_train -tr nnUNetTrainerSauron -pretrained_weights)")
+    plans_name = f"{tiny.TINY_PLANS}_sauron_demo"
+    folder = ws.model_folder("nnUNetTrainerSauron", plans_name)
+    if not tiny.checkpoint_path(folder).exists():
+        # a short run needs thresholds that bite at once: the trained tiny model's δ_prune lie between ~0.2 and 0.9,
+        # while the paper's τ start of 0.001 only bites after a long training has clustered the feature maps
+        tiny.run_compress(["plan", "sauron", "-d", str(ws.dataset_id), "-c", tiny.CONFIGURATION, "-p", tiny.TINY_PLANS,
+                   "--plans-name", plans_name, "--tau-start", "0.2", "--tau-max", "0.4", "--kappa", "4",
+                   "--rho", "2", "--epochs", str(max(10, epochs // 3)), "--iterations-per-epoch", "20", "--val-iterations", "2",
+                   "--lr", "1e-3", "--augmentation", "none", "--seed", str(12345 + seed), "--overwrite"])
+        tiny.train(ws, plans_name, "nnUNetTrainerSauron", pretrained=tiny.checkpoint_path(base_folder))
+    return [measure(ws, "Sauron (pruned while training)", folder, "sauron")]

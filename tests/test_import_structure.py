@@ -1,0 +1,140 @@
+"""The package's import structure: no import circles, and no import from a lower layer to a higher one.
+
+The layers, lowest first, are written here and nowhere else; each subpackage's ``__init__`` docstring says in words
+what it may import. A module may import modules of its own layer and of every layer below it. Every import
+counts, also those inside functions, since a lazy import hides a dependency without removing it.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "nnunet_compress"
+
+# lowest first; a name is a top-level module (errors.py) or a subpackage (tucker/)
+LAYERS = ["errors", "settings", "costs",          # foundation: no nnU-Net, no method
+          "tucker", "pruning", "distillation",    # the methods' maths: pure torch (+ tensorly)
+          "inference",                            # CPU engine and torch fallback
+          "network",                              # CompressedUNet, the class compressed plans name
+          "nnunet",                               # every nnU-Net-facing adapter
+          "evaluation",                           # metrics, statistics, reports, profiles
+          "workflows",                            # model folder in -> model folder out
+          "totalseg",                             # TotalSegmentator homes
+          "demo",                                 # the synthetic pipeline
+          "cli"]                                  # the command line
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        found[name] = path
+    return found
+
+
+def imported_modules(name: str, path: Path, known: dict[str, Path]) -> set[str]:
+    """Package modules that `name` imports anywhere in its source (parents' __init__ included)."""
+    out = set()
+    is_package = path.name == "__init__.py"
+    for node in ast.walk(ast.parse(path.read_text())):
+        targets = []
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = name.split(".")[: len(name.split(".")) - node.level + (1 if is_package else 0)]
+                base = ".".join(anchor + ([node.module] if node.module else []))
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
+        for target in targets:
+            parts = target.split(".")
+            for i in range(2, len(parts) + 1):  # importing a.b.c runs a.b's __init__ first
+                candidate = ".".join(parts[:i])
+                if candidate in known and candidate != name:
+                    out.add(candidate)
+    return out
+
+
+def unit(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else None
+
+
+def graph() -> dict[str, set[str]]:
+    known = modules()
+    return {name: imported_modules(name, path, known) for name, path in known.items()}
+
+
+def test_every_module_belongs_to_a_layer():
+    missing = sorted({unit(m) for m in modules()} - set(LAYERS) - {None})
+    assert not missing, f"add {missing} to LAYERS (in the right place) and describe it in its __init__ docstring"
+
+
+def test_no_import_runs_upward():
+    rank = {u: i for i, u in enumerate(LAYERS)}
+    upward = [f"{src} -> {dst}" for src, targets in graph().items() for dst in sorted(targets)
+              if unit(src) and unit(dst) and rank[unit(dst)] > rank[unit(src)]]
+    assert not upward, "imports from a lower layer to a higher one:\n" + "\n".join(upward)
+
+
+def test_no_import_circles():
+    edges = graph()
+    index, low, on_stack, stack, circles, counter = {}, {}, set(), [], [], [0]
+
+    def visit(v):  # Tarjan's strongly connected components
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on_stack.add(v)
+        for w in edges[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                circles.append(sorted(component))
+
+    for v in edges:
+        if v not in index:
+            visit(v)
+    assert not circles, f"import circles: {circles}"
+
+
+def test_each_subpackage_says_what_it_owns():
+    for init in PACKAGE.glob("*/__init__.py"):
+        doc = ast.get_docstring(ast.parse(init.read_text())) or ""
+        assert len(doc.split()) >= 20, f"{init} needs a docstring saying what the subpackage owns and may import"
+
+
+def test_every_module_imports_on_its_own_in_a_fresh_interpreter():
+    """Each module imported first, with no other module of the package loaded before it: an import-order circle
+    that only shows up for one entry point fails here (heavy third-party packages stay loaded, for speed)."""
+    names = [m for m in modules() if not m.endswith("__main__")]
+    script = (
+        "import importlib, sys, traceback\n"
+        f"names = {names!r}\n"
+        "failed = []\n"
+        "for name in names:\n"
+        "    for loaded in [m for m in sys.modules if m == 'nnunet_compress' or m.startswith('nnunet_compress.')]:\n"
+        "        del sys.modules[loaded]\n"
+        "    try:\n"
+        "        importlib.import_module(name)\n"
+        "    except Exception:\n"
+        "        failed.append(name + ': ' + traceback.format_exc().strip().splitlines()[-1])\n"
+        "print('\\n'.join(failed))\n"
+        "sys.exit(1 if failed else 0)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"modules that fail to import on their own:\n{proc.stdout}{proc.stderr[-2000:]}"
