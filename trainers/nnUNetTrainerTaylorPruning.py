@@ -29,8 +29,7 @@ from nnunet_compress.pruning.surgery import channel_counts
 from nnunet_compress.pruning.taylor import (
     TaylorSettings,
     batches_covering_classes,
-    channels_to_remove,
-    choose_channels_to_keep,
+    plan_step,
     taylor_scores,
 )
 
@@ -80,15 +79,15 @@ class nnUNetTrainerTaylorPruning(DistillationTrainerMixin, PruningTrainerMixin, 
 
     def pruning_step(self) -> None:
         net = self.plain_network
-        groups = self.prunable_groups()
-        scores = taylor_scores(net, groups, self.training_batches(), self.settings.importance, self.loss,
-                               self.settings.balance_classes)
-        n_remove = channels_to_remove(groups, self.settings.step)
         if not getattr(self, "initial_channels", None):
             self.initial_channels = channel_counts(net)
-        keep = choose_channels_to_keep(net, self.settings, scores, n_remove, self.initial_channels,
-                                       self.class_guard.protected)
-        keep = agree_across_ranks(keep) if self.is_ddp else keep
+
+        def score(groups):
+            return taylor_scores(net, groups, self.training_batches(), self.settings.importance, self.loss,
+                                 self.settings.balance_classes)
+        step = plan_step(net, self.settings, score, self.initial_channels, self.class_guard.protected)
+        groups = step.groups
+        keep = agree_across_ranks(step.keep) if self.is_ddp else step.keep
         if not keep:
             self.target_reached = True
             protected = (f" ({self.class_guard.protected.total} filters are protected by the class guard)"

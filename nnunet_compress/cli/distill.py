@@ -16,7 +16,7 @@ from pathlib import Path
 from nnunet_compress.distillation.loss import DistillationSettings
 from nnunet_compress.errors import CompressError
 from nnunet_compress.network import NETWORK_CLASS_NAME
-from nnunet_compress.nnunet.model_folder import input_channels_of
+from nnunet_compress.nnunet.model_folder import CHECKPOINT_FINAL, input_channels_of
 from nnunet_compress.nnunet.plans import SECTION, resolved_configuration
 from nnunet_compress.nnunet.teacher import load_teacher, parent_architecture
 from nnunet_compress.workflows.pseudo_dataset import PseudoDatasetRequest, write_pseudo_dataset
@@ -98,7 +98,7 @@ def register(sub) -> None:
     p.add_argument("-d", "--dataset-id", type=int, required=True, help="id of the new dataset (1-999, unused)")
     p.add_argument("-n", "--name", help="name of the new dataset (default: the parent's dataset name + 'Pseudo')")
     p.add_argument("-f", "--folds", nargs="+", help="folds of the parent to predict with (default: all, ensembled)")
-    p.add_argument("--checkpoint", default="checkpoint_final.pth")
+    p.add_argument("--checkpoint", default=CHECKPOINT_FINAL)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--disable-tta", action="store_true", help="no mirroring at prediction (faster, slightly worse)")
     p.add_argument("--num-processes", type=int, default=2, help="nnU-Net's preprocessing/export processes (2)")

@@ -9,7 +9,9 @@ from nnunet_compress.cli.options import add_rank_options, given_rank_options, ra
 from nnunet_compress.errors import CompressError
 from nnunet_compress.evaluation.compare import CompareSettings, run_compare
 from nnunet_compress.evaluation.profiling import format_profile, profile_network
+from nnunet_compress.evaluation.stats import CORRECTIONS
 from nnunet_compress.nnunet.model_folder import (
+    CHECKPOINT_FINAL,
     atomic_write_file,
     input_channels_of,
     load_fold_network,
@@ -82,7 +84,7 @@ def register(sub) -> None:
     p.add_argument("model_folder", type=Path)
     p.add_argument("-c", "--configuration")
     p.add_argument("-f", "--fold", help="fold whose checkpoint to load (default: the first one present)")
-    p.add_argument("--checkpoint", default="checkpoint_final.pth")
+    p.add_argument("--checkpoint", default=CHECKPOINT_FINAL)
     p.add_argument("--patch", type=int, nargs="+", help="patch size (default: the plans' patch size)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--runs", type=int, default=5)
@@ -101,10 +103,10 @@ def register(sub) -> None:
                    help="report folder (keeps predictions/<model>/ for re-runs)")
     p.add_argument("--tolerance-mm", type=float, default=2.0, help="surface Dice tolerance in mm (2)")
     p.add_argument("-f", "--folds", nargs="+", help="folds to predict with (default: every fold each model has)")
-    p.add_argument("--checkpoint", default="checkpoint_final.pth")
+    p.add_argument("--checkpoint", default=CHECKPOINT_FINAL)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--disable-tta", action="store_true", help="no mirroring at prediction (8x faster in 3-d)")
-    p.add_argument("--correction", choices=("holm", "bh", "none"), default="holm",
+    p.add_argument("--correction", choices=CORRECTIONS, default="holm",
                    help="multiple-comparison correction across classes (holm: family-wise; bh: false discovery "
                         "rate)")
     p.add_argument("--alpha", type=float, default=0.05)

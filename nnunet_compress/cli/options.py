@@ -11,7 +11,7 @@ from pathlib import Path
 
 from nnunet_compress.errors import CompressError
 from nnunet_compress.nnunet.model_folder import read_json
-from nnunet_compress.tucker.ranks import RankPolicy
+from nnunet_compress.tucker.ranks import BUDGET_ERRORS, RankPolicy
 
 
 def add_rank_options(p: argparse.ArgumentParser) -> None:
@@ -38,7 +38,7 @@ def add_rank_options(p: argparse.ArgumentParser) -> None:
                    help="patches the sensitivities and the guard are measured on (4)")
     g.add_argument("--calibration-seed", type=int, default=0,
                    help="seed of the calibration patches (which patches, which synthetic phantoms; 0)")
-    g.add_argument("--budget-error", choices=("kernel", "sensitivity", "best"), default="kernel",
+    g.add_argument("--budget-error", choices=BUDGET_ERRORS, default="kernel",
                    help="allocator's per-layer error: the kernel's reconstruction error (kernel, default), that error "
                         "weighted by how much the network output moves with the layer's output (sensitivity), or "
                         "both allocations, keeping the one that changes the output least on the calibration patches "

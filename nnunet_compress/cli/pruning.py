@@ -8,9 +8,10 @@ from pathlib import Path
 from nnunet_compress.cli import distill as cli_distill
 from nnunet_compress.cli.distill import add_distillation_options
 from nnunet_compress.cli.options import add_plan_common, add_schedule_options, read_dataset_json, schedule_from_args
+from nnunet_compress.nnunet.model_folder import CHECKPOINT_FINAL
 from nnunet_compress.nnunet.plans import pruning_plans, read_parent_plans, write_plans_beside
 from nnunet_compress.pruning.sauron import SauronConfig
-from nnunet_compress.pruning.taylor import TaylorSettings
+from nnunet_compress.pruning.taylor import IMPORTANCE_MODES, PRUNE_METHODS, SCOPES, TaylorSettings
 from nnunet_compress.settings import format_number_tag
 from nnunet_compress.workflows.prune import prune_model_folder
 
@@ -20,7 +21,7 @@ def add_taylor_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--target-flops", type=float, help="stop at this fraction of the original FLOPs")
     g.add_argument("--target-params", type=float, help="stop at this fraction of the original parameters")
     p.add_argument("--step", type=float, default=0.05, help="fraction of channels removed per step (0.05)")
-    p.add_argument("--scope", choices=("global", "layer"), default="global")
+    p.add_argument("--scope", choices=SCOPES, default="global")
     p.add_argument("--min-channels", type=int, default=2, help="never fewer channels per layer (2)")
     p.add_argument("--min-keep-fraction", type=float, default=0.25,
                    help="never fewer than this share of a layer's starting channels (0.25)")
@@ -103,7 +104,7 @@ def register(sub, plan_sub) -> None:
     p = plan_sub.add_parser("taylor", help="plans for nnUNetTrainerTaylorPruning")
     add_plan_common(p)
     add_taylor_options(p)
-    p.add_argument("--importance", choices=("output_normalized", "loss"), default="output_normalized",
+    p.add_argument("--importance", choices=IMPORTANCE_MODES, default="output_normalized",
                    help="output_normalized: Sapkota et al. 2023 (default); loss: classic Molchanov et al. 2019")
     p.add_argument("--prune-every", type=positive_int, default=1, help="epochs between pruning steps (1)")
     p.add_argument("--accumulate-batches", type=positive_int, default=8, help="batches scored per step (8)")
@@ -132,13 +133,13 @@ def register(sub, plan_sub) -> None:
     p = sub.add_parser("prune", help="one-shot filter pruning of a trained model folder (no fine-tuning)")
     p.add_argument("model_folder", type=Path)
     p.add_argument("-o", "--output", type=Path, required=True)
-    p.add_argument("--method", choices=("taylor", "l1"), default="taylor")
+    p.add_argument("--method", choices=PRUNE_METHODS, default="taylor")
     p.add_argument("-i", "--images", type=Path, help="calibration images (nnU-Net naming), needed by taylor")
     p.add_argument("--calibration-batches", type=positive_int, default=8)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("-c", "--configuration")
     p.add_argument("-f", "--folds", nargs="+")
-    p.add_argument("--checkpoint", default="checkpoint_final.pth")
+    p.add_argument("--checkpoint", default=CHECKPOINT_FINAL)
     p.add_argument("--overwrite", action="store_true")
     add_taylor_options(p)
     p.set_defaults(func=cmd_prune)

@@ -17,7 +17,7 @@ from nnunet_compress.cli.options import (
 )
 from nnunet_compress.errors import CompressError, first_line
 from nnunet_compress.network import strip_wrapper_prefixes
-from nnunet_compress.nnunet.model_folder import build_network, input_channels_of, load_checkpoint
+from nnunet_compress.nnunet.model_folder import CHECKPOINT_FINAL, build_network, input_channels_of, load_checkpoint
 from nnunet_compress.nnunet.plans import read_parent_plans, resolved_configuration, tucker_plans, write_plans_beside
 from nnunet_compress.workflows.convert import convert_model_folder
 from nnunet_compress.workflows.tucker import calibration_source, compress_model_folder, select_ranks
@@ -85,7 +85,7 @@ def register(sub, plan_sub) -> None:
     p.add_argument("-o", "--output", type=Path, required=True)
     p.add_argument("-c", "--configuration")
     p.add_argument("-f", "--folds", nargs="+", help="folds to compress (default: all with a checkpoint)")
-    p.add_argument("--checkpoint", default="checkpoint_final.pth")
+    p.add_argument("--checkpoint", default=CHECKPOINT_FINAL)
     p.add_argument("--overwrite", action="store_true")
     add_rank_options(p)
     p.set_defaults(func=cmd_tucker)
@@ -96,7 +96,7 @@ def register(sub, plan_sub) -> None:
     p.add_argument("-o", "--output", type=Path, required=True)
     p.add_argument("-c", "--configuration")
     p.add_argument("-f", "--folds", nargs="+", help="folds to convert (default: all with a checkpoint)")
-    p.add_argument("--checkpoint", default="checkpoint_final.pth")
+    p.add_argument("--checkpoint", default=CHECKPOINT_FINAL)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_convert)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from nnunet_compress.errors import CompressError
 from nnunet_compress.nnunet.env import nnunet_subprocess_env, run_nnunet
-from nnunet_compress.nnunet.model_folder import read_json, write_json
+from nnunet_compress.nnunet.model_folder import CHECKPOINT_FINAL, read_json, write_json
 from nnunet_compress.nnunet.synthetic import write_synthetic_dataset, write_unlabelled_images
 
 TINY_PLANS = "nnUNetPlans_tiny"
@@ -202,7 +202,7 @@ def dice_scores(ws: TinyWorkspace, prediction_folder: Path) -> dict:
 
 
 def checkpoint_path(model_folder: Path, fold: str = "0") -> Path:
-    return model_folder / f"fold_{fold}" / "checkpoint_final.pth"
+    return model_folder / f"fold_{fold}" / CHECKPOINT_FINAL
 
 
 def default_workspace(root: str | os.PathLike, dataset_id: int = 501) -> TinyWorkspace:

@@ -19,7 +19,7 @@ covers every voxel, also those of an ignore label: the teacher has a prediction 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -27,11 +27,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnunet_compress.errors import CompressError
+from nnunet_compress.settings import Settings
 
 
 @dataclass
-class DistillationSettings:
+class DistillationSettings(Settings):
     """What `--distill` records in the plans' compression section (key ``distillation``)."""
+
+    label = "distillation"
 
     alpha: float = 0.5          # weight of the teacher term; 1 trains on the teacher alone (label-free data)
     temperature: float = 2.0    # softens both distributions; 1 is the plain KL of the probabilities
@@ -46,17 +49,6 @@ class DistillationSettings:
                                 f"probabilities (1: unchanged), e.g. --temperature 2")
         return self
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "DistillationSettings":
-        known = {k: d[k] for k in ("alpha", "temperature", "teacher") if k in d}
-        unknown = sorted(set(d) - set(known))
-        if unknown:
-            raise CompressError(f"unknown distillation setting(s) {', '.join(unknown)} in the plans' nnunet_compress "
-                                f"section (known: alpha, temperature, teacher); remake the plans with --distill")
-        return cls(**known).validate()
 
 
 def soft_target_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,

@@ -36,15 +36,25 @@ from nnunet_compress.evaluation.profiling import profile_network
 from nnunet_compress.evaluation.report_markdown import summary_markdown
 from nnunet_compress.evaluation.report_plots import plot_dice_per_class, plot_pareto
 from nnunet_compress.evaluation.stats import CORRECTIONS, adjust, paired_wilcoxon
-from nnunet_compress.nnunet.model_folder import input_channels_of, load_fold_network, open_model_folder
+from nnunet_compress.nnunet.model_folder import (
+    CHECKPOINT_FINAL,
+    input_channels_of,
+    load_fold_network,
+    open_model_folder,
+)
 from nnunet_compress.nnunet.plans import resolved_configuration
 from nnunet_compress.nnunet.predictions import predict_cases
+from nnunet_compress.settings import Settings, check_choice
 
 SUMMARY = "summary.json"
 
 
 @dataclass
-class CompareSettings:
+class CompareSettings(Settings):
+    """What `nnunet-compress compare` was asked to do (its options, checked)."""
+
+    label = "compare"
+
     base: Path
     compressed: list[Path]
     images: Path
@@ -52,7 +62,7 @@ class CompareSettings:
     output: Path
     tolerance_mm: float = 2.0
     folds: list[str] | None = None
-    checkpoint: str = "checkpoint_final.pth"
+    checkpoint: str = CHECKPOINT_FINAL
     device: str = "cpu"
     disable_tta: bool = False
     correction: str = "holm"
@@ -63,13 +73,12 @@ class CompareSettings:
     timing: bool = True
     names: list[str] | None = None
 
-    def validate(self) -> None:
+    def validate(self) -> "CompareSettings":
         if self.tolerance_mm < 0:
             raise CompressError(f"--tolerance-mm {self.tolerance_mm} is negative; pass a distance in mm, e.g. 2")
         if not 0 < self.alpha < 1:
             raise CompressError(f"--alpha {self.alpha} is outside (0, 1); e.g. 0.05")
-        if self.correction not in CORRECTIONS:
-            raise CompressError(f"--correction {self.correction!r} unknown; choose {', '.join(CORRECTIONS)}")
+        check_choice("--correction", self.correction, CORRECTIONS)
         if self.num_processes < 1 or self.profile_runs < 1:
             raise CompressError("--num-processes and --profile-runs must be at least 1")
         if self.names is not None and len(self.names) != 1 + len(self.compressed):
@@ -78,6 +87,7 @@ class CompareSettings:
             import torch
             if not torch.cuda.is_available():
                 raise CompressError("--device cuda requested but no CUDA device is available; use --device cpu")
+        return self
 
 
 @dataclass

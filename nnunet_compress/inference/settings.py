@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nnunet_compress.errors import CompressError
+from nnunet_compress.settings import Settings
 
 ENGINES = ("openvino", "torch")
 PRECISIONS = ("f32", "bf16", "f16")
@@ -28,7 +29,11 @@ CACHE_VARIABLE = "NNUNET_COMPRESS_CACHE_DIR"
 
 
 @dataclass(frozen=True)
-class EngineSettings:
+class EngineSettings(Settings):
+    """The CPU engine in force, from the environment (see :func:`from_environment`)."""
+
+    label = "CPU engine"
+
     engine: str = "openvino"
     precision: str = "f32"
     cache_dir: Path | None = None

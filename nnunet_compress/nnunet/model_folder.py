@@ -24,6 +24,9 @@ from torch import nn
 from nnunet_compress.errors import CompressError, first_line
 from nnunet_compress.network import strip_wrapper_prefixes
 
+# the checkpoint nnU-Net writes at the end of training and its predictor loads by default
+CHECKPOINT_FINAL = "checkpoint_final.pth"
+
 
 def read_json(path: Path) -> dict:
     try:
@@ -60,7 +63,7 @@ class ModelFolder:
 
 
 def open_model_folder(path: str | os.PathLike, folds: list[str] | None = None,
-                      checkpoint_name: str = "checkpoint_final.pth") -> ModelFolder:
+                      checkpoint_name: str = CHECKPOINT_FINAL) -> ModelFolder:
     """Validate and read a model folder; `folds` None means every fold that has `checkpoint_name`."""
     root = Path(path)
     if not root.is_dir():
@@ -110,7 +113,7 @@ def load_checkpoint(path: Path) -> dict:
     return checkpoint
 
 
-def resolve_configuration(folder: ModelFolder, configuration: str | None, checkpoint: dict | None = None) -> str:
+def configuration_name(folder: ModelFolder, configuration: str | None, checkpoint: dict | None = None) -> str:
     if configuration is None and checkpoint is not None:
         configuration = checkpoint.get("init_args", {}).get("configuration")
     if configuration is None:
@@ -160,7 +163,7 @@ def load_fold_network(folder: ModelFolder, fold: str, configuration: str | None 
                       deep_supervision: bool = False) -> tuple[nn.Module, dict, str]:
     """The network of one fold with its trained weights, its checkpoint, and the configuration used."""
     checkpoint = load_checkpoint(folder.folds[fold])
-    configuration = resolve_configuration(folder, configuration, checkpoint)
+    configuration = configuration_name(folder, configuration, checkpoint)
     trained_as = checkpoint.get("init_args", {}).get("configuration")
     if trained_as and trained_as != configuration:
         raise CompressError(f"{folder.folds[fold]} was trained with configuration {trained_as!r}, not "

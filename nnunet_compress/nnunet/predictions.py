@@ -19,7 +19,7 @@ from pathlib import Path
 
 from nnunet_compress.errors import CompressError
 from nnunet_compress.nnunet.env import nnunet_subprocess_env, run_nnunet
-from nnunet_compress.nnunet.model_folder import ModelFolder, atomic_output_folder
+from nnunet_compress.nnunet.model_folder import CHECKPOINT_FINAL, ModelFolder, atomic_output_folder
 
 STAMP = "nnunet_compress_prediction.json"
 
@@ -46,7 +46,7 @@ def reusable(output: Path, stamp: dict, case_ids: list[str], file_ending: str) -
 
 
 def predict_cases(folder: ModelFolder, images: Path, output: Path, case_ids: list[str], file_ending: str,
-                  checkpoint_name: str = "checkpoint_final.pth", device: str = "cpu", disable_tta: bool = False,
+                  checkpoint_name: str = CHECKPOINT_FINAL, device: str = "cpu", disable_tta: bool = False,
                   num_processes: int = 2, log_file: Path | None = None) -> bool:
     """Make sure `output` holds this model's prediction of every case; returns True if it had to predict."""
     stamp = prediction_stamp(folder, checkpoint_name, disable_tta, images)

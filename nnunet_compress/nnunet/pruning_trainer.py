@@ -27,7 +27,7 @@ from nnunet_compress.pruning.class_guard import (
     network_snapshot,
     restore_network,
 )
-from nnunet_compress.pruning.dependency import channel_groups
+from nnunet_compress.pruning.dependency import prunable_groups
 from nnunet_compress.pruning.surgery import channel_counts, prune_channels, set_channel_counts
 
 CHECKPOINT_KEY = "nnunet_compress"
@@ -104,7 +104,7 @@ class PruningTrainerMixin(CheckpointExtrasMixin):
         return net
 
     def prunable_groups(self):
-        return [g for g in channel_groups(self.plain_network) if g.prunable]
+        return prunable_groups(self.plain_network)
 
     def current_cost(self) -> tuple[int, int]:
         net = self.plain_network

@@ -327,3 +327,8 @@ def consumer_segments(groups: list[ChannelGroup]) -> dict[str, list[tuple[int, C
         for consumer, offset in group.consumers:
             segments.setdefault(consumer, []).append((offset, group))
     return {name: sorted(parts, key=lambda p: p[0]) for name, parts in segments.items()}
+
+
+def prunable_groups(net: nn.Module) -> list[ChannelGroup]:
+    """The channel groups of `net` that pruning may shrink, in the dependency map's order."""
+    return [g for g in channel_groups(net) if g.prunable]

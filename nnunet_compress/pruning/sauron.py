@@ -27,7 +27,6 @@ Where this module deliberately differs from the reference code, the docstring of
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from torch import Tensor
 
 from nnunet_compress.errors import CompressError
 from nnunet_compress.pruning.class_guard import check_class_guard
+from nnunet_compress.settings import Settings
 
 STATE_VERSION = 1
 
@@ -48,7 +48,7 @@ STATE_VERSION = 1
 # ----------------------------------------------------------------------------------------------------------------
 
 @dataclass
-class SauronConfig:
+class SauronConfig(Settings):
     """Hyper-parameters of Sauron; the defaults are those of the paper and of the reference code.
 
     lambda_:   weight λ of the δ_opt regulariser in the loss.
@@ -67,6 +67,8 @@ class SauronConfig:
                see nnunet_compress.pruning.class_guard.
     seed:      seed of the reference-channel draws (plus the fold number); 12345 is what runs used before.
     """
+
+    label = "Sauron"
 
     lambda_: float = 0.5
     tau_start: float = 0.001
@@ -100,21 +102,10 @@ class SauronConfig:
             raise CompressError(f"--seed {self.seed!r} must be a non-negative integer, e.g. --seed 0")
         return self
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able dict (keys are the field names), e.g. for the compression section of a plans file."""
-        return dataclasses.asdict(self)
-
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "SauronConfig":
-        """Build and validate a config; missing keys take their defaults, unknown keys are an error (a typo
-        would otherwise silently fall back to a default)."""
-        if not isinstance(d, Mapping):
-            raise CompressError(f"the Sauron settings must be a JSON object, got {type(d).__name__}")
-        known = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(known))
-        if unknown:
-            raise CompressError(f"unknown Sauron setting(s) {unknown}; the valid names are {known}")
-        config = cls(**dict(d)).validate()
+        """As every settings class (unknown keys refused), with JSON's integers read as the floats they stand for."""
+        config = super().from_dict(d)
         for name in ("lambda_", "tau_start", "tau_max", "mu"):
             setattr(config, name, float(getattr(config, name)))  # JSON may give 1 for 1.0
         return config

@@ -11,7 +11,7 @@ in how a step is judged afterwards (the class guard). Pure torch: the nnU-Net si
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
@@ -28,7 +28,7 @@ from nnunet_compress.pruning.class_guard import (
     removed_channels,
     restore_network,
 )
-from nnunet_compress.pruning.dependency import channel_groups
+from nnunet_compress.pruning.dependency import ChannelGroup, prunable_groups
 from nnunet_compress.pruning.importance import (
     TaylorImportance,
     l1_importance,
@@ -37,17 +37,19 @@ from nnunet_compress.pruning.importance import (
     select_channels_to_keep,
 )
 from nnunet_compress.pruning.surgery import channel_counts, prune_channels
-from nnunet_compress.settings import format_number_tag
+from nnunet_compress.settings import Settings, check_choice, format_number_tag
 
-SCOPES = ("global", "layer")
-PRUNE_METHODS = ("taylor", "l1")
+# the allowed values, defined once: the settings check them and the CLI offers them as its choices
+IMPORTANCE_MODES = ("output_normalized", "loss")  # see pruning.importance
+SCOPES = ("global", "layer")  # one ranking over all layers, or each layer ranked on its own
+PRUNE_METHODS = ("taylor", "l1")  # what the one-shot `nnunet-compress prune --method` scores with
 
-
-IMPORTANCE_MODES = ("output_normalized", "loss")
 
 @dataclass
-class TaylorSettings:
+class TaylorSettings(Settings):
     """How far and how fast to prune; recorded in the plans' compression section."""
+
+    label = "Taylor"
 
     target_flops: float | None = None
     target_params: float | None = None
@@ -66,17 +68,15 @@ class TaylorSettings:
     class_guard: float = 0.5                # undo a step after which a class keeps less than this share of its
                                             # Dice (0: off) — see class_guard
 
-    def validate(self) -> None:
+    def validate(self) -> "TaylorSettings":
         targets = [t for t in (self.target_flops, self.target_params) if t is not None]
         if len(targets) != 1:
             raise CompressError("give exactly one of --target-flops and --target-params")
         if not 0 < targets[0] < 1:
             raise CompressError(f"target {targets[0]} is outside (0, 1); it is the fraction of the original to keep, "
                                 f"e.g. --target-flops 0.5")
-        if self.importance not in IMPORTANCE_MODES:
-            raise CompressError(f"--importance {self.importance!r} unknown; choose {' or '.join(IMPORTANCE_MODES)}")
-        if self.scope not in ("global", "layer"):
-            raise CompressError(f"--scope {self.scope!r} unknown; choose global or layer")
+        check_choice("--importance", self.importance, IMPORTANCE_MODES)
+        check_choice("--scope", self.scope, SCOPES)
         if not 0 < self.step < 1:
             raise CompressError(f"--step {self.step} is outside (0, 1); e.g. 0.05 removes 5% of channels per step")
         if not 0 < self.max_layer_step <= 1:
@@ -91,6 +91,7 @@ class TaylorSettings:
         if self.max_accumulate_batches is not None and self.max_accumulate_batches < self.accumulate_batches:
             raise CompressError(f"--max-accumulate-batches {self.max_accumulate_batches} is below "
                                 f"--accumulate-batches {self.accumulate_batches}; give at least as many")
+        return self
 
     @property
     def scoring_batch_cap(self) -> int:
@@ -110,17 +111,6 @@ class TaylorSettings:
     def tag(self) -> str:
         return f"taylor{'F' if self.metric == 'flops' else 'P'}{format_number_tag(self.target)}"
 
-    def to_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v is not None}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TaylorSettings":
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise CompressError(f"unknown Taylor setting(s) {sorted(unknown)} in the plans")
-        s = cls(**d)
-        s.validate()
-        return s
 
 def channels_to_remove(groups, fraction: float) -> int:
     total = sum(g.size for g in groups)
@@ -210,7 +200,7 @@ def choose_channels_to_keep(net: nn.Module, settings: TaylorSettings, scores: di
     `protected` (a class_guard.ProtectedChannels) names channels whose removal once made a class collapse: they
     rank above every other channel and the floors leave room for them, so they are never chosen.
     """
-    groups = [g for g in channel_groups(net) if g.prunable]
+    groups = prunable_groups(net)
     if settings.normalize:
         scores = normalize_per_layer(scores)
     floors = step_floors(groups, layer_floors(settings, initial_counts), settings.max_layer_step)
@@ -221,6 +211,39 @@ def choose_channels_to_keep(net: nn.Module, settings: TaylorSettings, scores: di
     if n_remove == 0:
         return {}
     return select_channels_to_keep(scores, n_remove, min_channels=floors, scope=settings.scope, groups=groups)
+
+
+@dataclass
+class PruningStep:
+    """What one pruning step removes: the prunable groups as they were before it, and the channels each group that
+    loses some keeps (empty when every layer is at its floor)."""
+
+    groups: list[ChannelGroup]
+    keep: dict[str, list[int]]
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return {g.name: g.size for g in self.groups}
+
+    @property
+    def removed(self) -> int:
+        return sum(g.size - len(self.keep[g.name]) for g in self.groups if g.name in self.keep)
+
+
+def plan_step(net: nn.Module, settings: TaylorSettings, score: Callable[[list[ChannelGroup]], dict[str, torch.Tensor]],
+              initial_counts: dict[str, int] | None, protected=None) -> PruningStep:
+    """One pruning step's choice, shared by one-shot pruning and nnUNetTrainerTaylorPruning: score the prunable
+    channels with `score(groups)` (Taylor over some batches, or L1), then keep all but the `settings.step` share
+    with the lowest scores, within the floors and the per-step cap and never touching `protected` channels.
+
+    The network is not changed: the caller removes ``step.keep``'s complement (after agreeing on it across DDP
+    ranks, or snapshotting for the class guard), which is where the two users differ.
+    """
+    groups = prunable_groups(net)
+    keep = choose_channels_to_keep(net, settings, score(groups), channels_to_remove(groups, settings.step),
+                                   initial_counts, protected)
+    return PruningStep(groups, keep)
+
 
 def prune_until_target(net: nn.Module, settings: TaylorSettings, method: str, input_channels: int, patch_size,
                        calibration: list[torch.Tensor] | None = None, progress=print,
@@ -245,34 +268,33 @@ def prune_until_target(net: nn.Module, settings: TaylorSettings, method: str, in
     protected = ProtectedChannels()
     fraction = 1.0
     while fraction > settings.target:
-        groups = [g for g in channel_groups(net) if g.prunable]
-        if removable_channels(groups, layer_floors(settings, initial_counts)) == 0:
+        if removable_channels(prunable_groups(net), layer_floors(settings, initial_counts)) == 0:
             raise CompressError(f"cannot reach {settings.metric} {settings.target} without emptying layers (every "
                                 f"layer is at its floor: --min-channels {settings.min_channels}, --min-keep-fraction "
                                 f"{settings.min_keep_fraction}); lower those or raise the target")
-        if method == "l1":
-            scores = l1_importance(net, groups)
-        else:
-            if not calibration:
-                raise CompressError("Taylor pruning needs calibration images: pass -i IMAGES_FOLDER")
-            scores = taylor_scores(net, groups, ((b, None) for b in calibration), "output_normalized",
-                                   balance_classes=settings.balance_classes)
-        keep = choose_channels_to_keep(net, settings, scores, channels_to_remove(groups, settings.step),
-                                       initial_counts, protected)
+        if method != "l1" and not calibration:
+            raise CompressError("Taylor pruning needs calibration images: pass -i IMAGES_FOLDER")
+
+        def score(groups):
+            if method == "l1":
+                return l1_importance(net, groups)
+            return taylor_scores(net, groups, ((b, None) for b in calibration), "output_normalized",
+                                 balance_classes=settings.balance_classes)
+        step = plan_step(net, settings, score, initial_counts, protected)
+        keep, removed = step.keep, step.removed
         if not keep and protected:
             raise CompressError(f"cannot reach {settings.metric} {settings.target}: the class guard undid "
                                 f"{len(rollbacks)} step(s) and protects {protected.total} filters, and every other "
                                 f"filter is at a floor; lower --class-guard (0 turns it off) or raise the target")
         if not keep:
             raise CompressError("no channel could be removed; lower --min-channels or raise the target")
-        removed = sum(g.size - len(keep[g.name]) for g in groups if g.name in keep)
         snapshot = network_snapshot(net) if guard else None
         prune_channels(net, keep)
         if guard:
             drops = collapsed_classes(guard.before, guard.dice(net), settings.class_guard, class_names)
             if drops:
                 restore_network(net, snapshot)
-                gone = removed_channels({g.name: g.size for g in groups}, keep)
+                gone = removed_channels(step.sizes, keep)
                 protected.add(gone)
                 rollbacks.append({"step": len(history) + len(rollbacks), "classes": [d.to_dict() for d in drops],
                                   "protected": gone})

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from nnunet_compress.nnunet.model_folder import build_network
+from nnunet_compress.nnunet.model_folder import CHECKPOINT_FINAL, build_network
 from nnunet_compress.totalseg.home import RESULTS, task_models
 from nnunet_compress.totalseg.shapes import architecture_for, class_names_for, dataset_json, old_format_plans
 
@@ -35,7 +35,7 @@ def write_standin_model(results: Path, task_id: int, trainer: str, seed: int = 0
                 "init_args": {"plans": plans, "configuration": "3d_fullres", "fold": 0, "dataset_json": ds,
                               "device": torch.device("cpu")},
                 "trainer_name": trainer, "inference_allowed_mirroring_axes": (0, 1, 2)},
-               folder / "fold_0" / "checkpoint_final.pth")
+               folder / "fold_0" / CHECKPOINT_FINAL)
     return folder
 
 

@@ -15,9 +15,14 @@ from pathlib import Path
 from nnunet_compress.costs import count_parameters
 from nnunet_compress.errors import CompressError
 from nnunet_compress.network import NETWORK_CLASS_NAME, compressed_arch_kwargs
-from nnunet_compress.nnunet.model_folder import check_output_location, load_fold_network, open_model_folder
+from nnunet_compress.nnunet.model_folder import (
+    CHECKPOINT_FINAL,
+    check_output_location,
+    load_fold_network,
+    open_model_folder,
+)
 from nnunet_compress.nnunet.plans import derive_plans, resolved_configuration
-from nnunet_compress.workflows.derived_folder import write_derived_model_folder
+from nnunet_compress.workflows.derived_folder import rebuilt_from_plans, write_derived_model_folder
 
 METHOD = "convert"
 
@@ -31,7 +36,7 @@ def converted_plans(parent_plans: dict, configuration: str) -> dict:
 
 def convert_model_folder(source: str | Path, output: str | Path, folds: list[str] | None = None,
                          configuration: str | None = None, overwrite: bool = False,
-                         checkpoint_name: str = "checkpoint_final.pth", progress=print) -> dict:
+                         checkpoint_name: str = CHECKPOINT_FINAL, progress=print) -> dict:
     """Write the model of `source` unchanged as a CompressedUNet model folder; the source is only read.
 
     Returns a summary (configuration, folds, parameters) for the caller's report.
@@ -50,7 +55,8 @@ def convert_model_folder(source: str | Path, output: str | Path, folds: list[str
                             f"nnU-Net's PlainConvUNet and ResidualEncoderUNet families")
     plans = converted_plans(folder.plans, configuration)
     progress(f"converting {source} ({configuration}); folds: {', '.join(fold_names)}")
-    write_derived_model_folder(folder, output, plans, configuration, overwrite, checkpoint_name,
-                               on_fold=lambda fold, parent, errors: progress(f"  fold {fold}: done"),
+    derive = rebuilt_from_plans(plans, folder.dataset_json, configuration,
+                                on_fold=lambda fold, parent, errors: progress(f"  fold {fold}: done"))
+    write_derived_model_folder(folder, output, configuration, derive, overwrite, checkpoint_name,
                                first_fold=(first_net, first_ckpt))
     return {"configuration": configuration, "folds": fold_names, "params": count_parameters(first_net)}

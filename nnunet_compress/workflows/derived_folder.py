@@ -1,11 +1,11 @@
-"""Write a model folder derived from a trained one: new plans, every fold's weights carried over, atomically.
+"""The one routine that writes a model folder derived from a trained one: new plans, every fold's weights, atomically.
 
-Both Tucker compression and the engine conversion (``nnunet-compress convert``) produce the same kind of output:
-the parent's ``dataset.json`` and metadata, a ``plans.json`` whose configuration names
-:class:`~nnunet_compress.network.CompressedUNet`, and per fold a checkpoint whose weights were derived from the
-parent's by :meth:`CompressedUNet.load_parent_weights` (decomposed where the plans factorise a layer, copied where
-they do not). One routine writes it, so both share the safety rules: the source is only read, the output appears
-in one rename or not at all.
+Tucker compression, one-shot pruning and the engine conversion (``nnunet-compress convert``) all produce the same
+kind of output: the parent's ``dataset.json`` and metadata, a ``plans.json`` whose configuration names
+:class:`~nnunet_compress.network.CompressedUNet`, and per fold a checkpoint whose weights fit those plans. They
+differ only in how one fold's network becomes the derived one, which they pass in as `derive`; everything else is
+written here, so all three keep the same safety rules: the source is only read, the output appears in one rename
+or not at all, and a failure in any fold leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from typing import Callable
 from torch import nn
 
 from nnunet_compress.nnunet.model_folder import (
+    CHECKPOINT_FINAL,
     ModelFolder,
     atomic_output_folder,
     build_network,
@@ -26,34 +27,53 @@ from nnunet_compress.nnunet.model_folder import (
     write_json,
 )
 
+# (fold, parent network with its trained weights) -> (derived network, the plans it fits); the first fold's plans
+# are written, every later fold must fit them
+DeriveFold = Callable[[str, nn.Module], tuple[nn.Module, dict]]
 # called once per fold with (fold, parent network, relative reconstruction error per factorised layer)
 FoldCallback = Callable[[str, nn.Module, dict], None]
 
 
-def write_derived_model_folder(folder: ModelFolder, output: Path, plans: dict, configuration: str,
-                               overwrite: bool, checkpoint_name: str, on_fold: FoldCallback | None = None,
+def write_derived_model_folder(folder: ModelFolder, output: Path, configuration: str, derive: DeriveFold,
+                               overwrite: bool = False, checkpoint_name: str = CHECKPOINT_FINAL,
                                finish: Callable[[Path], None] | None = None,
-                               first_fold: tuple[nn.Module, dict] | None = None) -> None:
-    """Write `output` from `folder` with `plans`; `finish(tmp)` adds files (reports) before the rename.
+                               first_fold: tuple[nn.Module, dict] | None = None) -> dict:
+    """Write `output` from `folder`, each fold's network passed through `derive`; returns the plans written.
 
-    `first_fold` = (network, checkpoint) of the first fold when the caller already loaded it (saves a load).
+    `finish(tmp)` adds files (reports) before the rename. `first_fold` = (network, checkpoint) of the first fold
+    when the caller already loaded it (saves a load). Parents are built without deep supervision, as nnU-Net's
+    predictor builds them.
     """
     fold_names = list(folder.folds)
+    plans = None
     with atomic_output_folder(output, overwrite) as tmp:
-        write_json(tmp / "plans.json", plans)
-        copy_folder_metadata(folder.path, tmp)
         for fold in fold_names:
             if first_fold is not None and fold == fold_names[0]:
                 parent, checkpoint = first_fold
             else:
                 parent, checkpoint, _ = load_fold_network(folder, fold, configuration)
-            derived = build_network(plans, folder.dataset_json, configuration, deep_supervision=False)
-            errors = derived.load_parent_weights(parent.state_dict())
-            save_checkpoint(derived_checkpoint(checkpoint, derived, plans), tmp / f"fold_{fold}" / checkpoint_name)
-            if on_fold is not None:
-                on_fold(fold, parent, errors)
+            network, fold_plans = derive(fold, parent)
+            if plans is None:
+                plans = fold_plans
+                write_json(tmp / "plans.json", plans)
+                copy_folder_metadata(folder.path, tmp)
+            save_checkpoint(derived_checkpoint(checkpoint, network, plans), tmp / f"fold_{fold}" / checkpoint_name)
         if finish is not None:
             finish(tmp)
+    return plans
+
+
+def rebuilt_from_plans(plans: dict, dataset_json: dict, configuration: str,
+                       on_fold: FoldCallback | None = None) -> DeriveFold:
+    """The `derive` of Tucker and convert: build the network `plans` describe and fill it from the parent's weights
+    (:meth:`CompressedUNet.load_parent_weights`: decomposed where the plans factorise a layer, copied elsewhere)."""
+    def derive(fold: str, parent: nn.Module) -> tuple[nn.Module, dict]:
+        derived = build_network(plans, dataset_json, configuration, deep_supervision=False)
+        errors = derived.load_parent_weights(parent.state_dict())
+        if on_fold is not None:
+            on_fold(fold, parent, errors)
+        return derived, plans
+    return derive
 
 
 def derived_checkpoint(checkpoint: dict, network: nn.Module, plans: dict) -> dict:

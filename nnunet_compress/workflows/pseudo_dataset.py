@@ -29,7 +29,13 @@ from pathlib import Path
 
 from nnunet_compress.errors import CompressError
 from nnunet_compress.nnunet.env import require_env, trainers_path
-from nnunet_compress.nnunet.model_folder import ModelFolder, atomic_output_folder, open_model_folder, write_json
+from nnunet_compress.nnunet.model_folder import (
+    CHECKPOINT_FINAL,
+    ModelFolder,
+    atomic_output_folder,
+    open_model_folder,
+    write_json,
+)
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]*")
 PROVENANCE_KEY = "nnunet_compress_pseudo_labels"
@@ -42,7 +48,7 @@ class PseudoDatasetRequest:
     dataset_id: int
     name: str | None = None
     folds: list[str] | None = None
-    checkpoint: str = "checkpoint_final.pth"
+    checkpoint: str = CHECKPOINT_FINAL
     overwrite: bool = False
     device: str = "cpu"
     disable_tta: bool = False

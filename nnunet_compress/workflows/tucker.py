@@ -20,6 +20,7 @@ from nnunet_compress.errors import CompressError
 from nnunet_compress.network import CompressedUNet
 from nnunet_compress.nnunet.calibration import preprocessed_cases, random_patches, synthetic_ct_cases
 from nnunet_compress.nnunet.model_folder import (
+    CHECKPOINT_FINAL,
     check_output_location,
     input_channels_of,
     load_fold_network,
@@ -30,7 +31,7 @@ from nnunet_compress.nnunet.plans import resolved_configuration, tucker_plans
 from nnunet_compress.tucker import ranks as R
 from nnunet_compress.tucker.budget_guard import guard_budget_ranks, layer_sensitivities
 from nnunet_compress.tucker.ranks import RankPolicy, rank_floor
-from nnunet_compress.workflows.derived_folder import write_derived_model_folder
+from nnunet_compress.workflows.derived_folder import rebuilt_from_plans, write_derived_model_folder
 
 
 @dataclass
@@ -281,7 +282,7 @@ def build_report(base_net: nn.Module, ranks: dict, errors: dict[str, float], pat
 
 def compress_model_folder(source: str | Path, output: str | Path, policy: RankPolicy, folds: list[str] | None,
                           configuration: str | None = None, overwrite: bool = False,
-                          checkpoint_name: str = "checkpoint_final.pth", progress=print,
+                          checkpoint_name: str = CHECKPOINT_FINAL, progress=print,
                           images: str | Path | None = None) -> TuckerReport:
     """Write a Tucker-compressed copy of a trained model folder; the source is only read.
 
@@ -325,8 +326,9 @@ def compress_model_folder(source: str | Path, output: str | Path, policy: RankPo
         write_json(tmp / "compression_report.json", asdict(reports[0]))
         (tmp / "compression_report.md").write_text(reports[0].to_markdown())
 
-    write_derived_model_folder(folder, output, plans, configuration, overwrite, checkpoint_name, on_fold, finish,
-                               first_fold=(first_net, first_ckpt))
+    write_derived_model_folder(folder, output, configuration,
+                               rebuilt_from_plans(plans, folder.dataset_json, configuration, on_fold), overwrite,
+                               checkpoint_name, finish, first_fold=(first_net, first_ckpt))
     return reports[0]
 
 
