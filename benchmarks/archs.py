@@ -23,6 +23,7 @@ from torch import nn
 from nnunet_compress.pruning.dependency import channel_groups
 from nnunet_compress.pruning.importance import l1_importance
 from nnunet_compress.pruning.surgery import prune_channels
+from nnunet_compress.totalseg import shapes
 from nnunet_compress.tucker.decomposition import replace_convs
 from nnunet_compress.tucker.ranks import RankPolicy
 from nnunet_compress.workflows.tucker import choose_ranks
@@ -30,7 +31,8 @@ from nnunet_compress.workflows.tucker import choose_ranks
 
 @dataclass(frozen=True)
 class Architecture:
-    """One TotalSegmentator configuration (docs/totalsegmentator_architecture.md)."""
+    """The benchmarks' view of one TotalSegmentator configuration; the facts come from
+    :mod:`nnunet_compress.totalseg.shapes` (docs/totalsegmentator_architecture.md), the one place that holds them."""
 
     name: str
     features: tuple[int, ...]
@@ -43,11 +45,12 @@ class Architecture:
         return len(self.features)
 
 
+def _view(key: str, arch: shapes.Architecture) -> Architecture:
+    return Architecture(key, tuple(arch.features), arch.num_outputs, tuple(arch.patch_size), (arch.spacing_mm,) * 3)
+
+
 # 1.5 mm part models (organs: 25 outputs incl. background) and the 3 mm --fast model (118 outputs).
-ARCHITECTURES = {
-    "1.5mm": Architecture("1.5mm", (32, 64, 128, 256, 320, 320), 25, (128, 128, 128), (1.5, 1.5, 1.5)),
-    "3mm": Architecture("3mm", (32, 64, 128, 256, 320), 118, (112, 112, 128), (3.0, 3.0, 3.0)),
-}
+ARCHITECTURES = {"1.5mm": _view("1.5mm", shapes.ARCH_1_5MM_ORGANS), "3mm": _view("3mm", shapes.ARCH_3MM)}
 
 
 def build_original(arch: Architecture, seed: int = 0) -> nn.Module:

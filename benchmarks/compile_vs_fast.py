@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/compile_vs_fast.py [--arch 1.5mm] [--patch 96 96 96] [--ratio 0.25] [--runs 5]
 
 Why this exists: the speed issue asked whether inference-time compilation would make thin factorised convolutions
-fast. The fast paths (nnunet_compress/fast_inference.py and friends) switch themselves off inside torch.compile, so
+fast. The fast paths (nnunet_compress/inference/torch_paths.py and friends) switch themselves off inside torch.compile, so
 the two are alternatives; this times plain torch, torch.compile of the same network and the fast paths,
 interleaved in one process, and reports the compiled output's deviation from the plain one. Needs a C++ compiler
 (inductor generates C++ for the CPU). Prints a Markdown table and writes JSON under benchmarks/results/.
@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.archs import ARCHITECTURES, as_compressed_unet, build_original, tucker  # noqa: E402
 from benchmarks.speed import RESULTS  # noqa: E402
-from nnunet_compress.inference import torch_paths as fast_inference  # noqa: E402
+from nnunet_compress.inference import settings as fast_inference  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -11,7 +11,7 @@ graph (what the product converts) and the graph with InstanceNorm folded (writte
 needs it) — and times both compiled models next to the torch fallback, each of its two modules added in turn:
 
 * engine rows: OpenVINO compiled exactly as the product compiles (threads = torch's, LATENCY, f32);
-* torch rows: plain torch; + fast convolutions (``fast_inference``); + kept freed memory (``freed_memory``) —
+* torch rows: plain torch; + fast convolutions (``inference.torch_paths``); + kept freed memory (``freed_memory``) —
   the torch fallback as it runs by default.
 
 Prints a Markdown table (median seconds per patch, wall and process CPU, ratio to the engine's plain graph, max
@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.archs import ARCHITECTURES, as_compressed_unet, build_original, tucker  # noqa: E402
 from benchmarks.engines import engine_variable  # noqa: E402
 from benchmarks.speed import RESULTS, device_name, relative_deviation, time_interleaved  # noqa: E402
-from nnunet_compress.inference import torch_paths as fi  # noqa: E402
+from nnunet_compress.inference import settings as fi  # noqa: E402
 
 TORCH_STEPS = {  # FastOptions switched on per torch row, cumulatively
     "torch plain": None,
@@ -48,7 +48,7 @@ ALL_OFF = dict(pointwise_gemm=False, force_onednn=False, keep_freed_memory=False
 
 @contextlib.contextmanager
 def options(**switches):
-    """fast_inference.OPTIONS with the given switches, restored afterwards."""
+    """torch_paths.OPTIONS with the given switches, restored afterwards."""
     saved = dict(vars(fi.OPTIONS))
     vars(fi.OPTIONS).update({**ALL_OFF, **switches})
     try:

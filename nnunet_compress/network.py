@@ -120,7 +120,7 @@ class CompressedUNet(nn.Module):
             if out is not None:
                 return out
         # torch's CPU fallback: thin convs go to oneDNN / GEMMs instead of torch's slow generic kernel, freed
-        # feature-map memory is kept for the next layer (fast_inference.py)
+        # feature-map memory is kept for the next layer (inference/torch_paths.py)
         with fast_convolutions(x):
             return self.decoder(self.encoder(x))
 

@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from nnunet_compress.inference import torch_paths as fi
+from nnunet_compress.inference.settings import plain_inference
 from nnunet_compress.network import CompressedUNet
 from nnunet_compress.pruning.surgery import channel_counts, set_channel_counts
 from nnunet_compress.tucker.decomposition import replace_convs
@@ -70,7 +71,7 @@ def pruned_unet() -> CompressedUNet:
 def both(net: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.inference_mode():
         fast = net(x)
-        with fi.plain_inference():
+        with plain_inference():
             plain = net(x)
     return fast, plain
 
@@ -151,7 +152,7 @@ def test_off_while_training_and_counting_flops():
         counter = FlopCounterMode(display=False)
         with torch.no_grad(), counter:
             if plain:
-                with fi.plain_inference():
+                with plain_inference():
                     net(x)
             else:
                 net(x)
@@ -181,7 +182,7 @@ def test_sliding_window_prediction_equal():
     predictor.allowed_mirroring_axes = None
     image = torch.randn(1, 24, 20, 28)
     fast = predictor.predict_sliding_window_return_logits(image).float()
-    with fi.plain_inference():
+    with plain_inference():
         plain = predictor.predict_sliding_window_return_logits(image).float()
     # the predictor accumulates in float16: compare at that precision's resolution
     assert rel_err(fast, plain) < 2e-3

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nnunet_compress.inference import freed_memory as fm
-from nnunet_compress.inference import torch_paths as fi
+from nnunet_compress.inference.settings import OPTIONS
 
 # these tests are about torch's CPU paths, the fallback of the OpenVINO engine
 pytestmark = pytest.mark.usefixtures("torch_engine")
@@ -17,7 +17,7 @@ MB = 1 << 20
 
 def forward_page_faults(net, x, keep: bool, monkeypatch) -> int:
     """Minor page faults of one inference forward pass (fewest of two, after a warm-up)."""
-    monkeypatch.setattr(fi.OPTIONS, "keep_freed_memory", keep)
+    monkeypatch.setattr(OPTIONS, "keep_freed_memory", keep)
     counts = []
     with torch.inference_mode():
         net(x)
@@ -59,7 +59,7 @@ def test_forward_runs_inside_the_block_and_outputs_are_bit_identical(monkeypatch
     x = torch.randn(1, 1, 16, 16, 16)
     outputs = {}
     for keep in (True, False):
-        monkeypatch.setattr(fi.OPTIONS, "keep_freed_memory", keep)
+        monkeypatch.setattr(OPTIONS, "keep_freed_memory", keep)
         with torch.inference_mode():
             outputs[keep] = net(x)
     assert torch.equal(outputs[True], outputs[False])

@@ -19,8 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from nnunet_compress.errors import CompressError
 from nnunet_compress.inference import openvino_engine as engine
-from nnunet_compress.inference.settings import from_environment
-from nnunet_compress.inference.torch_paths import plain_inference
+from nnunet_compress.inference.settings import from_environment, plain_inference
 from nnunet_compress.network import CompressedUNet
 from nnunet_compress.tucker.decomposition import replace_convs
 from nnunet_compress.tucker.ranks import RankPolicy

@@ -80,3 +80,34 @@ def test_settings_reject_a_layer_step_outside_zero_one():
     for bad in (0.0, 1.5):
         with pytest.raises(CompressError, match="max-layer-step"):
             TaylorSettings(target_flops=0.5, max_layer_step=bad).validate()
+
+
+
+def tiny_plain_unet():
+    from dynamic_network_architectures.architectures.unet import PlainConvUNet
+    from torch import nn
+    torch.manual_seed(0)
+    return PlainConvUNet(1, 3, [8, 16, 24], nn.Conv3d, 3, [1, 2, 2], 2, 3, 2, conv_bias=True, norm_op=nn.InstanceNorm3d,
+                         norm_op_kwargs={"affine": True}, nonlin=nn.LeakyReLU, deep_supervision=False)
+
+
+def test_plan_step_leaves_the_network_alone_and_removes_the_lowest_scores():
+    """The shared step only chooses: the network is untouched, removing its complement changes the channel counts by
+    exactly step.removed, and within every group that loses channels the removed ones score lowest."""
+    from nnunet_compress.pruning.dependency import prunable_groups
+    from nnunet_compress.pruning.importance import l1_importance
+    from nnunet_compress.pruning.surgery import channel_counts, prune_channels
+    from nnunet_compress.pruning.taylor import plan_step
+    net = tiny_plain_unet()
+    before = channel_counts(net)
+    scores = l1_importance(net, prunable_groups(net))
+    step = plan_step(net, TaylorSettings(target_flops=0.5, step=0.2), lambda groups: l1_importance(net, groups),
+                     before)
+    assert channel_counts(net) == before
+    assert [g.name for g in step.groups] == [g.name for g in prunable_groups(net)]
+    assert step.removed > 0 and step.keep
+    for name, kept in step.keep.items():
+        removed = sorted(set(range(before[name])) - set(kept))
+        assert removed and max(scores[name][removed]) <= min(scores[name][kept])
+    prune_channels(net, step.keep)
+    assert sum(before.values()) - sum(channel_counts(net).values()) == step.removed

@@ -96,12 +96,12 @@ def tiny_plans(parent: dict, num_epochs: int, iterations_per_epoch: int, feature
 
 
 # Epochs of the tiny base model (25 iterations each). 35 (875 iterations) learnt every class in the runs tried when
-# the synthetic sizes were chosen (synthetic.py), but later runs from fresh clones left the small lesion class at
-# Dice 0.0 (a CI run) and 0.37 (a demo run) at 35; 50 gives the marginal class more updates for ~2 CPU-minutes.
+# the synthetic sizes were chosen (nnunet/synthetic.py), but later runs from fresh clones left the small lesion class at
+# Dice 0.0 (a test run) and 0.37 (a demo run) at 35; 50 gives the marginal class more updates for ~2 CPU-minutes.
 BASE_EPOCHS = 50
 
 # Seed of every training run on the tiny plans (see ScheduleFromPlansMixin.initialize): unseeded runs missed the
-# lesion class now and then even at 50 epochs (a CI run under load ended at lesion Dice 0.0); seeded, the run
+# lesion class now and then even at 50 epochs (a test run under load ended at lesion Dice 0.0); seeded, the run
 # repeats exactly and this seed learns every class.
 TRAINING_SEED = 0
 

@@ -16,7 +16,7 @@ on torch, with one warning line on stderr: the engine never makes a prediction f
 :func:`applies` says when the engine is used at all: CPU float32 input, no autograd (training and gradient-based
 scoring stay on torch), the module in eval mode with one output (deep supervision off), not inside torch.compile,
 a TorchScript trace or a dispatch mode such as FlopCounterMode (which must see torch's own ops), and not inside
-:func:`nnunet_compress.inference.torch_paths.plain_inference`.
+:func:`nnunet_compress.inference.settings.plain_inference`.
 """
 
 from __future__ import annotations
@@ -33,8 +33,7 @@ import torch
 from torch import nn
 
 from nnunet_compress.inference.model_cache import ModelCache, model_key, weights_signature
-from nnunet_compress.inference.settings import EngineSettings, from_environment
-from nnunet_compress.inference.torch_paths import plain_inference, plain_requested
+from nnunet_compress.inference.settings import EngineSettings, from_environment, plain_inference, plain_requested
 
 MODEL_FILE = "model.xml"
 MAX_COMPILED = 2  # compiled models kept in memory, least recently used dropped (each holds its own buffers)

@@ -14,7 +14,9 @@ environment variable reaches all of them, and their worker processes, unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,3 +61,35 @@ def from_environment() -> EngineSettings:
     return EngineSettings(engine=os.environ.get(ENGINE_VARIABLE, "openvino").strip().lower(),
                           precision=os.environ.get(PRECISION_VARIABLE, "f32").strip().lower(),
                           cache_dir=Path(cache) if cache else default_cache_dir()).validate()
+
+
+# ---- switches of the torch fallback (inference/torch_paths.py), process-wide, and the per-thread "plain" switch --
+
+
+@dataclass
+class FastOptions:
+    """Process-wide switches (both on by default; measured to help on the CPU, see README, "Performance")."""
+
+    pointwise_gemm: bool = True  # 1×1(×1) convolutions as one matrix product
+    force_onednn: bool = True  # all other float32 CPU convolutions through oneDNN, bypassing torch's size heuristic
+    keep_freed_memory: bool = True  # reuse freed feature-map memory within a forward (see freed_memory.py)
+
+OPTIONS = FastOptions()
+
+_local = threading.local()
+
+
+@contextlib.contextmanager
+def plain_inference():
+    """Run the enclosed code on torch's plain paths in this thread (for comparisons and tests)."""
+    previous = getattr(_local, "plain", False)
+    _local.plain = True
+    try:
+        yield
+    finally:
+        _local.plain = previous
+
+
+def plain_requested() -> bool:
+    """Whether this thread is inside :func:`plain_inference` (which also keeps the CPU engine off)."""
+    return getattr(_local, "plain", False)

@@ -20,53 +20,20 @@ parameters and state-dict keys are untouched, so checkpoints, nnU-Net's strict l
 All of it is off where it would not help or could not be exact: on CUDA (cuDNN has no such gap), while autograd
 records (training), under another torch dispatch mode (e.g. FlopCounterMode, which must see ``aten.convolution`` to
 count it) and inside torch.compile. Results differ from the plain path by float32 summation order only (~1e-6
-relative). ``with plain_inference():`` switches it off, e.g. to compare.
-
-Tried and dropped (measured in README, "Performance"): ``channels_last_3d`` (oneDNN likes it for large thin convs,
-but InstanceNorm is ~3× slower in it on the CPU and hands back NCDHW, so the layout cannot be kept through the
-network), and a GEMM-plus-shuffle for the 2×2×2 transposed convolutions (the shuffle copy eats the gain).
+relative). ``with plain_inference():`` switches it off, e.g. to compare. Why not ``channels_last_3d``: InstanceNorm
+runs ~3× slower in it on the CPU and hands back NCDHW, so the layout cannot be kept through the network.
 """
 
 from __future__ import annotations
 
 import contextlib
-import threading
-from dataclasses import dataclass
 
 import torch
 from torch.overrides import TorchFunctionMode
 
 from nnunet_compress.costs import is_pointwise
 from nnunet_compress.inference.freed_memory import keep_freed_memory
-
-
-@dataclass
-class FastOptions:
-    """Process-wide switches (both on by default; measured to help on the CPU, see README, "Performance")."""
-
-    pointwise_gemm: bool = True  # 1×1(×1) convolutions as one matrix product
-    force_onednn: bool = True  # all other float32 CPU convolutions through oneDNN, bypassing torch's size heuristic
-    keep_freed_memory: bool = True  # reuse freed feature-map memory within a forward (see freed_memory.py)
-
-
-OPTIONS = FastOptions()
-_local = threading.local()
-
-
-@contextlib.contextmanager
-def plain_inference():
-    """Run the enclosed code on torch's plain paths in this thread (for comparisons and tests)."""
-    previous = getattr(_local, "plain", False)
-    _local.plain = True
-    try:
-        yield
-    finally:
-        _local.plain = previous
-
-
-def plain_requested() -> bool:
-    """Whether this thread is inside :func:`plain_inference` (which also keeps the CPU engine off)."""
-    return getattr(_local, "plain", False)
+from nnunet_compress.inference.settings import OPTIONS, plain_requested
 
 
 def fast_paths_apply(x: torch.Tensor) -> bool:

@@ -15,9 +15,9 @@ Two choices of y, which differ only in who calls ``backward``:
   carries the same share of the gradient: in 3D CT a thin vessel has a hundred times fewer voxels than the
   liver, and an unweighted cross-entropy gradient let pruning remove the filters that only the vessel needed
   (the tiny nnU-Net lost its vessel class entirely at 60% of the FLOPs).
-  (We first tried G_b = y_b/||y_b||, the gradient of the logits' norm: it ranks channels by how much they move
-  the logits' magnitude, not the decision, and on the tiny nnU-Net it pruned the last decoder layer to 3 channels
-  and destroyed the segmentation.)
+  Why not G_b = y_b/||y_b||, the gradient of the logits' norm: it ranks channels by how much they move the
+  logits' magnitude, not the decision; on the tiny nnU-Net it pruned the last decoder layer to 3 channels and
+  destroyed the segmentation.
 * ``mode='loss'`` (classic Molchanov): y is the training LOSS; the caller computes it and calls
   ``loss.backward()`` (unscaled, or set :attr:`TaylorImportance.grad_scale` to the GradScaler's scale).
 

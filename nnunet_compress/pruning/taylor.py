@@ -156,7 +156,7 @@ def batches_covering_classes(draw: Callable[[], tuple[torch.Tensor, object]], nu
     Why: a filter that only serves a small structure gets a Taylor score of zero from every batch that does not
     contain that structure. nnU-Net's sampler puts a given small class into a patch only now and then, so a step
     scored on a few batches without it ranks that class's filters last and removes them — the tiny nnU-Net lost
-    its lesion class this way in CI. `on_missing` hears the classes still unseen after `maximum` batches.
+    its lesion class this way in a test run. `on_missing` hears the classes still unseen after `maximum` batches.
     """
     if minimum < 1 or maximum < minimum:
         raise CompressError(f"need 1 <= minimum <= maximum scoring batches, got {minimum} and {maximum}")

@@ -22,9 +22,7 @@ import warnings
 from typing import Mapping
 
 import numpy as np
-import tensorly as tl
 import torch
-from tensorly.decomposition import partial_tucker
 from torch import nn
 
 from nnunet_compress.errors import CompressError
@@ -155,6 +153,10 @@ def tucker2_factors(weight: np.ndarray, rank_mode0: int, rank_mode1: int
     :func:`gram_svd`. A fixed random_state makes the completion of rank-deficient factors (more rank than the
     unfolding has singular vectors, e.g. the stem's 1 input channel × 27 taps < 32 outputs) reproducible.
     """
+    # tensorly (and scipy behind it) is imported here, not at module top: rebuilding a compressed network from its
+    # plans needs no decomposition, and nnU-Net's predictor and TotalSegmentator should not pay for the import
+    import tensorly as tl
+    from tensorly.decomposition import partial_tucker
     with tl.backend_context("numpy"), warnings.catch_warnings():
         # rank-deficient unfoldings are expected (see above) and completed; tensorly warns about each of them
         warnings.filterwarnings("ignore", message="Trying to compute SVD with n_eigenvecs", category=UserWarning)
