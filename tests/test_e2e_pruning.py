@@ -22,7 +22,8 @@ def test_taylor_trainer_prunes_to_target_and_predicts(tiny_ws, tiny_base, tiny_b
     # and this short schedule about half of the runs lost a thin class (measured, see the README).
     run_cli("plan", "taylor", "-d", tiny_ws.dataset_id, "-c", "3d_fullres", "-p", tiny.TINY_PLANS,
             "--target-flops", "0.7", "--step", "0.05", "--accumulate-batches", "2", "--epochs", "10",
-            "--iterations-per-epoch", "15", "--val-iterations", "2", "--lr", "1e-3", "--augmentation", "none", env=tiny_ws.env(), check=True)
+            "--iterations-per-epoch", "15", "--val-iterations", "2", "--lr", "1e-3", "--augmentation", "none",
+            "--seed", "0", env=tiny_ws.env(), check=True)
     folder = tiny.train(tiny_ws, plans_name, "nnUNetTrainerTaylorPruning", pretrained=tiny.checkpoint_path(tiny_base))
     checkpoint = load_checkpoint(folder)
     extra = checkpoint["nnunet_compress"]

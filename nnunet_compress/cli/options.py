@@ -10,8 +10,18 @@ import argparse
 from pathlib import Path
 
 from nnunet_compress.errors import CompressError
-from nnunet_compress.nnunet.model_folder import read_json
+from nnunet_compress.nnunet.model_folder import CHECKPOINT_FINAL, read_json
 from nnunet_compress.tucker.ranks import BUDGET_ERRORS, RankPolicy
+
+
+def add_model_folder_options(p: argparse.ArgumentParser, verb: str) -> None:
+    """The source model folder and the output folder of a command that derives one model folder from another."""
+    p.add_argument("model_folder", type=Path)
+    p.add_argument("-o", "--output", type=Path, required=True)
+    p.add_argument("-c", "--configuration")
+    p.add_argument("-f", "--folds", nargs="+", help=f"folds to {verb} (default: all with a checkpoint)")
+    p.add_argument("--checkpoint", default=CHECKPOINT_FINAL)
+    p.add_argument("--overwrite", action="store_true")
 
 
 def add_rank_options(p: argparse.ArgumentParser) -> None:
@@ -68,7 +78,8 @@ def rank_policy_from_args(args):
                         calibration_patches=args.calibration_patches, calibration_seed=args.calibration_seed)
     policy.validate()
     if args.images is not None and not policy.is_budget:
-        flag = {"ratio": "--rank-ratio", "ranks": "--ranks", "energy": "--energy"}[policy.kind()]
+        kind = policy.kind()
+        flag = RANK_POLICY_OPTIONS["rank_ratio" if kind == "ratio" else kind]
         raise CompressError(f"-i/--images calibrates the budget policies (--target-params / --target-flops) only; "
                             f"drop it for {flag}")
     return policy

@@ -7,8 +7,13 @@ from pathlib import Path
 
 from nnunet_compress.cli import distill as cli_distill
 from nnunet_compress.cli.distill import add_distillation_options
-from nnunet_compress.cli.options import add_plan_common, add_schedule_options, read_dataset_json, schedule_from_args
-from nnunet_compress.nnunet.model_folder import CHECKPOINT_FINAL
+from nnunet_compress.cli.options import (
+    add_model_folder_options,
+    add_plan_common,
+    add_schedule_options,
+    read_dataset_json,
+    schedule_from_args,
+)
 from nnunet_compress.nnunet.plans import pruning_plans, read_parent_plans, write_plans_beside
 from nnunet_compress.pruning.sauron import SauronConfig
 from nnunet_compress.pruning.taylor import IMPORTANCE_MODES, PRUNE_METHODS, SCOPES, TaylorSettings
@@ -131,15 +136,10 @@ def register(sub, plan_sub) -> None:
     p.set_defaults(func=cmd_plan_sauron)
 
     p = sub.add_parser("prune", help="one-shot filter pruning of a trained model folder (no fine-tuning)")
-    p.add_argument("model_folder", type=Path)
-    p.add_argument("-o", "--output", type=Path, required=True)
+    add_model_folder_options(p, "prune")
     p.add_argument("--method", choices=PRUNE_METHODS, default="taylor")
     p.add_argument("-i", "--images", type=Path, help="calibration images (nnU-Net naming), needed by taylor")
     p.add_argument("--calibration-batches", type=positive_int, default=8)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("-c", "--configuration")
-    p.add_argument("-f", "--folds", nargs="+")
-    p.add_argument("--checkpoint", default=CHECKPOINT_FINAL)
-    p.add_argument("--overwrite", action="store_true")
     add_taylor_options(p)
     p.set_defaults(func=cmd_prune)

@@ -8,6 +8,7 @@ from pathlib import Path
 from nnunet_compress.cli import distill as cli_distill
 from nnunet_compress.cli.distill import add_distillation_options
 from nnunet_compress.cli.options import (
+    add_model_folder_options,
     add_plan_common,
     add_rank_options,
     add_schedule_options,
@@ -17,7 +18,7 @@ from nnunet_compress.cli.options import (
 )
 from nnunet_compress.errors import CompressError, first_line
 from nnunet_compress.network import strip_wrapper_prefixes
-from nnunet_compress.nnunet.model_folder import CHECKPOINT_FINAL, build_network, input_channels_of, load_checkpoint
+from nnunet_compress.nnunet.model_folder import build_network, input_channels_of, load_checkpoint
 from nnunet_compress.nnunet.plans import read_parent_plans, resolved_configuration, tucker_plans, write_plans_beside
 from nnunet_compress.workflows.convert import convert_model_folder
 from nnunet_compress.workflows.tucker import calibration_source, compress_model_folder, select_ranks
@@ -81,23 +82,13 @@ def cmd_plan_tucker(args) -> None:
 
 def register(sub, plan_sub) -> None:
     p = sub.add_parser("tucker", help="Tucker-compress a trained model folder into a new model folder")
-    p.add_argument("model_folder", type=Path)
-    p.add_argument("-o", "--output", type=Path, required=True)
-    p.add_argument("-c", "--configuration")
-    p.add_argument("-f", "--folds", nargs="+", help="folds to compress (default: all with a checkpoint)")
-    p.add_argument("--checkpoint", default=CHECKPOINT_FINAL)
-    p.add_argument("--overwrite", action="store_true")
+    add_model_folder_options(p, "compress")
     add_rank_options(p)
     p.set_defaults(func=cmd_tucker)
 
     p = sub.add_parser("convert", help="write a trained model folder unchanged as one that runs on the CPU engine "
                                        "(the fair baseline for compressed models)")
-    p.add_argument("model_folder", type=Path)
-    p.add_argument("-o", "--output", type=Path, required=True)
-    p.add_argument("-c", "--configuration")
-    p.add_argument("-f", "--folds", nargs="+", help="folds to convert (default: all with a checkpoint)")
-    p.add_argument("--checkpoint", default=CHECKPOINT_FINAL)
-    p.add_argument("--overwrite", action="store_true")
+    add_model_folder_options(p, "convert")
     p.set_defaults(func=cmd_convert)
 
     p = plan_sub.add_parser("tucker", help="plans for nnUNetTrainerTucker")
