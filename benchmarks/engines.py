@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from nnunet_compress.inference import openvino_engine
-from nnunet_compress.inference.settings import ENGINE_VARIABLE
-from nnunet_compress.inference.torch_paths import fast_convolutions, plain_inference
+from nnunet_compress.inference.settings import ENGINE_VARIABLE, plain_inference
+from nnunet_compress.inference.torch_paths import fast_convolutions
 
 ENGINES = ("torch", "torch+paths", "openvino", "onnxruntime")
 

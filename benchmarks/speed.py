@@ -137,7 +137,7 @@ def measure(arch, patch, args) -> dict:
                 entry["cached_start_up_s"] = cached_start_up(runner, shape)
             y = runner(x)
             if reference is None:
-                from nnunet_compress.inference.torch_paths import plain_inference
+                from nnunet_compress.inference.settings import plain_inference
                 with plain_inference(), torch.inference_mode():
                     reference = net(x)
             entry["max_rel_dev"] = relative_deviation(y, reference)
