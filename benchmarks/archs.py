@@ -20,6 +20,7 @@ from dynamic_network_architectures.architectures.unet import PlainConvUNet
 from dynamic_network_architectures.initialization.weight_init import InitWeights_He
 from torch import nn
 
+from nnunet_compress.costs import count_parameters, patch_flops
 from nnunet_compress.pruning.dependency import channel_groups
 from nnunet_compress.pruning.importance import l1_importance
 from nnunet_compress.pruning.surgery import prune_channels
@@ -130,14 +131,9 @@ def prune_to_ratio(net: nn.Module, keep: float, multiple: int = 1) -> nn.Module:
 
 
 def flops(net: nn.Module, patch: tuple[int, ...]) -> int:
-    """FLOPs of one forward pass (torch FlopCounterMode; shapes only, so a meta-device copy suffices)."""
-    from torch.utils.flop_counter import FlopCounterMode
-    meta = copy.deepcopy(net).to("meta")
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        meta(torch.zeros((1, 1, *patch), device="meta"))
-    return int(counter.get_total_flops())
+    """FLOPs of one forward pass (torch's FlopCounterMode on a meta-device copy: shapes only)."""
+    return patch_flops(net, 1, patch)
 
 
 def params(net: nn.Module) -> int:
-    return sum(p.numel() for p in net.parameters())
+    return count_parameters(net)
