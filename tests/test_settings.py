@@ -73,3 +73,9 @@ def test_cli_choices_are_the_settings_tuples():
     assert actions["scope"] == {SCOPES}
     assert actions["importance"] == {IMPORTANCE_MODES}
     assert actions["method"] >= {PRUNE_METHODS}
+
+
+def test_plans_written_with_explicit_nulls_still_load():
+    """Plans written before the one protocol stored unset values as null (e.g. the distillation teacher)."""
+    assert DistillationSettings.from_dict({"alpha": 1.0, "temperature": 2.0, "teacher": None}).teacher is None
+    assert TaylorSettings.from_dict({"target_flops": 0.5, "target_params": None}).target == 0.5
