@@ -41,6 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--fast", action="store_true", help="the demo's --fast (shorter training)")
     p.add_argument("--tag", default="")
+    p.add_argument("--from-json", type=Path,
+                   help="rewrite the table, aims and plot from the runs in this stability JSON (no demo is run)")
     return p.parse_args(argv)
 
 
@@ -52,10 +54,14 @@ def is_fine_tuned(model: str) -> bool:
 def summarise(runs: dict[int, list[dict]]) -> list[dict]:
     """Per demo row: mean, std and minimum of the mean foreground Dice and of each class's Dice over the seeds."""
     models = [r["model"] for r in next(iter(runs.values()))]
+    base = {seed: next(r["dice"] for r in rows if r["model"] == "base") for seed, rows in runs.items()}
     summary = []
     for model in models:
         rows = [next(r for r in rows if r["model"] == model) for rows in runs.values()]
         means = [r["dice"] for r in rows]
+        # each seed draws new cases, so the base model's own Dice moves too: the change against that seed's base is
+        # what the method is responsible for
+        deltas = [r["dice"] - base[seed] for seed, r in zip(runs, rows)]
         classes = sorted(rows[0]["dice_per_class"], key=lambda c: int(c) if str(c).isdigit() else str(c))
         per_class = {}
         for c in classes:
@@ -65,6 +71,8 @@ def summarise(runs: dict[int, list[dict]]) -> list[dict]:
             "model": model, "fine_tuned": is_fine_tuned(model), "seeds": list(runs),
             "mean_dice": {"mean": statistics.fmean(means), "std": statistics.pstdev(means), "min": min(means),
                           "per_seed": means},
+            "vs_base": {"mean": statistics.fmean(deltas), "std": statistics.pstdev(deltas), "min": min(deltas),
+                        "per_seed": deltas},
             "per_class": per_class,
             "lowest_class_dice": min(v["min"] for v in per_class.values()),
             "params": rows[0]["params"], "gflops": statistics.fmean(r["gflops"] for r in rows),
@@ -84,20 +92,24 @@ def aims(summary: list[dict]) -> list[str]:
         lines.append(f"{s['model']}: lowest class Dice over runs {s['lowest_class_dice']:.3f} "
                      f"({'ok' if ok_class else 'MISSED'}: aim >= {MIN_CLASS_DICE}), std of the mean {m['std']:.3f} "
                      f"({'ok' if ok_std else 'MISSED'}: aim <= {MAX_STD}), mean {m['mean']:.3f} vs base "
-                     f"{base['mean_dice']['mean']:.3f} ({m['mean'] - base['mean_dice']['mean']:+.3f})")
+                     f"{base['mean_dice']['mean']:.3f} ({m['mean'] - base['mean_dice']['mean']:+.3f}; per seed against "
+                     f"that seed's base {s['vs_base']['mean']:+.3f} ± {s['vs_base']['std']:.3f}, worst "
+                     f"{s['vs_base']['min']:+.3f})")
     return lines
 
 
 def table(summary: list[dict]) -> str:
     classes = list(summary[0]["per_class"])
     n = len(summary[0]["seeds"])
-    head = (f"| model (over {n} seeds) | mean Dice, mean ± std | min over runs | "
+    head = (f"| model (over {n} seeds) | mean Dice, mean ± std | min over runs | vs that seed's base, mean ± std (worst) | "
             + " | ".join(f"class {c}: mean ± std (min)" for c in classes) + " | GFLOPs |")
-    lines = [head, "|---|---:|---:|" + "---:|" * (len(classes) + 1)]
+    lines = [head, "|---|---:|---:|---:|" + "---:|" * (len(classes) + 1)]
     for s in summary:
         m = s["mean_dice"]
         cells = [f"{v['mean']:.3f} ± {v['std']:.3f} ({v['min']:.3f})" for v in s["per_class"].values()]
-        lines.append(f"| {s['model']} | {m['mean']:.3f} ± {m['std']:.3f} | {m['min']:.3f} | " + " | ".join(cells)
+        d = s["vs_base"]
+        lines.append(f"| {s['model']} | {m['mean']:.3f} ± {m['std']:.3f} | {m['min']:.3f} | "
+                     f"{d['mean']:+.3f} ± {d['std']:.3f} ({d['min']:+.3f}) | " + " | ".join(cells)
                      + f" | {s['gflops']:.3f} |")
     return "\n".join(lines)
 
@@ -136,6 +148,12 @@ def main(argv=None) -> dict:
     t0 = time.time()
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / ("stability" + (f"_{args.tag}" if args.tag else ""))
+    if args.from_json is not None:
+        results = json.loads(args.from_json.read_text())
+        results["summary"] = summarise(results["runs"])
+        results["aims"] = aims(results["summary"])
+        print(write(results, stem))
+        return results
     runs, minutes = {}, {}
     for seed in args.seeds:
         t = time.time()

@@ -23,6 +23,10 @@ def test_spread_and_minimum_per_class():
     assert taylor["mean_dice"]["std"] == pytest.approx(statistics.pstdev([0.8, 0.45]))
     assert taylor["mean_dice"]["min"] == 0.45 and taylor["lowest_class_dice"] == 0.0
     assert taylor["per_class"]["2"] == pytest.approx({"mean": 0.35, "std": 0.35, "min": 0.0})
+    # against each seed's own base: 0.8 - 0.9 and 0.45 - 0.8
+    assert taylor["vs_base"]["per_seed"] == pytest.approx([-0.1, -0.35])
+    assert taylor["vs_base"]["mean"] == pytest.approx(-0.225) and taylor["vs_base"]["min"] == pytest.approx(-0.35)
+    assert summary["base"]["vs_base"]["std"] == 0.0
     lines = stability.aims(list(summary.values()))
     assert len(lines) == 1 and "MISSED: aim >= 0.5" in lines[0] and "MISSED: aim <= 0.03" in lines[0]
 
