@@ -119,44 +119,33 @@ def test_each_subpackage_says_what_it_owns():
         assert len(doc.split()) >= 20, f"{init} needs a docstring saying what the subpackage owns and may import"
 
 
+def failures_in_a_fresh_interpreter(setup: str, items: str, load: str) -> str:
+    """Run `load` for each item of `items` in a new interpreter (after `setup`); the failures, one line each."""
+    script = "\n".join([
+        "import importlib, importlib.util, pathlib, sys, traceback", setup, "failed = []", f"for item in {items}:",
+        "    try:", f"        {load}", "    except Exception:",
+        "        failed.append(str(item) + ': ' + traceback.format_exc().strip().splitlines()[-1])",
+        "print('\\n'.join(failed))"])
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    return proc.stdout.strip() or (proc.stderr[-2000:] if proc.returncode else "")
+
+
 def test_every_module_imports_on_its_own_in_a_fresh_interpreter():
     """Each module imported first, with no other module of the package loaded before it: an import-order circle
     that only shows up for one entry point fails here (heavy third-party packages stay loaded, for speed)."""
     names = [m for m in modules() if not m.endswith("__main__")]
-    script = (
-        "import importlib, sys, traceback\n"
-        f"names = {names!r}\n"
-        "failed = []\n"
-        "for name in names:\n"
-        "    for loaded in [m for m in sys.modules if m == 'nnunet_compress' or m.startswith('nnunet_compress.')]:\n"
-        "        del sys.modules[loaded]\n"
-        "    try:\n"
-        "        importlib.import_module(name)\n"
-        "    except Exception:\n"
-        "        failed.append(name + ': ' + traceback.format_exc().strip().splitlines()[-1])\n"
-        "print('\\n'.join(failed))\n"
-        "sys.exit(1 if failed else 0)\n")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"modules that fail to import on their own:\n{proc.stdout}{proc.stderr[-2000:]}"
+    forget = "[sys.modules.pop(m) for m in list(sys.modules) if m.split('.')[0] == 'nnunet_compress']"
+    failed = failures_in_a_fresh_interpreter("", repr(names), f"{forget}; importlib.import_module(item)")
+    assert not failed, f"modules that fail to import on their own:\n{failed}"
 
 
 def test_every_benchmark_script_imports():
     """The benchmarks live outside the package and no unit test runs them: an import moved inside the package must
     not leave one of them broken until someone measures (their main() does not run on import)."""
     bench = PACKAGE.parent / "benchmarks"
-    script = (
-        "import importlib.util, sys, traceback\n"
-        f"sys.path.insert(0, {str(bench)!r})\n"
-        "failed = []\n"
-        f"for path in sorted(__import__('pathlib').Path({str(bench)!r}).glob('*.py')):\n"
-        "    spec = importlib.util.spec_from_file_location(path.stem, path)\n"
-        "    module = importlib.util.module_from_spec(spec)\n"
-        "    sys.modules[path.stem] = module\n"
-        "    try:\n"
-        "        spec.loader.exec_module(module)\n"
-        "    except Exception:\n"
-        "        failed.append(path.name + ': ' + traceback.format_exc().strip().splitlines()[-1])\n"
-        "print('\\n'.join(failed))\n"
-        "sys.exit(1 if failed else 0)\n")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"benchmark scripts that fail to import:\n{proc.stdout}{proc.stderr[-2000:]}"
+    load = ("spec = importlib.util.spec_from_file_location(item.stem, item); "
+            "sys.modules[item.stem] = importlib.util.module_from_spec(spec); "
+            "spec.loader.exec_module(sys.modules[item.stem])")
+    failed = failures_in_a_fresh_interpreter(f"sys.path.insert(0, {str(bench)!r})",
+                                             f"sorted(pathlib.Path({str(bench)!r}).glob('*.py'))", load)
+    assert not failed, f"benchmark scripts that fail to import:\n{failed}"
