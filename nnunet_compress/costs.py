@@ -21,6 +21,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from nnunet_compress.errors import CompressError
 
+# how a latency budget (--target-latency) predicts a layer's seconds: timings of this machine's engine, fitted
+# (nnunet_compress.inference.latency_model), or its MACs times the network's measured seconds per MAC
+COST_MODELS = ("measured", "flops")
+
 
 def _is_conv_like(module: nn.Module) -> bool:
     """A convolution, or a module that stands for one (a Tucker factorisation of it)."""

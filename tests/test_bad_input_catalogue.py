@@ -82,6 +82,11 @@ def catalogue(base: Path, d: dict[str, Path], tmp: Path):
     yield "rank multiple below 1", ["tucker", base, "-o", out, "--rank-ratio", "0.5", "--rank-multiple", "0"], \
         "--rank-multiple"
     yield "FLOP target out of range", ["tucker", base, "-o", out, "--target-flops", "1"], "outside (0, 1)"
+    yield "latency target out of range", ["tucker", base, "-o", out, "--target-latency", "1.5"], "outside (0, 1)"
+    yield "latency target no allowed ranks can meet", ["tucker", base, "-o", out, "--target-latency", "0.02"], \
+        "cannot be reached"
+    yield "pruning latency target out of range", ["prune", base, "-o", out, "--method", "l1", "--target-latency",
+                                                  "0"], "outside (0, 1)"
     yield "prune target out of range", ["prune", base, "-o", out, "--method", "l1", "--target-params", "0"], \
         "outside (0, 1)"
     yield "unwritable output", ["tucker", base, "-o", "/proc/nnunet_compress/out", "--rank-ratio", "0.5"], \

@@ -329,7 +329,8 @@ def test_budget_unreachable_names_smallest_fraction(unet_and_costs):
 
 
 @pytest.mark.parametrize("kwargs, message", [({"target": 0}, r"outside \(0, 1\)"), ({"target": 1}, "outside"),
-                                             ({"target": 0.5, "metric": "latency"}, "neither"),
+                                             ({"target": 0.5, "metric": "latency"}, "not one of params, flops, seconds"),
+                                             ({"target": 0.5, "metric": "seconds"}, "needs a cost model"),
                                              ({"target": 0.5, "multiple": 0}, "multiple")])
 def test_budget_bad_input(unet_and_costs, kwargs, message):
     net, io, base_params, base_macs = unet_and_costs

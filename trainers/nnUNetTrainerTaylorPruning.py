@@ -18,6 +18,8 @@ Plans made with ``--distill`` fine-tune towards the parent's soft predictions as
 (nnunet_compress.nnunet.distillation_trainer); the Taylor scores still come from nnU-Net's loss on the labels.
 """
 
+import copy
+
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
@@ -25,13 +27,14 @@ from nnunet_compress.nnunet.distillation_trainer import DistillationTrainerMixin
 from nnunet_compress.nnunet.pruning_trainer import PruningTrainerMixin, agree_across_ranks
 from nnunet_compress.nnunet.training import ScheduleFromPlansMixin, install_pretrained_weights_hook
 from nnunet_compress.pruning.class_guard import StepGuard
-from nnunet_compress.pruning.surgery import channel_counts
+from nnunet_compress.pruning.surgery import channel_counts, set_channel_counts
 from nnunet_compress.pruning.taylor import (
     TaylorSettings,
     batches_covering_classes,
     plan_step,
     taylor_scores,
 )
+from nnunet_compress.workflows.latency_budget import pruning_latency
 
 install_pretrained_weights_hook()
 
@@ -85,7 +88,8 @@ class nnUNetTrainerTaylorPruning(DistillationTrainerMixin, PruningTrainerMixin, 
         def score(groups):
             return taylor_scores(net, groups, self.training_batches(), self.settings.importance, self.loss,
                                  self.settings.balance_classes)
-        step = plan_step(net, self.settings, score, self.initial_channels, self.class_guard.protected)
+        latency = self.latency_prediction()
+        step = plan_step(net, self.settings, score, self.initial_channels, self.class_guard.protected, latency)
         groups = step.groups
         keep = agree_across_ranks(step.keep) if self.is_ddp else step.keep
         if not keep:
@@ -101,11 +105,17 @@ class nnUNetTrainerTaylorPruning(DistillationTrainerMixin, PruningTrainerMixin, 
         snapshot = self.snapshot_for_rollback() if guarded else None
         self.apply_pruning(keep)
         params, flops = self.current_cost()
-        fraction = (flops / self.initial_cost[1]) if self.settings.metric == "flops" else \
-            (params / self.initial_cost[0])
+        record = {"epoch": self.current_epoch, "removed": removed, "params": params, "flops": flops}
+        if self.settings.metric == "seconds":
+            fraction = record["predicted"] = latency.fraction(self.plain_network)
+            if not self.pruning_history or fraction <= self.settings.target:
+                fraction = record["measured"] = self.measure_latency(self.plain_network)
+                latency.calibrate(self.plain_network, fraction)
+        else:
+            fraction = (flops / self.initial_cost[1]) if self.settings.metric == "flops" else \
+                (params / self.initial_cost[0])
+        record["fraction"] = fraction
         self.target_reached = fraction <= self.settings.target
-        record = {"epoch": self.current_epoch, "removed": removed, "params": params, "flops": flops,
-                  "fraction": fraction}
         self.pruning_history.append(record)
         self.class_guard.begin_step(self.current_epoch, before, {g.name: g.size for g in groups}, keep, snapshot,
                                     record)
@@ -113,6 +123,31 @@ class nnUNetTrainerTaylorPruning(DistillationTrainerMixin, PruningTrainerMixin, 
         if self.target_reached:
             self.print_to_log_file(f"[taylor] target reached ({self.settings.metric} {fraction:.3f} <= "
                                    f"{self.settings.target}); fine-tuning to the end")
+
+    # ---- --target-latency ------------------------------------------------------------------------------------
+    def latency_prediction(self):
+        """For a latency target: the predicted seconds per patch (None otherwise), set up at the first pruning
+        step on the network as it then is (the parent's shape), timed on this machine's CPU engine."""
+        if self.settings.metric != "seconds":
+            return None
+        if getattr(self, "_latency", None) is None:
+            parent = copy.deepcopy(self.plain_network).cpu().float()
+            set_channel_counts(parent, self.initial_channels)  # after a resume (--c) the network is pruned already
+            shape = (self.num_input_channels, *self.configuration_manager.patch_size)
+            predicted, measure, terms = pruning_latency(parent, shape, self.settings.cost_model,
+                                                        self.settings.min_channels, self.settings.min_keep_fraction,
+                                                        progress=lambda m: self.print_to_log_file(f"[taylor] {m}"))
+            self._latency, self._measure_latency, self.latency_terms = predicted, measure, terms
+            if self.pruning_history:  # resumed: scale the predictions by a measurement of the network as it is
+                predicted.calibrate(self.plain_network, self.measure_latency(self.plain_network))
+        return self._latency
+
+    def measure_latency(self, net) -> float:
+        """The network's measured fraction of the parent's seconds per patch (a CPU copy, on the CPU engine)."""
+        fraction = self._measure_latency(copy.deepcopy(net).cpu().float())
+        self.print_to_log_file(f"[taylor] measured {fraction:.3f} of the parent's seconds per patch on "
+                               f"{self.latency_terms.engine}")
+        return fraction
 
     # ---- the class guard ---------------------------------------------------------------------------------
     def class_dice_before_step(self) -> list[float]:
@@ -163,6 +198,7 @@ class nnUNetTrainerTaylorPruning(DistillationTrainerMixin, PruningTrainerMixin, 
         self.class_guard.load_state(state.get("class_guard"))
 
     def pruning_report(self) -> dict:
-        return {"settings": self.settings.to_dict(), "target_reached": self.target_reached,
+        latency = self.latency_terms.to_dict() if getattr(self, "latency_terms", None) else None
+        return {"settings": self.settings.to_dict(), "target_reached": self.target_reached, "latency": latency,
                 "history": self.pruning_history, "class_guard": self.settings.class_guard,
                 "rollbacks": self.class_guard.rollbacks, "protected_channels": self.class_guard.protected.state()}

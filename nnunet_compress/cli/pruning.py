@@ -8,6 +8,7 @@ from pathlib import Path
 from nnunet_compress.cli import distill as cli_distill
 from nnunet_compress.cli.distill import add_distillation_options
 from nnunet_compress.cli.options import (
+    add_cost_model_option,
     add_model_folder_options,
     add_plan_common,
     add_schedule_options,
@@ -25,6 +26,11 @@ def add_taylor_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("pruning target (choose one)")
     g.add_argument("--target-flops", type=float, help="stop at this fraction of the original FLOPs")
     g.add_argument("--target-params", type=float, help="stop at this fraction of the original parameters")
+    g.add_argument("--target-latency", type=float,
+                   help="stop at this fraction of the original's seconds per patch, measured on this machine's CPU "
+                        "engine (OpenVINO unless NNUNET_COMPRESS_CPU_ENGINE=torch); channels are ranked by "
+                        "importance lost per second saved")
+    add_cost_model_option(g)
     p.add_argument("--step", type=float, default=0.05, help="fraction of channels removed per step (0.05)")
     p.add_argument("--scope", choices=SCOPES, default="global")
     p.add_argument("--min-channels", type=int, default=2, help="never fewer channels per layer (2)")
@@ -44,7 +50,8 @@ def add_taylor_options(p: argparse.ArgumentParser) -> None:
 
 
 def taylor_settings_from_args(args, **extra):
-    s = TaylorSettings(target_flops=args.target_flops, target_params=args.target_params, step=args.step,
+    s = TaylorSettings(target_flops=args.target_flops, target_params=args.target_params,
+                       target_latency=args.target_latency, cost_model=args.cost_model, step=args.step,
                        scope=args.scope, min_channels=args.min_channels,
                        min_keep_fraction=args.min_keep_fraction, max_layer_step=args.max_layer_step,
                        normalize=not args.no_normalize,

@@ -72,7 +72,8 @@ def cmd_plan_tucker(args) -> None:
     schedule = schedule_from_args(args)
     plans = tucker_plans(parent, args.configuration, selection.ranks, policy, args.plans_name or
                          f"{args.plans}_{policy.tag()}{cli_distill.plans_name_suffix(args)}", schedule,
-                         budget_guard=selection.guard)
+                         budget_guard=selection.guard,
+                         latency=selection.latency.to_dict() if selection.latency else None)
     if distillation is not None:
         cli_distill.add_distillation(plans, args.configuration, distillation, dataset_json)
     path = write_plans_beside(folder, plans, args.overwrite)

@@ -53,7 +53,7 @@ class EngineStats:
 STATS = EngineStats()
 _lock = threading.RLock()
 _signature_to_key: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
-_compiled: "OrderedDict[tuple, _Compiled]" = OrderedDict()
+_compiled: "OrderedDict[tuple, CompiledModel]" = OrderedDict()
 _failed: set[tuple] = set()
 _local = threading.local()
 
@@ -123,7 +123,7 @@ def run(net: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     return out
 
 
-class _Compiled:
+class CompiledModel:
     """A compiled model with its own infer request; inputs and outputs share memory with torch tensors."""
 
     def __init__(self, compiled_model):
@@ -143,7 +143,7 @@ class _Compiled:
         return out
 
 
-def _prepare(net: nn.Module, x: torch.Tensor, key: str, threads: int, settings: EngineSettings) -> _Compiled | None:
+def _prepare(net: nn.Module, x: torch.Tensor, key: str, threads: int, settings: EngineSettings) -> CompiledModel | None:
     """Converted model from the cache (converting it first if absent), compiled; None after a failure."""
     try:
         import openvino as ov
@@ -159,7 +159,7 @@ def _prepare(net: nn.Module, x: torch.Tensor, key: str, threads: int, settings: 
                                                      "PERFORMANCE_HINT": "LATENCY",
                                                      "INFERENCE_PRECISION_HINT": settings.precision})
         STATS.compilations.append(time.perf_counter() - t0)
-        return _Compiled(compiled)
+        return CompiledModel(compiled)
     except Exception as e:  # conversion/compilation of an unsupported network: torch runs it instead
         _fallback(net, tuple(x.shape), _first_line(e))
         return None

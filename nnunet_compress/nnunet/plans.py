@@ -78,12 +78,14 @@ def write_plans_beside(folder: Path, plans: dict, overwrite: bool = False) -> Pa
 
 
 def tucker_plans(parent_plans: dict, configuration: str, ranks: dict, policy, plans_name: str,
-                 schedule: dict | None = None, budget_guard: dict | None = None) -> dict:
+                 schedule: dict | None = None, budget_guard: dict | None = None, latency: dict | None = None) -> dict:
     """Parent plans with `configuration` rebuilt as a Tucker-factorised CompressedUNet."""
     arch = compressed_arch_kwargs(resolved_configuration(parent_plans, configuration), tucker_ranks=ranks)
     section: dict[str, Any] = {"method": "tucker", "rank_policy": policy.to_dict()}
     if budget_guard:
         section["budget_guard"] = budget_guard
+    if latency:
+        section["latency"] = latency  # what --target-latency measured: engine, threads, calibration rounds
     if schedule:
         section["schedule"] = schedule
     return derive_plans(parent_plans, configuration, plans_name, arch, section)

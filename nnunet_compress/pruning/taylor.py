@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from nnunet_compress.costs import count_parameters, patch_flops
+from nnunet_compress.costs import COST_MODELS, count_parameters, patch_flops
 from nnunet_compress.errors import CompressError
 from nnunet_compress.pruning.class_guard import (
     ParentAgreement,
@@ -36,6 +36,7 @@ from nnunet_compress.pruning.importance import (
     output_normalized_backward,
     select_channels_to_keep,
 )
+from nnunet_compress.pruning.latency import PredictedSeconds, cost_weighted_scores
 from nnunet_compress.pruning.surgery import channel_counts, prune_channels
 from nnunet_compress.settings import Settings, check_choice, format_number_tag
 
@@ -53,6 +54,9 @@ class TaylorSettings(Settings):
 
     target_flops: float | None = None
     target_params: float | None = None
+    target_latency: float | None = None     # fraction of the original's measured seconds per patch on the CPU
+                                            # engine; channels ranked by importance lost per second saved
+    cost_model: str = "measured"            # target_latency: per-conv seconds "measured" on this machine, or "flops"
     importance: str = "output_normalized"   # or "loss" (classic Molchanov) — see pruning.importance
     normalize: bool = True                  # layer-wise L2 normalisation before the global ranking
     balance_classes: bool = True            # output_normalized: each class gets an equal share of the gradient
@@ -69,13 +73,14 @@ class TaylorSettings(Settings):
                                             # Dice (0: off) — see class_guard
 
     def validate(self) -> "TaylorSettings":
-        targets = [t for t in (self.target_flops, self.target_params) if t is not None]
+        targets = [t for t in (self.target_flops, self.target_params, self.target_latency) if t is not None]
         if len(targets) != 1:
-            raise CompressError("give exactly one of --target-flops and --target-params")
+            raise CompressError("give exactly one of --target-flops, --target-params and --target-latency")
         if not 0 < targets[0] < 1:
             raise CompressError(f"target {targets[0]} is outside (0, 1); it is the fraction of the original to keep, "
                                 f"e.g. --target-flops 0.5")
         check_choice("--importance", self.importance, IMPORTANCE_MODES)
+        check_choice("--cost-model", self.cost_model, COST_MODELS)
         check_choice("--scope", self.scope, SCOPES)
         if not 0 < self.step < 1:
             raise CompressError(f"--step {self.step} is outside (0, 1); e.g. 0.05 removes 5% of channels per step")
@@ -102,14 +107,24 @@ class TaylorSettings(Settings):
 
     @property
     def metric(self) -> str:
+        """"flops", "params" or "seconds" (--target-latency)."""
+        if self.target_latency is not None:
+            return "seconds"
         return "flops" if self.target_flops is not None else "params"
 
     @property
     def target(self) -> float:
-        return self.target_flops if self.target_flops is not None else self.target_params
+        return {"flops": self.target_flops, "params": self.target_params, "seconds": self.target_latency}[self.metric]
 
     def tag(self) -> str:
-        return f"taylor{'F' if self.metric == 'flops' else 'P'}{format_number_tag(self.target)}"
+        letter = {"flops": "F", "params": "P", "seconds": "L"}[self.metric]
+        return f"taylor{letter}{format_number_tag(self.target)}"
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        if self.metric != "seconds":
+            d.pop("cost_model", None)
+        return d
 
 
 def channels_to_remove(groups, fraction: float) -> int:
@@ -194,15 +209,19 @@ def taylor_scores(net: nn.Module, groups, batches: Iterable[tuple[torch.Tensor, 
 
 def choose_channels_to_keep(net: nn.Module, settings: TaylorSettings, scores: dict[str, torch.Tensor],
                             n_remove: int, initial_counts: dict[str, int] | None = None,
-                            protected=None) -> dict[str, list[int]]:
+                            protected=None, channel_seconds: dict[str, float] | None = None) -> dict[str, list[int]]:
     """The kept channels of every group that loses some in this step ({} when none can go).
 
     `protected` (a class_guard.ProtectedChannels) names channels whose removal once made a class collapse: they
     rank above every other channel and the floors leave room for them, so they are never chosen.
+    `channel_seconds` (group -> predicted seconds saved per channel; latency targets) turns the ranking into
+    importance lost per second saved (:func:`nnunet_compress.pruning.latency.cost_weighted_scores`).
     """
     groups = prunable_groups(net)
     if settings.normalize:
         scores = normalize_per_layer(scores)
+    if channel_seconds:
+        scores = cost_weighted_scores(scores, channel_seconds)
     floors = step_floors(groups, layer_floors(settings, initial_counts), settings.max_layer_step)
     if protected:
         scores = protected.protect_scores(scores)
@@ -231,7 +250,8 @@ class PruningStep:
 
 
 def plan_step(net: nn.Module, settings: TaylorSettings, score: Callable[[list[ChannelGroup]], dict[str, torch.Tensor]],
-              initial_counts: dict[str, int] | None, protected=None) -> PruningStep:
+              initial_counts: dict[str, int] | None, protected=None,
+              latency: PredictedSeconds | None = None) -> PruningStep:
     """One pruning step's choice, shared by one-shot pruning and nnUNetTrainerTaylorPruning: score the prunable
     channels with `score(groups)` (Taylor over some batches, or L1), then keep all but the `settings.step` share
     with the lowest scores, within the floors and the per-step cap and never touching `protected` channels.
@@ -240,25 +260,38 @@ def plan_step(net: nn.Module, settings: TaylorSettings, score: Callable[[list[Ch
     ranks, or snapshotting for the class guard), which is where the two users differ.
     """
     groups = prunable_groups(net)
+    channel_seconds = latency.channel_seconds(net, groups) if latency is not None else None
     keep = choose_channels_to_keep(net, settings, score(groups), channels_to_remove(groups, settings.step),
-                                   initial_counts, protected)
+                                   initial_counts, protected, channel_seconds)
     return PruningStep(groups, keep)
 
 
 def prune_until_target(net: nn.Module, settings: TaylorSettings, method: str, input_channels: int, patch_size,
                        calibration: list[torch.Tensor] | None = None, progress=print,
-                       class_names: list[str] | None = None, rollbacks: list | None = None) -> list[dict]:
+                       class_names: list[str] | None = None, rollbacks: list | None = None,
+                       latency: PredictedSeconds | None = None,
+                       measure: Callable[[nn.Module], float] | None = None) -> list[dict]:
     """One-shot pruning without fine-tuning: score, remove a step, re-score ... until the target is met.
 
     With calibration patches and `settings.class_guard` > 0, every step is checked against the unpruned
     network (class_guard.ParentAgreement): a step after which a class the parent predicts keeps less than
     class_guard of its agreement is undone, its filters are protected, and the next step picks others. Each undone
     step is appended to `rollbacks` (if given) and reported through `progress`.
+
+    A latency target (``settings.metric == "seconds"``) needs `latency` (the predicted seconds) and `measure`
+    (network -> its measured fraction of the original's time): channels are ranked by importance per second
+    saved; the whole network is measured after the first step (to scale the predictions, see
+    :meth:`PredictedSeconds.calibrate`) and after every step whose prediction meets the target, and pruning stops
+    only when the MEASURED fraction does.
     """
+    if settings.metric == "seconds" and (latency is None or measure is None):
+        raise CompressError("a latency target needs the predicted seconds and a way to measure the network")
 
     def cost() -> float:
         if settings.metric == "flops":
             return patch_flops(net, input_channels, patch_size)
+        if settings.metric == "seconds":
+            return latency.fraction(net)
         return count_parameters(net)
 
     start, history = cost(), []
@@ -280,7 +313,7 @@ def prune_until_target(net: nn.Module, settings: TaylorSettings, method: str, in
                 return l1_importance(net, groups)
             return taylor_scores(net, groups, ((b, None) for b in calibration), "output_normalized",
                                  balance_classes=settings.balance_classes)
-        step = plan_step(net, settings, score, initial_counts, protected)
+        step = plan_step(net, settings, score, initial_counts, protected, latency)
         keep, removed = step.keep, step.removed
         if not keep and protected:
             raise CompressError(f"cannot reach {settings.metric} {settings.target}: the class guard undid "
@@ -303,6 +336,12 @@ def prune_until_target(net: nn.Module, settings: TaylorSettings, method: str, in
                 continue
         protected.after_pruning(keep)
         fraction = cost() / start
-        history.append({"removed": removed, "fraction": fraction})
-        progress(f"  removed {removed} channels -> {settings.metric} {fraction:.3f} of the original")
+        entry = {"removed": removed, "fraction": fraction}
+        if settings.metric == "seconds" and (not history or fraction <= settings.target):
+            entry["predicted"] = fraction
+            fraction = entry["fraction"] = entry["measured"] = measure(net)
+            latency.calibrate(net, fraction)
+        history.append(entry)
+        measured = " (measured)" if "measured" in entry else ""
+        progress(f"  removed {removed} channels -> {settings.metric} {fraction:.3f} of the original{measured}")
     return history

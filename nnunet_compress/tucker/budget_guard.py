@@ -27,34 +27,30 @@ from typing import Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from nnunet_compress.costs import conv_costs
 from nnunet_compress.errors import CompressError
 from nnunet_compress.tucker.decomposition import replace_convs
-from nnunet_compress.tucker.ranks import IOShapes, Ranks, ranks_by_ratio
-
-_METRIC_INDEX = {"params": 0, "flops": 1}
-
+from nnunet_compress.tucker.ranks import IOShapes, LayerCost, Ranks, metric_cost, ranks_by_ratio
 
 # ---- costs -----------------------------------------------------------------------------------------------------
 
 def network_fraction(layers: Mapping[str, nn.Module], ranks: Mapping[str, tuple[int, int]], io_shapes: IOShapes,
-                     base: int, metric: str) -> float:
-    """Fraction of the whole network's params or MACs (`base`) left after factorising `ranks`.
+                     base: float, metric: str, layer_cost: LayerCost | None = None) -> float:
+    """Fraction of the whole network's params, MACs or (predicted) seconds (`base`) left after factorising `ranks`.
 
     Counted as the budget allocator counts: what each factorised layer saves, taken off the network total.
     """
-    index = _METRIC_INDEX[metric]
-    saved = 0
+    cost = metric_cost(metric, layer_cost)
+    saved = 0.0
     for name, pair in ranks.items():
         conv = layers[name]
         sizes = io_shapes[name]
-        saved += conv_costs(conv, *sizes)[index] - conv_costs(conv, *sizes, ranks=tuple(pair))[index]
+        saved += cost(conv, *sizes, None) - cost(conv, *sizes, tuple(pair))
     return (base - saved) / base
 
 
-def uniform_ratio_within(layers: Mapping[str, nn.Module], io_shapes: IOShapes, base: int, metric: str,
-                         target: float, min_rank: int, multiple: int, iterations: int = 40
-                         ) -> tuple[float, Ranks, float] | None:
+def uniform_ratio_within(layers: Mapping[str, nn.Module], io_shapes: IOShapes, base: float, metric: str,
+                         target: float, min_rank: int, multiple: int, iterations: int = 40,
+                         layer_cost: LayerCost | None = None) -> tuple[float, Ranks, float] | None:
     """(ratio, ranks, cost fraction) of the largest uniform rank ratio whose cost does not exceed `target`.
 
     Bisection is valid because the cost only grows with the ratio: every rank grows, and a layer whose
@@ -63,7 +59,7 @@ def uniform_ratio_within(layers: Mapping[str, nn.Module], io_shapes: IOShapes, b
     """
     def cost(ratio: float) -> tuple[Ranks, float]:
         ranks = ranks_by_ratio(layers, ratio, min_rank=min_rank, multiple=multiple, io_shapes=io_shapes)
-        return ranks, network_fraction(layers, ranks, io_shapes, base, metric)
+        return ranks, network_fraction(layers, ranks, io_shapes, base, metric, layer_cost)
 
     lo, hi = 1e-9, 1.0
     lo_ranks, lo_cost = cost(lo)
@@ -157,9 +153,9 @@ def _uniform_label(entry: dict) -> str:
 
 
 def guard_budget_ranks(net: nn.Module, layers: Mapping[str, nn.Module], candidates: Mapping[str, Ranks],
-                       io_shapes: IOShapes, base: int, metric: str, target: float, min_rank: int, multiple: int,
-                       batches: Sequence[torch.Tensor], calibration: str, compare_uniform: bool = True
-                       ) -> tuple[Ranks, GuardDecision]:
+                       io_shapes: IOShapes, base: float, metric: str, target: float, min_rank: int, multiple: int,
+                       batches: Sequence[torch.Tensor], calibration: str, compare_uniform: bool = True,
+                       layer_cost: LayerCost | None = None) -> tuple[Ranks, GuardDecision]:
     """Of the budget allocations in `candidates` (and, with compare_uniform, the uniform-ratio ranks of no greater
     cost), the one that changes the network's output least on `batches`.
 
@@ -174,14 +170,14 @@ def guard_budget_ranks(net: nn.Module, layers: Mapping[str, nn.Module], candidat
     for name, ranks in candidates.items():
         same = next((other for other, r in ranks_of.items() if r == dict(ranks)), None)
         entries[name] = dict(entries[same]) if same is not None else \
-            {"cost": network_fraction(layers, ranks, io_shapes, base, metric),
+            {"cost": network_fraction(layers, ranks, io_shapes, base, metric, layer_cost),
              "output_change": output_change(net, ranks, batches, references)}
         ranks_of[name] = dict(ranks)
     best_budget = min(entries, key=lambda n: entries[n]["output_change"])
     decision = GuardDecision(best_budget, metric, target, entries, calibration, len(batches),
                              entries[best_budget]["cost"], entries[best_budget]["output_change"])
-    uniform = uniform_ratio_within(layers, io_shapes, base, metric, target, min_rank, multiple) \
-        if compare_uniform else None
+    uniform = uniform_ratio_within(layers, io_shapes, base, metric, target, min_rank, multiple,
+                                   layer_cost=layer_cost) if compare_uniform else None
     if uniform is not None and uniform[1]:
         ratio, uniform_ranks, uniform_cost = uniform
         change = output_change(net, uniform_ranks, batches, references)

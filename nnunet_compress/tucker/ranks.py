@@ -30,13 +30,13 @@ import heapq
 import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from nnunet_compress.costs import conv_costs, is_pointwise
+from nnunet_compress.costs import COST_MODELS, conv_costs, is_pointwise
 from nnunet_compress.errors import CompressError
 from nnunet_compress.settings import Settings, check_choice, format_number_tag
 from nnunet_compress.tucker.decomposition import channel_modes
@@ -288,7 +288,25 @@ def _is_integral(value) -> bool:
 
 # ---- global budget ---------------------------------------------------------------------------------------------
 
-_METRICS = ("params", "flops")
+_METRICS = ("params", "flops", "seconds")
+_FLAGS = {"params": "--target-params", "flops": "--target-flops", "seconds": "--target-latency"}
+
+# (conv, input spatial size, output spatial size, Tucker ranks (out, in) or None for the conv itself) -> cost
+LayerCost = Callable[[nn.Module, tuple, tuple, "tuple[int, int] | None"], float]
+
+
+def metric_cost(metric: str, layer_cost: LayerCost | None = None) -> LayerCost:
+    """The per-layer cost of a budget metric: parameters or MACs counted, or seconds from `layer_cost` (a
+    latency model's ``layer_seconds``, see :mod:`nnunet_compress.inference.latency_model`)."""
+    if metric == "seconds":
+        if layer_cost is None:
+            raise CompressError("a latency budget needs a cost model (the layers' predicted seconds)")
+        return layer_cost
+    if metric not in _METRICS:
+        raise CompressError(f"budget metric {metric!r} is not one of {', '.join(_METRICS)}")
+    index = _METRICS.index(metric)
+    return lambda conv, in_spatial, out_spatial, ranks=None: conv_costs(conv, in_spatial, out_spatial,
+                                                                         ranks=ranks)[index]
 
 
 @dataclass
@@ -302,7 +320,8 @@ class _BudgetLayer:
     ladders: tuple[list[int], list[int]]  # allowed ranks per mode (out, in), descending from full
     energies: tuple[np.ndarray, np.ndarray]  # squared singular values per mode (out, in)
     norm2: float  # ||W||²
-    metric_index: int  # 0: params, 1: MACs
+    cost: LayerCost  # the budget metric of the layer, factorised (ranks) or not (None)
+    unit: float = 1.0  # smallest saving that counts in a step's priority: one parameter/MAC, or a nanosecond
     weight: float = 1.0  # how much the network amplifies this layer's relative error (1: kernel error alone)
     position: list[int] = field(default_factory=lambda: [0, 0])
     version: int = 0
@@ -318,15 +337,15 @@ class _BudgetLayer:
         ranks[mode] = self.ladders[mode][self.position[mode] + 1]
         return ranks[0], ranks[1]
 
-    def tucker_cost(self, ranks: tuple[int, int]) -> int:
-        return conv_costs(self.conv, self.in_spatial, self.out_spatial, ranks=ranks)[self.metric_index]
+    def tucker_cost(self, ranks: tuple[int, int]) -> float:
+        return self.cost(self.conv, self.in_spatial, self.out_spatial, ranks)
 
     def saving(self, ranks: tuple[int, int]) -> int:
         """What replacing the layer with these ranks saves in the metric; 0 if it would not be replaced."""
         if not is_cheaper(self.conv, ranks, self.in_spatial, self.out_spatial):
             return 0
-        original = conv_costs(self.conv, self.in_spatial, self.out_spatial)[self.metric_index]
-        return original - self.tucker_cost(ranks)
+        original = self.cost(self.conv, self.in_spatial, self.out_spatial, None)
+        return max(0, original - self.tucker_cost(ranks))  # a factorisation predicted slower saves nothing
 
     def step_priority(self, mode: int) -> tuple[float, int] | None:
         """(estimated relative squared error added per unit of cost saved, cost saved) of one step down."""
@@ -337,7 +356,7 @@ class _BudgetLayer:
         discarded = float(np.sum(self.energies[mode][after[mode]:before[mode]]))
         added_error = self.weight * discarded / self.norm2 if self.norm2 > 0 else 0.0
         cost_saved = self.tucker_cost(before) - self.tucker_cost(after)
-        return added_error / max(cost_saved, 1), cost_saved
+        return added_error / max(cost_saved, self.unit), cost_saved
 
 
 def rank_ladder(full: int, multiple: int, min_rank: int) -> list[int]:
@@ -349,12 +368,16 @@ def rank_ladder(full: int, multiple: int, min_rank: int) -> list[int]:
 
 def ranks_for_budget(layers: Mapping[str, nn.Module], io_shapes: IOShapes, base_params: int, base_macs: int,
                      target: float, metric: str = "params", multiple: int = 1, min_rank: int = 8,
-                     weights: Mapping[str, float] | None = None) -> Ranks:
-    """Ranks that bring the WHOLE network to `target` × its parameters (or MACs), losing as little as possible.
+                     weights: Mapping[str, float] | None = None, base_seconds: float | None = None,
+                     layer_cost: LayerCost | None = None) -> Ranks:
+    """Ranks that bring the WHOLE network to `target` × its parameters, MACs or seconds, losing as little as
+    possible. For seconds, `base_seconds` is the network's measured time per patch and `layer_cost` a latency
+    model's per-layer prediction (so what is not decomposed, norms and activations included, counts in full).
 
     Greedy from full ranks: repeatedly lower one mode of one layer by one step (to the next multiple of
     `multiple`) where the estimated relative squared reconstruction error added per unit of cost saved is
-    lowest, until the network total is at or below the target. The error estimate is the truncated-HOSVD bound:
+    lowest, until the network total is at or below the target (for seconds: or every layer is at its floor; what
+    is reachable is judged on the measured network, not on predictions). The error estimate is the truncated-HOSVD bound:
     discarding singular values of a mode unfolding adds their squares to ||W - Ŵ||², and we normalise by ||W||²
     so that layers of any scale compare. Costs are measured on the factorised layer (which always shrinks with
     the rank); a layer only counts as saving once its factorisation is cheaper than the original in params and
@@ -367,7 +390,7 @@ def ranks_for_budget(layers: Mapping[str, nn.Module], io_shapes: IOShapes, base_
     rather than the kernel's; layers without a weight count 1.
     """
     states, base, goal = _budget_states(layers, io_shapes, base_params, base_macs, target, metric, multiple,
-                                        min_rank)
+                                        min_rank, base_seconds, layer_cost)
     for state in states:
         state.weight = _checked_weight(state.name, (weights or {}).get(state.name, 1.0))
 
@@ -401,16 +424,19 @@ def ranks_for_budget(layers: Mapping[str, nn.Module], io_shapes: IOShapes, base_
 
 def check_budget_reachable(layers: Mapping[str, nn.Module], io_shapes: IOShapes, base_params: int,
                            base_macs: int, target: float, metric: str = "params", multiple: int = 1,
-                           min_rank: int = 8) -> None:
+                           min_rank: int = 8, base_seconds: float | None = None,
+                           layer_cost: LayerCost | None = None) -> None:
     """Refuse bad budget input and budgets the rank floor cannot meet, before anything costly is measured."""
-    _budget_states(layers, io_shapes, base_params, base_macs, target, metric, multiple, min_rank)
+    _budget_states(layers, io_shapes, base_params, base_macs, target, metric, multiple, min_rank, base_seconds,
+                   layer_cost)
 
 
 def _budget_states(layers: Mapping[str, nn.Module], io_shapes: IOShapes, base_params: int, base_macs: int,
-                   target: float, metric: str, multiple: int, min_rank: int) -> tuple[list["_BudgetLayer"], int, float]:
+                   target: float, metric: str, multiple: int, min_rank: int, base_seconds: float | None = None,
+                   layer_cost: LayerCost | None = None) -> tuple[list["_BudgetLayer"], float, float]:
     """Validated greedy start: (per-layer states at full rank, network total, goal in the metric)."""
     if metric not in _METRICS:
-        raise CompressError(f"budget metric {metric!r} is neither 'params' nor 'flops'")
+        raise CompressError(f"budget metric {metric!r} is not one of {', '.join(_METRICS)}")
     if not isinstance(target, (int, float, np.floating)) or not 0 < target < 1:
         raise CompressError(f"target {target!r} is outside (0, 1); it is the fraction of the original network "
                             f"to keep, e.g. 0.2")
@@ -419,14 +445,16 @@ def _budget_states(layers: Mapping[str, nn.Module], io_shapes: IOShapes, base_pa
     if io_shapes is None:
         raise CompressError("a parameter/FLOP budget needs the layers' input/output sizes; pass "
                             "costs.layer_io_shapes(net, patch_size)")
-    base = int(base_params if metric == "params" else base_macs)
-    if base <= 0:
+    base = {"params": base_params, "flops": base_macs, "seconds": base_seconds}[metric]
+    cost = metric_cost(metric, layer_cost)
+    if base is None or not base > 0:
         raise CompressError(f"the network's total {metric} must be positive, got {base}")
     # layers the measured forward pass did not run are left out, as in keep_only_cheaper
-    states = [_budget_layer(name, conv, io_shapes, metric, multiple, min_rank) for name, conv in layers.items()
-              if name in io_shapes]
+    states = [_budget_layer(name, conv, io_shapes, cost, multiple, min_rank, 1e-9 if metric == "seconds" else 1.0)
+              for name, conv in layers.items() if name in io_shapes]
     goal = target * base
-    _check_reachable(states, base, goal, target, metric, min_rank, multiple)
+    if metric != "seconds":  # predicted seconds are corrected by measurement afterwards (workflows.latency_budget),
+        _check_reachable(states, base, goal, target, metric, min_rank, multiple)  # which judges reachability
     return states, base, goal
 
 
@@ -437,21 +465,20 @@ def _checked_weight(name: str, weight) -> float:
     return weight
 
 
-def _budget_layer(name: str, conv: nn.Module, io_shapes: IOShapes, metric: str, multiple: int,
-                  min_rank: int) -> _BudgetLayer:
+def _budget_layer(name: str, conv: nn.Module, io_shapes: IOShapes, cost: LayerCost, multiple: int,
+                  min_rank: int, unit: float) -> _BudgetLayer:
     in_spatial, out_spatial = io_shapes[name]
     ladders = (rank_ladder(conv.out_channels, multiple, min_rank), rank_ladder(conv.in_channels, multiple, min_rank))
     norm2 = float(torch.sum(conv.weight.detach().double() ** 2))
-    return _BudgetLayer(name, conv, in_spatial, out_spatial, ladders, mode_energies(conv), norm2,
-                        metric_index=_METRICS.index(metric))
+    return _BudgetLayer(name, conv, in_spatial, out_spatial, ladders, mode_energies(conv), norm2, cost=cost, unit=unit)
 
 
-def _check_reachable(states: list[_BudgetLayer], base: int, goal: float, target: float, metric: str,
+def _check_reachable(states: list[_BudgetLayer], base: float, goal: float, target: float, metric: str,
                      min_rank: int, multiple: int) -> None:
     """Fail early, naming the best fraction possible: every layer at its lowest allowed ranks."""
-    best = base - sum(s.saving((s.ladders[0][-1], s.ladders[1][-1])) for s in states)
+    best = base - sum(max(0.0, s.saving((s.ladders[0][-1], s.ladders[1][-1]))) for s in states)
     if best > goal:
-        flag = "--target-params" if metric == "params" else "--target-flops"
+        flag = _FLAGS[metric]
         raise CompressError(f"{flag} {target:g} cannot be reached: with all {len(states)} decomposable layers at "
                             f"the rank floor (--min-rank {min_rank}, --rank-multiple {multiple}) the network keeps "
                             f"{best / base:.4f} of its {metric}; choose {flag} {math.ceil(best / base * 1e4) / 1e4:.4f} "
@@ -463,7 +490,8 @@ def _check_reachable(states: list[_BudgetLayer], base: int, goal: float, target:
 
 @dataclass
 class RankPolicy(Settings):
-    """How ranks are chosen: exactly one of ratio / ranks / energy / target_params / target_flops."""
+    """How ranks are chosen: exactly one of ratio / ranks / energy / target_params / target_flops /
+    target_latency."""
 
     label = "rank policy"
 
@@ -472,6 +500,7 @@ class RankPolicy(Settings):
     energy: float | None = None
     target_params: float | None = None
     target_flops: float | None = None
+    target_latency: float | None = None  # fraction of the original's measured seconds per patch on the CPU engine
     min_rank: int = 8
     multiple: int = 1
     include_stem: bool = False
@@ -487,13 +516,15 @@ class RankPolicy(Settings):
     budget_error: str = "kernel"
     calibration_patches: int = 4  # patches the guard and the sensitivities are measured on
     calibration_seed: int = 0  # which patches (and which synthetic phantoms) are cut, and the sensitivity probes
+    # target_latency only: how a layer's seconds are predicted, "measured" (timings of this machine's engine, see
+    # nnunet_compress.inference.latency_model) or "flops" (its MACs x the network's seconds per MAC)
+    cost_model: str = "measured"
 
     def kind(self) -> str:
-        given = [k for k in ("ratio", "ranks", "energy", "target_params", "target_flops")
-                 if getattr(self, k) is not None]
+        given = [k for k in _KINDS if getattr(self, k) is not None]
         if len(given) != 1:
             raise CompressError("choose exactly one rank policy: --rank-ratio, --ranks, --energy, "
-                                "--target-params or --target-flops")
+                                "--target-params, --target-flops or --target-latency")
         return given[0]
 
     def validate(self) -> "RankPolicy":
@@ -503,27 +534,36 @@ class RankPolicy(Settings):
                                 f"as rank")
         if kind == "energy" and not 0 < self.energy <= 1:
             raise CompressError(f"--energy {self.energy} is outside (0, 1]; e.g. 0.9 keeps 90% of the energy")
-        for name in ("target_params", "target_flops"):
+        for name in ("target_params", "target_flops", "target_latency"):
             value = getattr(self, name)
             if value is not None and not 0 < value < 1:
+                what = "time per patch" if name == "target_latency" else "network"
                 raise CompressError(f"--{name.replace('_', '-')} {value} is outside (0, 1); it is the fraction "
-                                    f"of the original network to keep, e.g. 0.2")
+                                    f"of the original {what} to keep, e.g. 0.2")
         if self.min_rank < 1:
             raise CompressError(f"--min-rank {self.min_rank} must be at least 1")
         if self.multiple < 1:
             raise CompressError(f"--rank-multiple {self.multiple} must be at least 1")
         check_choice("--budget-error", self.budget_error, BUDGET_ERRORS)
+        check_choice("--cost-model", self.cost_model, COST_MODELS)
         if self.calibration_patches < 1:
             raise CompressError(f"--calibration-patches {self.calibration_patches} must be at least 1")
         return self
 
     @property
     def is_budget(self) -> bool:
-        return self.kind() in ("target_params", "target_flops")
+        return self.kind() in ("target_params", "target_flops", "target_latency")
+
+    @property
+    def budget(self) -> tuple[str, float] | None:
+        """(metric, target fraction) of a budget policy: "params", "flops" or "seconds"; None otherwise."""
+        kind = self.kind()
+        metric = {"target_params": "params", "target_flops": "flops", "target_latency": "seconds"}.get(kind)
+        return (metric, getattr(self, kind)) if metric else None
 
     @property
     def needs_weights(self) -> bool:
-        return self.kind() in ("energy", "target_params", "target_flops")
+        return self.kind() in ("energy", "target_params", "target_flops", "target_latency")
 
     def tag(self) -> str:
         kind = self.kind()
@@ -536,6 +576,8 @@ class RankPolicy(Settings):
             return f"tuckerP{format_number_tag(self.target_params)}{suffix}"
         if kind == "target_flops":
             return f"tuckerF{format_number_tag(self.target_flops)}{suffix}"
+        if kind == "target_latency":
+            return f"tuckerL{format_number_tag(self.target_latency)}{suffix}"
         return "tuckerRanks"
 
     def to_dict(self) -> dict:
@@ -544,8 +586,11 @@ class RankPolicy(Settings):
         if not self.is_budget:
             for key in _BUDGET_ONLY:
                 d.pop(key, None)
+        if self.kind() != "target_latency":
+            d.pop("cost_model", None)
         return d
 
 BUDGET_ERRORS = ("best", "kernel", "sensitivity")
 
-_BUDGET_ONLY = ("guard", "budget_error", "calibration_patches", "calibration_seed")
+_KINDS = ("ratio", "ranks", "energy", "target_params", "target_flops", "target_latency")
+_BUDGET_ONLY = ("guard", "budget_error", "calibration_patches", "calibration_seed", "cost_model")

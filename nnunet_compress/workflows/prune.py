@@ -28,6 +28,7 @@ from nnunet_compress.pruning.surgery import channel_counts
 from nnunet_compress.pruning.taylor import PRUNE_METHODS, TaylorSettings, prune_until_target
 from nnunet_compress.settings import check_choice
 from nnunet_compress.workflows.derived_folder import write_derived_model_folder
+from nnunet_compress.workflows.latency_budget import pruning_latency
 
 
 def prune_model_folder(source: str | Path, output: str | Path, method: str, settings: TaylorSettings,
@@ -62,10 +63,17 @@ def prune_model_folder(source: str | Path, output: str | Path, method: str, sett
         torch.manual_seed(seed)
         progress(f"fold {fold}: {method} pruning to {settings.metric} {settings.target}")
         rollbacks: list[dict] = []
+        latency = measure = terms = None
+        if settings.metric == "seconds":
+            latency, measure, terms = pruning_latency(net, (channels_in, *cfg["patch_size"]), settings.cost_model,
+                                                      settings.min_channels, settings.min_keep_fraction, progress)
         history = prune_until_target(net, settings, method, channels_in, cfg["patch_size"], calibration, progress,
-                                     foreground_class_names(folder.dataset_json.get("labels", {})), rollbacks)
+                                     foreground_class_names(folder.dataset_json.get("labels", {})), rollbacks,
+                                     latency, measure)
         counts = channel_counts(net)
         results[fold] = {"history": history, "channels": counts, "class_guard_rollbacks": rollbacks}
+        if terms is not None:
+            results[fold]["latency"] = terms.to_dict()
         arch = compressed_arch_kwargs(cfg, channels=counts, per_fold_channels=len(folder.folds) > 1)
         return net, derive_plans(folder.plans, configuration, folder.plans.get("plans_name", "nnUNetPlans"), arch,
                                  {"method": f"{method}_oneshot", "settings": settings.to_dict()})
