@@ -242,6 +242,20 @@ def test_calibration_keeps_the_closest_allocation_under_the_target():
     assert len(terms.rounds) == 3
 
 
+def test_uniform_fallback_finds_the_largest_ratio_the_measurement_allows():
+    """When the per-layer model cannot reach a target, the uniform family is bisected on MEASURED time."""
+    from nnunet_compress.workflows.latency_budget import measured_uniform
+
+    terms = _terms()
+    ranks, ratio = measured_uniform(0.7, lambda r: r, lambda r: 0.5 + 0.5 * r, terms, progress=lambda m: None)
+    assert ranks == ratio and 0.4 < ratio <= 0.47  # 0.5 + 0.5 r <= 0.7 · 1.05
+    assert terms.measured_fraction == pytest.approx(0.5 + 0.5 * ratio)
+    assert len(terms.rounds) == 6  # the floor, then five bisection steps
+    with pytest.raises(CompressError, match=r"measured 0\.900 .* --target-latency 0\.90 or more, or lower the floor"):
+        measured_uniform(0.5, lambda r: r, lambda r: 0.9, _terms(), progress=lambda m: None,
+                         floor_hint=" (floor)")
+
+
 # ---- pruning in seconds -----------------------------------------------------------------------------------------
 
 def test_predicted_seconds_follow_the_channels_removed():

@@ -116,13 +116,48 @@ def calibrated_allocation(target: float, allocate: Callable[[float], object], pr
     within = [t for t in tried if t[2] <= target * (1 + tolerance)]
     if not within:
         best = min(t[2] for t in tried)
-        raise CompressError(f"--target-latency {target:g} cannot be reached on {terms.engine}: the fastest allocation "
-                            f"allowed{floor_hint} measured {best:.3f} of the original's time per patch; choose "
-                            f"--target-latency {math.ceil(best * 100) / 100:.2f} or more{', or ' if floor_hint else ''}"
-                            f"{'lower the floor' if floor_hint else ''}")
+        raise unreachable(target, terms, best, floor_hint)
     allocation, goal, fraction = max(within, key=lambda t: t[2])
     terms.measured_fraction = fraction
     return allocation, goal
+
+
+def unreachable(target: float, terms: LatencyTerms, fastest: float, floor_hint: str = "") -> CompressError:
+    """The error for a latency target that even the fastest allowed allocation misses, naming what it reaches."""
+    at_least = math.ceil(round(fastest * 100, 6)) / 100
+    return CompressError(f"--target-latency {target:g} cannot be reached on {terms.engine}: the fastest allocation "
+                         f"allowed{floor_hint} measured {fastest:.3f} of the original's time per patch; choose "
+                         f"--target-latency {at_least:.2f} or more{', or lower the floor' if floor_hint else ''}")
+
+
+def measured_uniform(target: float, ranks_at: Callable[[float], object], measure: Callable[[object], float],
+                     terms: LatencyTerms, progress=print, tolerance: float = TOLERANCE, steps: int = 5,
+                     floor_hint: str = ""):
+    """The largest uniform rank ratio whose MEASURED fraction of the original's time meets `target` (bisection on
+    the ratio, `steps` measurements after the one at the floor); returns (ranks, ratio).
+
+    The fallback when the per-layer model cannot reach a target the network can: timed one by one, a factorised
+    low-resolution layer can look slower than the original (three calls instead of one), so the allocator leaves
+    it out, while inside the whole network the engine runs it faster. Measuring the uniform family settles it.
+    """
+    lowest = ranks_at(1e-6)  # every mode at the rank floor
+    fraction = measure(lowest)
+    terms.rounds.append({"uniform_ratio": 0.0, "measured": fraction})
+    if fraction > target * (1 + tolerance):
+        raise unreachable(target, terms, fraction, floor_hint)
+    lo, lo_ranks, lo_fraction, hi = 1e-6, lowest, fraction, 1.0
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        ranks = ranks_at(mid)
+        fraction = measure(ranks)
+        terms.rounds.append({"uniform_ratio": mid, "measured": fraction})
+        if fraction <= target * (1 + tolerance):
+            lo, lo_ranks, lo_fraction = mid, ranks, fraction
+        else:
+            hi = mid
+    progress(f"latency budget: the uniform --rank-ratio {lo:.3f} measured {lo_fraction:.3f} of the original's time")
+    terms.measured_fraction = lo_fraction
+    return lo_ranks, lo
 
 
 def layer_seconds(conv: nn.Module, in_spatial, out_spatial, ranks, terms: LatencyTerms) -> dict:

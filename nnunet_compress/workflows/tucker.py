@@ -31,7 +31,7 @@ from nnunet_compress.nnunet.model_folder import (
 )
 from nnunet_compress.nnunet.plans import resolved_configuration, tucker_plans
 from nnunet_compress.tucker import ranks as R
-from nnunet_compress.tucker.budget_guard import guard_budget_ranks, layer_sensitivities, network_fraction
+from nnunet_compress.tucker.budget_guard import UNIFORM, guard_budget_ranks, layer_sensitivities, network_fraction
 from nnunet_compress.tucker.decomposition import replace_convs
 from nnunet_compress.tucker.ranks import RankPolicy, rank_floor
 from nnunet_compress.workflows.derived_folder import rebuilt_from_plans, write_derived_model_folder
@@ -41,6 +41,7 @@ from nnunet_compress.workflows.latency_budget import (
     latency_terms,
     layer_seconds,
     measured_fraction,
+    measured_uniform,
 )
 
 
@@ -254,9 +255,19 @@ def _budget_candidates(net: nn.Module, policy: RankPolicy, patch_size, calibrati
             return network_fraction(layers, ranks, io_shapes, terms.base, "seconds", terms.layer_cost)
 
         floor = f" (every decomposable layer at the rank floor --min-rank {policy.min_rank})"
-        candidates[kinds[0]], terms.target = calibrated_allocation(
-            terms.target, lambda goal: allocate(kinds[0], goal), predicted, measure, terms.latency, progress,
-            floor_hint=floor)
+        try:
+            candidates[kinds[0]], terms.target = calibrated_allocation(
+                terms.target, lambda goal: allocate(kinds[0], goal), predicted, measure, terms.latency, progress)
+        except CompressError as e:
+            # the per-layer model left out layers the network runs faster factorised: measure the uniform family
+            progress(f"latency budget: {e}; trying uniform rank ratios, measured")
+
+            def uniform(ratio: float) -> dict:
+                return R.ranks_by_ratio(layers, ratio, min_rank=policy.min_rank, multiple=policy.multiple,
+                                        io_shapes=io_shapes)
+            ranks, _ = measured_uniform(terms.target, uniform, measure, terms.latency, progress, floor_hint=floor)
+            terms.target = predicted(ranks)
+            return {UNIFORM: ranks}
     for kind in kinds:
         if kind not in candidates:
             candidates[kind] = allocate(kind, terms.target)
