@@ -115,3 +115,37 @@ def test_plan_sauron_bad_input(tiny_ws, args, message):
     proc = run_cli("plan", "sauron", "-d", tiny_ws.dataset_id, "-c", "3d_fullres", "-p", tiny.TINY_PLANS, *args,
                    env=tiny_ws.env())
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_latency_targets_through_the_cli_and_the_trainer(tiny_ws, tiny_base, tmp_path, monkeypatch):
+    """--target-latency end to end on the tiny model, on torch's CPU path (the engine a machine without OpenVINO
+    uses): Tucker writes predicted and measured seconds per layer into its report and the calibration rounds into
+    the plans; the Taylor trainer measures the network after its first step and when the prediction meets the
+    target. Targets are loose (0.95): whether a tighter one is met depends on the machine's load, not on the code."""
+    monkeypatch.setenv("NNUNET_COMPRESS_CPU_ENGINE", "torch")  # reaches every subprocess through tiny_ws.env()
+    env = tiny_ws.env()
+    out = tmp_path / "tucker_latency"
+    run_cli("tucker", tiny_base, "-o", out, "--target-latency", "0.95", "--min-rank", "4", "--calibration-patches",
+            "1", env=env, check=True)
+    report = json.loads((out / "compression_report.json").read_text())
+    latency = report["latency"]
+    assert latency["engine"] == "torch" and latency["cost_model"] == "measured" and latency["rounds"]
+    assert latency["measured_fraction"] <= 0.95 * 1.05
+    assert all(row["seconds"]["measured_before"] > 0 and row["seconds"]["predicted_after"] > 0
+               for row in report["layers"])
+    plans = json.loads((out / "plans.json").read_text())
+    assert plans["configurations"]["3d_fullres"]["nnunet_compress"]["latency"]["rounds"] == latency["rounds"]
+
+    plans_name = f"{tiny.TINY_PLANS}_taylorL0.95"
+    run_cli("plan", "taylor", "-d", tiny_ws.dataset_id, "-c", "3d_fullres", "-p", tiny.TINY_PLANS,
+            "--target-latency", "0.95", "--step", "0.1", "--accumulate-batches", "2", "--epochs", "3",
+            "--iterations-per-epoch", "5", "--val-iterations", "1", "--augmentation", "none", "--class-guard", "0",
+            "--seed", "0", env=env, check=True)
+    folder = tiny.train(tiny_ws, plans_name, "nnUNetTrainerTaylorPruning", pretrained=tiny.checkpoint_path(tiny_base))
+    report = json.loads((folder / "fold_0" / "pruning_report.json").read_text())
+    assert report["settings"]["target_latency"] == 0.95 and report["latency"]["engine"] == "torch"
+    history = report["history"]
+    assert "measured" in history[0] and history[0]["fraction"] == history[0]["measured"]
+    assert all("predicted" in step for step in history)
+    if report["target_reached"]:
+        assert history[-1]["measured"] <= 0.95

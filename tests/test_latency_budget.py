@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from dynamic_network_architectures.architectures.unet import PlainConvUNet
+from test_budget_policies import plain_unet_3d  # the same small 3-stage U-Net
 from torch import nn
 
 from nnunet_compress.costs import conv_costs, count_parameters, layer_io_shapes, total_macs
@@ -35,14 +35,6 @@ from nnunet_compress.workflows.latency_budget import LatencyTerms, calibrated_al
 
 torch.set_num_threads(1)
 PATCH = (16, 16, 16)
-
-
-def plain_unet_3d(features=(8, 16, 32)) -> PlainConvUNet:
-    torch.manual_seed(0)
-    n = len(features)
-    return PlainConvUNet(1, n, list(features), nn.Conv3d, 3, [1] + [2] * (n - 1), 2, 3, 2, True, nn.InstanceNorm3d,
-                         {"affine": True, "eps": 1e-5}, None, None, nn.LeakyReLU, {"inplace": True},
-                         deep_supervision=False).eval()
 
 
 def affine_cost(overhead: float = 1e-4, per_mac: float = 1e-9):

@@ -247,6 +247,8 @@ def _budget_candidates(net: nn.Module, policy: RankPolicy, patch_size, calibrati
         input_shape = _input_shape(net, patch_size)
 
         def measure(ranks: dict) -> float:
+            if not ranks:  # nothing factorised: the original itself (timing it would only measure noise)
+                return 1.0
             fraction = measured_fraction(net, factorised_copy(net, ranks), input_shape, terms.latency)
             terms.latency.measured.append((ranks, fraction))
             return fraction
