@@ -149,3 +149,13 @@ def test_latency_targets_through_the_cli_and_the_trainer(tiny_ws, tiny_base, tmp
     assert all("predicted" in step for step in history)
     if report["target_reached"]:
         assert history[-1]["measured"] <= 0.95
+    layers = report["latency"]["layers"]
+    assert layers and all(row["measured_before"] > 0 and row["predicted_after"] <= row["predicted_before"]
+                          for row in layers.values())
+
+    pruned = tmp_path / "l1_latency"
+    run_cli("prune", tiny_base, "-o", pruned, "--method", "l1", "--target-latency", "0.95", "--step", "0.1",
+            env=env, check=True)
+    fold = json.loads((pruned / "compression_report.json").read_text())["folds"]["0"]
+    assert fold["history"][-1]["measured"] <= 0.95 and fold["latency"]["engine"] == "torch"
+    assert set(fold["layers"]) >= {"encoder.stages.0.0.convs.0.conv", "decoder.seg_layers.2"}

@@ -34,7 +34,7 @@ from nnunet_compress.pruning.taylor import (
     plan_step,
     taylor_scores,
 )
-from nnunet_compress.workflows.latency_budget import pruning_latency
+from nnunet_compress.workflows.latency_budget import pruned_layer_seconds, pruning_latency
 
 install_pretrained_weights_hook()
 
@@ -138,6 +138,7 @@ class nnUNetTrainerTaylorPruning(DistillationTrainerMixin, PruningTrainerMixin, 
                                                         self.settings.min_channels, self.settings.min_keep_fraction,
                                                         progress=lambda m: self.print_to_log_file(f"[taylor] {m}"))
             self._latency, self._measure_latency, self.latency_terms = predicted, measure, terms
+            self._latency_parent = parent
             if self.pruning_history:  # resumed: scale the predictions by a measurement of the network as it is
                 predicted.calibrate(self.plain_network, self.measure_latency(self.plain_network))
         return self._latency
@@ -198,7 +199,12 @@ class nnUNetTrainerTaylorPruning(DistillationTrainerMixin, PruningTrainerMixin, 
         self.class_guard.load_state(state.get("class_guard"))
 
     def pruning_report(self) -> dict:
-        latency = self.latency_terms.to_dict() if getattr(self, "latency_terms", None) else None
+        latency = None
+        if getattr(self, "latency_terms", None):
+            latency = self.latency_terms.to_dict()
+            latency["layers"] = pruned_layer_seconds(self._latency_parent, copy.deepcopy(self.plain_network).cpu(),
+                                                     (self.num_input_channels, *self.configuration_manager.patch_size),
+                                                     self.latency_terms)
         return {"settings": self.settings.to_dict(), "target_reached": self.target_reached, "latency": latency,
                 "history": self.pruning_history, "class_guard": self.settings.class_guard,
                 "rollbacks": self.class_guard.rollbacks, "protected_channels": self.class_guard.protected.state()}

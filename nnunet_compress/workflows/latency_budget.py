@@ -24,7 +24,7 @@ from typing import Callable, Mapping
 import torch
 from torch import nn
 
-from nnunet_compress.costs import COST_MODELS, layer_io_shapes, total_macs
+from nnunet_compress.costs import COST_MODELS, conv_costs, layer_io_shapes, total_macs
 from nnunet_compress.errors import CompressError
 from nnunet_compress.inference.conv_timing import ConvSite, engine_in_use, patch_seconds, time_conv
 from nnunet_compress.inference.latency_model import FlopsCostModel, channel_requirements, measured_model
@@ -202,3 +202,29 @@ def pruning_latency(net: nn.Module, input_shape: tuple[int, ...], cost_model: st
         terms.measured_fraction = fraction
         return fraction
     return predicted, measure, terms
+
+
+def pruned_layer_seconds(original: nn.Module, pruned: nn.Module, input_shape: tuple[int, ...],
+                         terms: LatencyTerms) -> dict[str, dict]:
+    """Per convolution of a pruned network: channels, MFLOPs, predicted and measured seconds before and after
+    (the pruning report's per-layer table of a latency target)."""
+    io_shapes = layer_io_shapes(original, tuple(input_shape[1:]))
+    after = dict(pruned.named_modules())
+    rows = {}
+    for name, conv in original.named_modules():
+        if not isinstance(conv, nn.modules.conv._ConvNd) or name not in io_shapes or name not in after:
+            continue
+        now = after[name]
+        site = ConvSite.of(conv, io_shapes[name][0])
+        rows[name] = {"channels_before": [conv.in_channels, conv.out_channels],
+                      "channels_after": [now.in_channels, now.out_channels],
+                      "mflops_before": 2 * conv_costs(conv, *io_shapes[name])[1] / 1e6,
+                      "mflops_after": 2 * conv_costs(now, *io_shapes[name])[1] / 1e6,
+                      "predicted_before": terms.model.layer_seconds(conv, *io_shapes[name]),
+                      "predicted_after": terms.model.layer_seconds(conv, *io_shapes[name], None,
+                                                                   (now.in_channels, now.out_channels)),
+                      "measured_before": time_conv(site, conv.in_channels, conv.out_channels, terms.engine,
+                                                   terms.threads),
+                      "measured_after": time_conv(site, now.in_channels, now.out_channels, terms.engine,
+                                                  terms.threads)}
+    return rows

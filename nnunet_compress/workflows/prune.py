@@ -7,6 +7,7 @@ user's images after nnU-Net's own preprocessing; the first fold's channel counts
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -28,7 +29,7 @@ from nnunet_compress.pruning.surgery import channel_counts
 from nnunet_compress.pruning.taylor import PRUNE_METHODS, TaylorSettings, prune_until_target
 from nnunet_compress.settings import check_choice
 from nnunet_compress.workflows.derived_folder import write_derived_model_folder
-from nnunet_compress.workflows.latency_budget import pruning_latency
+from nnunet_compress.workflows.latency_budget import pruned_layer_seconds, pruning_latency
 
 
 def prune_model_folder(source: str | Path, output: str | Path, method: str, settings: TaylorSettings,
@@ -65,6 +66,7 @@ def prune_model_folder(source: str | Path, output: str | Path, method: str, sett
         rollbacks: list[dict] = []
         latency = measure = terms = None
         if settings.metric == "seconds":
+            original = copy.deepcopy(net)
             latency, measure, terms = pruning_latency(net, (channels_in, *cfg["patch_size"]), settings.cost_model,
                                                       settings.min_channels, settings.min_keep_fraction, progress)
         history = prune_until_target(net, settings, method, channels_in, cfg["patch_size"], calibration, progress,
@@ -74,6 +76,7 @@ def prune_model_folder(source: str | Path, output: str | Path, method: str, sett
         results[fold] = {"history": history, "channels": counts, "class_guard_rollbacks": rollbacks}
         if terms is not None:
             results[fold]["latency"] = terms.to_dict()
+            results[fold]["layers"] = pruned_layer_seconds(original, net, (channels_in, *cfg["patch_size"]), terms)
         arch = compressed_arch_kwargs(cfg, channels=counts, per_fold_channels=len(folder.folds) > 1)
         return net, derive_plans(folder.plans, configuration, folder.plans.get("plans_name", "nnUNetPlans"), arch,
                                  {"method": f"{method}_oneshot", "settings": settings.to_dict()})
