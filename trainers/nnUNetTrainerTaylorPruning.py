@@ -107,10 +107,11 @@ class nnUNetTrainerTaylorPruning(DistillationTrainerMixin, PruningTrainerMixin, 
         params, flops = self.current_cost()
         record = {"epoch": self.current_epoch, "removed": removed, "params": params, "flops": flops}
         if self.settings.metric == "seconds":
-            fraction = record["predicted"] = latency.fraction(self.plain_network)
-            if not self.pruning_history or fraction <= self.settings.target:
-                fraction = record["measured"] = self.measure_latency(self.plain_network)
-                latency.calibrate(self.plain_network, fraction)
+            # predictions rank the channels; whether the target is met is measured after every step (OpenVINO pads
+            # channels to blocks of 8/16, so a step's real saving can be far from any smooth prediction)
+            record["predicted"] = latency.fraction(self.plain_network)
+            fraction = record["measured"] = self.measure_latency(self.plain_network)
+            latency.calibrate(self.plain_network, fraction)
         else:
             fraction = (flops / self.initial_cost[1]) if self.settings.metric == "flops" else \
                 (params / self.initial_cost[0])
