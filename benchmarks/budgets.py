@@ -51,7 +51,8 @@ def quiet(_line: str) -> None:
 
 # ---- tucker on the trained tiny model ---------------------------------------------------------------------------
 
-def tucker_part(ws: tiny.TinyWorkspace, ratios: list[float], epochs: int, seed: int) -> list[dict]:
+def tucker_part(ws: tiny.TinyWorkspace, ratios: list[float], epochs: int, seed: int,
+                latency_targets: list[float] | None = None) -> list[dict]:
     base_folder = ws.model_folder()
     out_root = ws.root / "budgets"
     folder = open_model_folder(base_folder, ["0"], "checkpoint_final.pth")
@@ -66,7 +67,7 @@ def tucker_part(ws: tiny.TinyWorkspace, ratios: list[float], epochs: int, seed: 
             compress_model_folder(base_folder, out, policy, ["0"], overwrite=True, progress=quiet)
         report = read_json(out / "compression_report.json")
         ranks = {r["name"]: tuple(r["ranks"]) for r in report["layers"]}
-        row = {"name": name, "policy": policy.to_dict(), "folder": str(out), "ranks": ranks,
+        row = {"name": name, "policy": report["policy"], "folder": str(out), "ranks": ranks,  # as written
                "flops_fraction": report["flops_after"] / report["flops_before"],
                "params_fraction": report["params_after"] / report["params_before"],
                "lowest_rank": min(min(r) for r in ranks.values()), "latency": report.get("latency"),
@@ -76,7 +77,9 @@ def tucker_part(ws: tiny.TinyWorkspace, ratios: list[float], epochs: int, seed: 
         return row
 
     uniform = [compress(f"ratio {r}", RankPolicy(ratio=r, min_rank=MIN_RANK)) for r in ratios]
-    fractions = measured_fractions(net, patch, [u["ranks"] for u in uniform], engine_in_use())
+    # the latency targets: each ratio's measured time (or given, e.g. a previous run's interleaved table: on this
+    # shared machine one measurement of a 20 ms network can be 30% off)
+    fractions = latency_targets or measured_fractions(net, patch, [u["ranks"] for u in uniform], engine_in_use())
     for u, fraction in zip(uniform, fractions):
         ratio = u["policy"]["ratio"]
         compress(f"flops @ ratio {ratio}", RankPolicy(target_flops=round(u["flops_fraction"], 4), min_rank=MIN_RANK))
@@ -274,6 +277,8 @@ def main(argv=None) -> dict:
     p.add_argument("--parts", nargs="+", choices=("tucker", "taylor", "totalseg"),
                    default=["tucker", "taylor", "totalseg"])
     p.add_argument("--ratios", type=float, nargs="+", default=[0.75, 0.5, 0.25])
+    p.add_argument("--latency-targets", type=float, nargs="+",
+                   help="--target-latency per ratio (default: each ratio's time, measured at the start)")
     p.add_argument("--taylor-flops", type=float, default=0.5)
     p.add_argument("--totalseg-ratio", type=float, default=0.25)
     p.add_argument("--totalseg-flops", type=float, default=0.11)
@@ -294,7 +299,7 @@ def main(argv=None) -> dict:
     t0 = time.time()
     if "tucker" in args.parts:
         print("[budgets] tucker on the trained tiny model", flush=True)
-        results["tucker"] = tucker_part(ws, args.ratios, epochs, args.seed)
+        results["tucker"] = tucker_part(ws, args.ratios, epochs, args.seed, args.latency_targets)
     if "taylor" in args.parts:
         print("[budgets] taylor in the training loop", flush=True)
         results["taylor"] = [{k: v for k, v in r.items() if k != "_net"}
