@@ -143,10 +143,13 @@ def test_taylor_resumes_exactly(tiny_ws, tiny_base):
     final = resume(tiny_ws, "nnUNetTrainerTaylorPruning", plans)
     history = final["nnunet_compress"]["state"]["history"]
     assert history[:2] == saved["state"]["history"]
-    # one step per epoch, except where the class guard undid a step (its epoch then leaves the history)
+    # one step per epoch, except where the class guard undid a step (its epoch then leaves the history); the
+    # resumed run must have pruned on (a step kept or undone): with a freshly trained base the guard undid both of
+    # its steps in one CI run, so "three steps kept" is not what resuming guarantees
     epochs = [h["epoch"] for h in history]
     undone = len(final["nnunet_compress"]["state"].get("class_guard", {}).get("rollbacks", []))
-    assert epochs == sorted(set(epochs)) and epochs[-1] + 1 <= len(history) + undone and len(history) >= 3, epochs
+    assert epochs == sorted(set(epochs)) and epochs[-1] + 1 <= len(history) + undone, epochs
+    assert len(history) + undone >= 3, (epochs, undone)
     assert all(b["flops"] < a["flops"] for a, b in zip(history, history[1:]))
 
 
