@@ -1,12 +1,12 @@
 """Seconds per patch of a network as pruning removes channels, predicted from a per-convolution cost model.
 
-Pruning to ``--target-latency`` needs, at every step, how long the network now takes and what removing one more
-channel of each group would save. Timing the whole network after every step would cost an engine conversion per
-step, so :class:`PredictedSeconds` predicts it: the original's MEASURED seconds minus what each convolution's
-predicted time fell by since the start (``layer_seconds(conv, in_spatial, out_spatial, channels=(c_in, c_out))``,
-e.g. :meth:`nnunet_compress.inference.latency_model.LatencyModel.layer_seconds`). Per-convolution predictions miss
-what an engine does across layers (fusions, layouts), so the predicted saving is scaled by ``k`` = measured saving /
-predicted saving, set from whole-network measurements whenever the caller takes one (:meth:`calibrate`).
+Pruning to ``--target-latency`` ranks channels by importance per second saved, so it needs what removing one more
+channel of each group would save (:meth:`PredictedSeconds.channel_seconds`). Whether the target is met is decided
+by timing the whole network after every step (the callers do that); the prediction of the whole network —
+the original's MEASURED seconds minus what each convolution's predicted time fell by since the start
+(``layer_seconds(conv, in_spatial, out_spatial, channels=(c_in, c_out))``, e.g.
+:meth:`nnunet_compress.inference.latency_model.LatencyModel.layer_seconds`), its saving scaled by ``k`` = measured
+saving / predicted saving (:meth:`calibrate`) — is recorded beside each measurement in the reports.
 
 Pure torch + a cost callable: nothing here runs an engine.
 """

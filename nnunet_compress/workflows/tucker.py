@@ -135,6 +135,12 @@ def factorised_copy(net: nn.Module, ranks: dict) -> nn.Module:
     return compressed
 
 
+def _rank_floors(layers: dict, policy: RankPolicy) -> dict[str, tuple[int, int]]:
+    """Each layer's lowest allowed (rank_out, rank_in): where the latency model's timings must start."""
+    return {n: (rank_floor(c.out_channels, policy.min_rank, policy.multiple),
+                rank_floor(c.in_channels, policy.min_rank, policy.multiple)) for n, c in layers.items()}
+
+
 def _budget_terms(net: nn.Module, policy: RankPolicy, layers: dict, io_shapes: dict, patch_size,
                   progress) -> BudgetTerms:
     """The budget's metric, target and base; for --target-latency the engine's timings of the original and the
@@ -144,10 +150,8 @@ def _budget_terms(net: nn.Module, policy: RankPolicy, layers: dict, io_shapes: d
         return BudgetTerms(metric, target, count_parameters(net))
     if metric == "flops":
         return BudgetTerms(metric, target, total_macs(net, io_shapes))
-    floors = {n: (rank_floor(c.out_channels, policy.min_rank, policy.multiple),
-                  rank_floor(c.in_channels, policy.min_rank, policy.multiple)) for n, c in layers.items()}
     latency = latency_terms(net, _input_shape(net, patch_size), policy.cost_model,
-                            lambda: tucker_requirements(layers, io_shapes, floors), progress)
+                            lambda: tucker_requirements(layers, io_shapes, _rank_floors(layers, policy)), progress)
     return BudgetTerms(metric, target, latency.base_seconds, latency.layer_cost, latency)
 
 
@@ -427,10 +431,9 @@ def budget_seconds(net: nn.Module, ranks: dict, patch_size, policy: RankPolicy, 
     io_shapes = layer_io_shapes(net, tuple(patch_size))
     layers = {name: net.get_submodule(name) for name in ranks if name in io_shapes}
     if latency is None:
-        floors = {n: (rank_floor(c.out_channels, policy.min_rank, policy.multiple),
-                      rank_floor(c.in_channels, policy.min_rank, policy.multiple)) for n, c in layers.items()}
         latency = latency_terms(net, _input_shape(net, patch_size), "measured",
-                                lambda: tucker_requirements(layers, io_shapes, floors), progress)
+                                lambda: tucker_requirements(layers, io_shapes, _rank_floors(layers, policy)),
+                                progress)
         latency.measured_fraction = measured_fraction(net, factorised_copy(net, ranks), _input_shape(net, patch_size),
                                                       latency)
     progress(f"timing the {len(layers)} factorised layers on {latency.engine} for the report")
