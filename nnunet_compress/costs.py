@@ -112,14 +112,14 @@ def layer_io_shapes(net: nn.Module, input_shape: tuple[int, ...]
     meta tensors do not support. `net` itself is never run, so running statistics and hooks stay untouched.
     """
     input_shape = tuple(int(s) for s in input_shape)
-    channels = _input_channels(net)
+    channels = input_channels(net)
     try:
         return _record_io_shapes(copy.deepcopy(net).to("meta"), (1, channels, *input_shape), torch.device("meta"))
     except Exception:  # an op without a meta kernel: pay for a real pass instead
         return _record_io_shapes(copy.deepcopy(net).cpu().float(), (1, channels, *input_shape), torch.device("cpu"))
 
 
-def _input_channels(net: nn.Module) -> int:
+def input_channels(net: nn.Module) -> int:
     """Channels the network consumes: those of its first conv in module order (the stem)."""
     for module in net.modules():
         if _is_conv_like(module):

@@ -29,6 +29,7 @@ from nnunet_compress.nnunet.training import ScheduleFromPlansMixin, install_pret
 from nnunet_compress.pruning.class_guard import StepGuard
 from nnunet_compress.pruning.surgery import channel_counts, set_channel_counts
 from nnunet_compress.pruning.taylor import (
+    PruningStep,
     TaylorSettings,
     batches_covering_classes,
     plan_step,
@@ -90,8 +91,9 @@ class nnUNetTrainerTaylorPruning(DistillationTrainerMixin, PruningTrainerMixin, 
                                  self.settings.balance_classes)
         latency = self.latency_prediction()
         step = plan_step(net, self.settings, score, self.initial_channels, self.class_guard.protected, latency)
-        groups = step.groups
-        keep = agree_across_ranks(step.keep) if self.is_ddp else step.keep
+        if self.is_ddp:  # every rank must remove the same channels: rank 0's choice
+            step = PruningStep(step.groups, agree_across_ranks(step.keep))
+        keep = step.keep
         if not keep:
             self.target_reached = True
             protected = (f" ({self.class_guard.protected.total} filters are protected by the class guard)"
@@ -99,7 +101,7 @@ class nnUNetTrainerTaylorPruning(DistillationTrainerMixin, PruningTrainerMixin, 
             self.print_to_log_file(f"[taylor] every layer is at its floor (--min-channels / --min-keep-fraction)"
                                    f"{protected}; the target cannot be reached, fine-tuning to the end")
             return
-        removed = sum(g.size - len(keep[g.name]) for g in groups if g.name in keep)
+        removed = step.removed
         guarded = self.class_guard.enabled
         before = self.class_dice_before_step() if guarded else []
         snapshot = self.snapshot_for_rollback() if guarded else None
@@ -118,7 +120,7 @@ class nnUNetTrainerTaylorPruning(DistillationTrainerMixin, PruningTrainerMixin, 
         record["fraction"] = fraction
         self.target_reached = fraction <= self.settings.target
         self.pruning_history.append(record)
-        self.class_guard.begin_step(self.current_epoch, before, {g.name: g.size for g in groups}, keep, snapshot,
+        self.class_guard.begin_step(self.current_epoch, before, step.sizes, keep, snapshot,
                                     record)
         self.log_pruning_status(removed)
         if self.target_reached:

@@ -209,15 +209,17 @@ def taylor_scores(net: nn.Module, groups, batches: Iterable[tuple[torch.Tensor, 
 
 def choose_channels_to_keep(net: nn.Module, settings: TaylorSettings, scores: dict[str, torch.Tensor],
                             n_remove: int, initial_counts: dict[str, int] | None = None,
-                            protected=None, channel_seconds: dict[str, float] | None = None) -> dict[str, list[int]]:
+                            protected=None, channel_seconds: dict[str, float] | None = None,
+                            groups: list[ChannelGroup] | None = None) -> dict[str, list[int]]:
     """The kept channels of every group that loses some in this step ({} when none can go).
 
     `protected` (a class_guard.ProtectedChannels) names channels whose removal once made a class collapse: they
     rank above every other channel and the floors leave room for them, so they are never chosen.
     `channel_seconds` (group -> predicted seconds saved per channel; latency targets) turns the ranking into
     importance lost per second saved (:func:`nnunet_compress.pruning.latency.cost_weighted_scores`).
+    `groups`: the net's prunable groups where the caller has already found them (else found here).
     """
-    groups = prunable_groups(net)
+    groups = prunable_groups(net) if groups is None else groups
     if settings.normalize:
         scores = normalize_per_layer(scores)
     if channel_seconds:
@@ -262,7 +264,7 @@ def plan_step(net: nn.Module, settings: TaylorSettings, score: Callable[[list[Ch
     groups = prunable_groups(net)
     channel_seconds = latency.channel_seconds(net, groups) if latency is not None else None
     keep = choose_channels_to_keep(net, settings, score(groups), channels_to_remove(groups, settings.step),
-                                   initial_counts, protected, channel_seconds)
+                                   initial_counts, protected, channel_seconds, groups)
     return PruningStep(groups, keep)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from torch import nn
 
-from nnunet_compress.costs import conv_costs, count_parameters, layer_io_shapes, total_macs
+from nnunet_compress.costs import conv_costs, count_parameters, input_channels, layer_io_shapes, total_macs
 from nnunet_compress.errors import CompressError
 from nnunet_compress.inference.latency_model import tucker_requirements
 from nnunet_compress.network import CompressedUNet
@@ -125,7 +125,7 @@ def _layers_and_shapes(net: nn.Module, policy: RankPolicy, patch_size) -> tuple[
 
 
 def _input_shape(net: nn.Module, patch_size) -> tuple[int, ...]:
-    return (_stem_channels(net), *tuple(int(s) for s in patch_size))
+    return (input_channels(net), *tuple(int(s) for s in patch_size))
 
 
 def factorised_copy(net: nn.Module, ranks: dict) -> nn.Module:
@@ -161,7 +161,7 @@ _CALIBRATION_CACHE_ATTR = "_nnunet_compress_calibration"
 def _calibration_batches(net: nn.Module, patch_size, policy: RankPolicy, calibration) -> tuple[list, str]:
     """The calibration batches, made once per selection (the sensitivities and the guard share them)."""
     if calibration is None:
-        calibration = synthetic_calibration(None, None, None, _stem_channels(net), patch_size,
+        calibration = synthetic_calibration(None, None, None, input_channels(net), patch_size,
                                             policy.calibration_patches, policy.calibration_seed)
     cached = getattr(calibration, _CALIBRATION_CACHE_ATTR, None)
     if cached is None:
@@ -171,13 +171,6 @@ def _calibration_batches(net: nn.Module, patch_size, policy: RankPolicy, calibra
         except AttributeError:  # e.g. a bound method: no cache, the caller's source is called again
             pass
     return cached
-
-
-def _stem_channels(net: nn.Module) -> int:
-    for module in net.modules():
-        if isinstance(module, nn.modules.conv._ConvNd):
-            return int(module.in_channels)
-    raise CompressError("the network has no convolution; is this an nnU-Net network?")
 
 
 def calibration_source(images, plans: dict, dataset_json: dict, configuration: str, channels: int, patch_size,
