@@ -1,20 +1,22 @@
-"""Do the hand-written CPU rewrites still pay once OpenVINO runs the network? A/B in one process, interleaved.
+"""Do graph rewrites and the hand-written CPU paths pay once OpenVINO runs the network? A/B in one process, interleaved.
 
     python benchmarks/engine_rewrites.py [--patch 96 96 96] [--ratio 0.25] [--runs 5]
 
 Why this script exists: before it had an engine, the package ran compressed networks through five hand-written
 torch CPU modules. The engine took the plain graph faster than all of them together, so three were deleted (InstanceNorm
 folded into a factorised conv's last 1×1, and activations kept factorised between layers; the README gives the
-figures measured before the deletion). This script keeps the evidence for what stayed and for the one rewrite an
-engine could still take: it converts the Tucker-factorised 1.5 mm TotalSegmentator network twice — the plain
-graph (what the product converts) and the graph with InstanceNorm folded (written out of place here, as a tracer
-needs it) — and times both compiled models next to the torch fallback, each of its two modules added in turn:
+figures measured before the deletion). This script keeps the evidence for what stayed, and for the graph rewrites an
+engine can take: it converts the Tucker-factorised 1.5 mm TotalSegmentator network three times — the graph the
+product converts (the decoder's skip concatenations folded into the convolutions around them,
+:mod:`nnunet_compress.inference.decoder_fold`), the plain graph without that fold, and the plain graph with
+InstanceNorm folded into the factorised convs (written out of place here, as a tracer needs it) — and times the
+compiled models next to the torch fallback, each of its two modules added in turn:
 
 * engine rows: OpenVINO compiled exactly as the product compiles (threads = torch's, LATENCY, f32);
 * torch rows: plain torch; + fast convolutions (``inference.torch_paths``); + kept freed memory (``freed_memory``) —
   the torch fallback as it runs by default.
 
-Prints a Markdown table (median seconds per patch, wall and process CPU, ratio to the engine's plain graph, max
+Prints a Markdown table (median seconds per patch, wall and process CPU, ratio to the product's engine graph, max
 relative deviation from plain torch) and writes JSON + Markdown under benchmarks/results/.
 """
 
@@ -37,12 +39,15 @@ from benchmarks.archs import ARCHITECTURES, as_compressed_unet, build_original, 
 from benchmarks.engines import engine_variable  # noqa: E402
 from benchmarks.speed import RESULTS, device_name, relative_deviation, time_interleaved  # noqa: E402
 from nnunet_compress.inference import settings as fi  # noqa: E402
+from nnunet_compress.inference.decoder_fold import engine_graph  # noqa: E402
 
 TORCH_STEPS = {  # FastOptions switched on per torch row, cumulatively
     "torch plain": None,
     "torch + fast convolutions": dict(pointwise_gemm=True, force_onednn=True),
     "torch + freed memory": dict(pointwise_gemm=True, force_onednn=True, keep_freed_memory=True),
 }
+PRODUCT = "product graph (concatenations folded)"
+REWRITES = (PRODUCT, "plain graph (concatenations kept)", "norm folding (on the plain graph)")
 ALL_OFF = dict(pointwise_gemm=False, force_onednn=False, keep_freed_memory=False)
 
 
@@ -122,9 +127,9 @@ def traceable_folding(net):
 def compiled_graph(net, rewrite: str, x: torch.Tensor):
     """OpenVINO model of `net` traced with `rewrite` active, compiled as the product compiles."""
     import openvino as ov
-    module = Rewritten(net).eval()
+    module = engine_graph(net) if rewrite == PRODUCT else Rewritten(net).eval()
     # oneDNN calls and malloc tuning are torch-runtime tricks: kept off while tracing
-    folding = traceable_folding(net) if rewrite == "norm folding" else contextlib.nullcontext()
+    folding = traceable_folding(net) if rewrite.startswith("norm folding") else contextlib.nullcontext()
     with options(), folding, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(module, torch.zeros_like(x), check_trace=False)
@@ -166,7 +171,7 @@ def main(argv=None) -> int:
     with fi.plain_inference(), torch.inference_mode():
         reference = net(x)
     rows = {}
-    for rewrite in ("plain graph", "norm folding"):
+    for rewrite in REWRITES:
         print(f"converting: {rewrite}", file=sys.stderr, flush=True)
         try:
             rows[f"openvino, {rewrite}"] = compiled_graph(net, rewrite, x)
@@ -175,10 +180,10 @@ def main(argv=None) -> int:
     rows.update({name: torch_row(net, switches) for name, switches in TORCH_STEPS.items()})
     deviation = {name: relative_deviation(run(x), reference) for name, run in rows.items()}
     wall, cpu = time_interleaved(rows, lambda run: run(x), args.runs)
-    base = statistics.median(wall["openvino, plain graph"])
-    base_cpu = statistics.median(cpu["openvino, plain graph"])
+    base = statistics.median(wall[f"openvino, {PRODUCT}"])
+    base_cpu = statistics.median(cpu[f"openvino, {PRODUCT}"])
     table = [f"### Tucker {args.ratio}, 1.5 mm, patch {'×'.join(map(str, patch))} — {device_name()}\n",
-             "| path | patch s | engine-plain s / this | CPU-s | CPU ratio | max rel. dev. |",
+             "| path | patch s | product-graph s / this | CPU-s | CPU ratio | max rel. dev. |",
              "|---|---:|---:|---:|---:|---:|"]
     result = {"patch": list(patch), "ratio": args.ratio, "device": device_name(), "rows": {}}
     for name in rows:

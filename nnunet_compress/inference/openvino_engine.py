@@ -6,7 +6,8 @@ fuses convolution, InstanceNorm and LeakyReLU into few passes over memory and pi
 work those paths did by hand for factorised layers only.
 
 How: :func:`run` converts the network with OpenVINO's PyTorch frontend (it traces torch's plain forward pass, so
-the graph is exactly the module's computation), saves the converted model in the user's cache
+the graph is the module's computation; the decoder's concatenations are folded away first, an exact rewrite that
+:mod:`.decoder_fold` explains), saves the converted model in the user's cache
 (:mod:`.model_cache`), compiles it for the CPU with ``INFERENCE_NUM_THREADS`` = torch's thread count,
 ``PERFORMANCE_HINT`` = LATENCY and the precision of :mod:`.settings` (f32 by default), and keeps the compiled model
 in memory for the identical patches of nnU-Net's sliding window. Input and output are copied into and out of the
@@ -34,6 +35,7 @@ import torch
 from torch import nn
 
 from nnunet_compress.errors import first_line
+from nnunet_compress.inference.decoder_fold import GRAPH_VERSION, engine_graph
 from nnunet_compress.inference.model_cache import ModelCache, model_key, weights_signature
 from nnunet_compress.inference.settings import EngineSettings, from_environment, plain_inference, plain_requested
 
@@ -210,7 +212,8 @@ def _cached_or_converted(core, net: nn.Module, x: torch.Tensor, key: str, settin
 
 
 def convert(net: nn.Module, x: torch.Tensor):
-    """OpenVINO model of ``net``'s plain torch forward pass at x's shape (traced; warnings of the tracer muted).
+    """OpenVINO model of ``net``'s plain torch forward pass at x's shape (traced; warnings of the tracer muted),
+    with the decoder's concatenations folded away where the network is factorised (:mod:`.decoder_fold`).
 
     The input shape is fixed (static): the sliding window feeds one patch size, and static shapes let the CPU
     plugin choose kernels and memory layout once, at compile time.
@@ -222,7 +225,7 @@ def convert(net: nn.Module, x: torch.Tensor):
         with plain_inference(), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             # traced here rather than by the frontend, to skip torch's re-trace check (a third of the time)
-            traced = torch.jit.trace(net, example, check_trace=False)
+            traced = torch.jit.trace(engine_graph(net), example, check_trace=False)
             return ov.convert_model(traced, example_input=example, input=[tuple(x.shape)], share_weights=False)
     finally:
         _local.converting = False
@@ -238,7 +241,7 @@ def _fallback(net: nn.Module, shape: tuple[int, ...], reason: str) -> None:
 def _engine_version() -> str:
     try:
         import openvino as ov
-        return f"openvino {ov.__version__}"
+        return f"openvino {ov.__version__}, {GRAPH_VERSION}"
     except ImportError:
         return "openvino absent"
 
