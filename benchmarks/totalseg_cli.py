@@ -1,7 +1,8 @@
 """What a TotalSegmentator user sees: its own CLI end to end on the CPU, original home vs compressed home.
 
     python benchmarks/totalseg_cli.py --task total_fast --runs 3            # example CT, 3 mm --fast model
-    python benchmarks/totalseg_cli.py --task total --runs 2 --synthetic-ct 512 512 400 --spacing 0.8
+    python benchmarks/totalseg_cli.py --task total --runs 1 --synthetic-ct 512 512 400 --spacing 0.8 \
+        --homes original_engine compressed --warmup-size 170 170 170 --breakdown-runs 0   # whole-body, 1.5 mm
 
 Per-patch speed-ups (benchmarks/speed.py) are not what a user gets: a TotalSegmentator run also starts Python,
 imports torch, resamples the CT, loads the model, runs nnU-Net's sliding window and export, post-processes and
@@ -12,6 +13,10 @@ saves. This runs TotalSegmentator's CLI as a user would (``TotalSegmentator -i C
 * ``original (openvino)``: the same weights through ``nnunet-compress totalseg --no-compression`` (the original
   network on our CPU engine: the fair baseline for the engine),
 * ``compressed``: ``nnunet-compress totalseg --rank-ratio R`` (Tucker) of the same source home.
+
+``--homes`` picks some of them (a run of the 1.5 mm task on a whole-body CT takes tens of minutes per home), and
+``--warmup-size`` runs the warm-up on a small synthetic CT: the engine converts per patch shape, and nnU-Net pads a
+CT smaller than the patch up to it, so a small CT fills the same cache entries in a fraction of the time.
 
 For each run: wall time, CPU time of the child and its reaped descendants (``os.wait4``: nnU-Net's spawned
 preprocessing and export workers included) and peak RSS (the largest single process). Each home first gets one
@@ -54,6 +59,7 @@ sys.path.insert(0, str(REPO))
 from nnunet_compress.totalseg.home import RESULTS as HOME_RESULTS  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+HOME_KEYS = ("original_torch", "original_engine", "compressed")
 STAGES_DRIVER = Path(__file__).resolve().parent / "totalseg_stages.py"
 EXAMPLE_CT = REPO / "tests" / "data" / "totalsegmentator" / "example_ct.nii.gz"
 BIN = Path(sys.executable).parent
@@ -70,6 +76,12 @@ def main(argv=None) -> int:
     ap.add_argument("--spacing", type=float, default=0.8, help="voxel spacing of --synthetic-ct in mm")
     ap.add_argument("--rank-ratio", type=float, default=0.25)
     ap.add_argument("--runs", type=int, default=2, help="timed runs per home, after one warm-up run each")
+    ap.add_argument("--homes", nargs="+", choices=HOME_KEYS, default=list(HOME_KEYS),
+                    help="which homes to run (default: all three; the 1.5 mm task on a whole-body CT takes about "
+                         "an hour per run of the original on torch)")
+    ap.add_argument("--warmup-size", nargs=3, type=int, metavar=("X", "Y", "Z"),
+                    help="warm-up runs on a synthetic CT of this many voxels at --spacing instead of the timed CT: "
+                         "they only fill the engine's cache, which depends on the patch, not on the CT")
     ap.add_argument("--breakdown-runs", type=int, default=1, help="runs per home with stage timers (0: none)")
     ap.add_argument("--ts-args", default="", help="extra TotalSegmentator options for every run, e.g. '-ns 1' "
                                                    "(nnU-Net starts that many export workers, each importing torch)")
@@ -92,7 +104,12 @@ def main(argv=None) -> int:
         if not ct.is_file():
             write_synthetic_ct(ct, tuple(args.synthetic_ct), args.spacing)
     ct_info = describe_ct(ct)
-    homes = build_homes(args, work)
+    homes = [h for h in build_homes(args, work) if h["key"] in args.homes]
+    warmup_ct = ct
+    if args.warmup_size:
+        warmup_ct = work / f"synthetic_ct_{'x'.join(map(str, args.warmup_size))}_{args.spacing:g}mm.nii.gz"
+        if not warmup_ct.is_file():
+            write_synthetic_ct(warmup_ct, tuple(args.warmup_size), args.spacing)
 
     cache = work / "engine_cache"
     shutil.rmtree(cache, ignore_errors=True)  # the warm-up run must convert, as a user's first run does
@@ -101,15 +118,15 @@ def main(argv=None) -> int:
     out_dir = work / "out"
     shutil.rmtree(out_dir, ignore_errors=True)
     out_dir.mkdir()
-    ts_args = ["-i", str(ct), "--ml", "-d", "cpu"] + (["--fast"] if args.task == "total_fast" else []) \
-        + shlex.split(args.ts_args)
+    ts_args = ["--ml", "-d", "cpu"] + (["--fast"] if args.task == "total_fast" else []) + shlex.split(args.ts_args)
 
     def run(home: dict, kind: str, i: int) -> dict:
         env = dict(base_env, TOTALSEG_HOME_DIR=str(home["path"]), **home["env"])
         out = out_dir / f"{home['key']}_{kind}{i}.nii.gz"
         timings = out_dir / f"{home['key']}_{kind}{i}_stages.json"
         cmd = ([sys.executable, str(STAGES_DRIVER), str(timings)] if kind == "breakdown"
-               else [str(BIN / "TotalSegmentator")]) + ts_args + ["-o", str(out)]
+               else [str(BIN / "TotalSegmentator")]) + ts_args + ["-i", str(warmup_ct if kind == "warmup" else ct),
+                                                                  "-o", str(out)]
         result = run_child(cmd, env, out_dir / f"{home['key']}_{kind}{i}.log")
         print(f"  {home['label']:<34} {kind} {i}: {result['wall_s']:6.1f} s wall, {result['cpu_s']:6.1f} CPU-s, "
               f"{result['peak_rss_gb']:.2f} GB", flush=True)
@@ -118,7 +135,7 @@ def main(argv=None) -> int:
         result["output"] = str(out)
         return result
 
-    print(f"TotalSegmentator {' '.join(ts_args)} on {ct_info['size']} voxels at {ct_info['spacing']} mm")
+    print(f"TotalSegmentator -i CT {' '.join(ts_args)} on {ct_info['size']} voxels at {ct_info['spacing']} mm")
     for h in homes:
         h["first"] = run(h, "warmup", 0)
     for i in range(1, args.runs + 1):
@@ -127,15 +144,16 @@ def main(argv=None) -> int:
     for i in range(1, args.breakdown_runs + 1):
         for h in homes:
             h.setdefault("breakdown", []).append(run(h, "breakdown", i))
-    reference = homes[0]["first"]["output"]
+    reference = homes[0]["runs"][0]["output"]
     for h in homes:
-        h["agreement_with_original_torch"] = voxel_agreement(reference, h["first"]["output"])
+        h["agreement_with_first_home"] = voxel_agreement(reference, h["runs"][0]["output"])
 
     report = {"task": args.task, "ct": ct_info, "rank_ratio": args.rank_ratio, "engine": args.engine,
               "runs": args.runs, "breakdown_runs": args.breakdown_runs,
+              "warmup_ct": describe_ct(warmup_ct) if warmup_ct != ct else None,
               "weights": str(args.source_home) if args.source_home else "stand-in (random, He init)",
               "cpu": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-              "versions": versions(), "command": "TotalSegmentator " + " ".join(ts_args) + " -o OUT",
+              "versions": versions(), "command": "TotalSegmentator -i CT " + " ".join(ts_args) + " -o OUT",
               "homes": [{k: v for k, v in h.items() if k != "env"} | {"path": str(h["path"])} for h in homes]}
     table = markdown(report)
     print(table)
@@ -150,7 +168,7 @@ def main(argv=None) -> int:
 # ----------------------------------------------------------------------------------------------------- homes
 
 def build_homes(args, work: Path) -> list[dict]:
-    """The three homes (original on torch, original on the engine, compressed), built once and reused."""
+    """The three homes (HOME_KEYS: original on torch, original on the engine, compressed), built once and reused."""
     root = work / "homes" / args.task
     if args.rebuild:
         shutil.rmtree(root, ignore_errors=True)
@@ -343,25 +361,31 @@ def _span(spans):
 
 def markdown(report) -> str:
     homes = report["homes"]
-    base_torch, base_engine = (statistics.median(r["wall_s"] for r in h["runs"]) for h in homes[:2])
+    medians = {h["key"]: statistics.median(r["wall_s"] for r in h["runs"]) for h in homes}
+    bases = [(key, label) for key, label in (("original_torch", "original (torch)"),
+                                             ("original_engine", "original (engine)")) if key in medians]
     runs = report["runs"]
+    warmup = report.get("warmup_ct")
+    first = "first run (conversion) s" if not warmup else \
+        f"warm-up on {warmup['size']} voxels (conversion) s"
     lines = [f"### TotalSegmentator CLI end to end, `{report['task']}`, CT {report['ct']['size']} at "
              f"{report['ct']['spacing']} mm, CPU {report['cpu']}\n",
              f"`{report['command']}`; weights: {report['weights']}; median of {runs} run(s) per home after one "
              f"warm-up run, interleaved; CPU time includes nnU-Net's worker processes; peak RSS of the largest "
              f"process.\n",
-             "| home | first run (conversion) s | " + " | ".join(f"run {i + 1} s" for i in range(runs)) +
-             " | median wall s | median CPU-s | peak RSS GB | × vs original (torch) | × vs original (engine) "
-             "| voxels as original (torch) |",
-             "|---|---:|" + "---:|" * runs + "---:|---:|---:|---:|---:|---:|"]
+             f"| home | {first} | " + " | ".join(f"run {i + 1} s" for i in range(runs)) +
+             " | median wall s | median CPU-s | peak RSS GB | " + "".join(f"× vs {label} | " for _, label in bases) +
+             f"voxels as {homes[0]['label']} |",
+             "|---|---:|" + "---:|" * runs + "---:|---:|---:|" + "---:|" * len(bases) + "---:|"]
     for h in homes:
         wall = statistics.median(r["wall_s"] for r in h["runs"])
         cpu = statistics.median(r["cpu_s"] for r in h["runs"])
         rss = max(r["peak_rss_gb"] for r in h["runs"])
         lines.append(f"| {h['label']} | {h['first']['wall_s']:.1f} | " +
                      " | ".join(f"{r['wall_s']:.1f}" for r in h["runs"]) +
-                     f" | {wall:.1f} | {cpu:.1f} | {rss:.2f} | {base_torch / wall:.2f} | {base_engine / wall:.2f} "
-                     f"| {h['agreement_with_original_torch']:.4f} |")
+                     f" | {wall:.1f} | {cpu:.1f} | {rss:.2f} | " +
+                     "".join(f"{medians[key] / wall:.2f} | " for key, _ in bases) +
+                     f"{h['agreement_with_first_home']:.4f} |")
     if homes[0].get("breakdown"):
         n = len(homes[0]["breakdown"])
         lines += ["", f"#### Where the seconds go (median of {n} run(s) with stage timers, wall seconds)\n",
