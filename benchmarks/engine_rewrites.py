@@ -47,7 +47,8 @@ TORCH_STEPS = {  # FastOptions switched on per torch row, cumulatively
     "torch + freed memory": dict(pointwise_gemm=True, force_onednn=True, keep_freed_memory=True),
 }
 PRODUCT = "product graph (concatenations folded)"
-REWRITES = (PRODUCT, "plain graph (concatenations kept)", "norm folding (on the plain graph)")
+NORM_FOLDED = "norm folding (on the plain graph)"
+REWRITES = (PRODUCT, "plain graph (concatenations kept)", NORM_FOLDED)
 ALL_OFF = dict(pointwise_gemm=False, force_onednn=False, keep_freed_memory=False)
 
 
@@ -129,7 +130,7 @@ def compiled_graph(net, rewrite: str, x: torch.Tensor):
     import openvino as ov
     module = engine_graph(net) if rewrite == PRODUCT else Rewritten(net).eval()
     # oneDNN calls and malloc tuning are torch-runtime tricks: kept off while tracing
-    folding = traceable_folding(net) if rewrite.startswith("norm folding") else contextlib.nullcontext()
+    folding = traceable_folding(net) if rewrite == NORM_FOLDED else contextlib.nullcontext()
     with options(), folding, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(module, torch.zeros_like(x), check_trace=False)

@@ -104,7 +104,7 @@ def main(argv=None) -> int:
         if not ct.is_file():
             write_synthetic_ct(ct, tuple(args.synthetic_ct), args.spacing)
     ct_info = describe_ct(ct)
-    homes = [h for h in build_homes(args, work) if h["key"] in args.homes]
+    homes = build_homes(args, work)
     warmup_ct = ct
     if args.warmup_size:
         warmup_ct = work / f"synthetic_ct_{'x'.join(map(str, args.warmup_size))}_{args.spacing:g}mm.nii.gz"
@@ -168,7 +168,8 @@ def main(argv=None) -> int:
 # ----------------------------------------------------------------------------------------------------- homes
 
 def build_homes(args, work: Path) -> list[dict]:
-    """The three homes (HOME_KEYS: original on torch, original on the engine, compressed), built once and reused."""
+    """The homes of ``--homes`` (HOME_KEYS: original on torch, original on the engine, compressed), built once and
+    reused; the source home is always built, as the other two are derived from it."""
     root = work / "homes" / args.task
     if args.rebuild:
         shutil.rmtree(root, ignore_errors=True)
@@ -193,13 +194,16 @@ def build_homes(args, work: Path) -> list[dict]:
         models_from = source
     converted = root / "original_converted"
     compressed = root / f"tucker{args.rank_ratio:g}"
-    derive(models_from, converted, args.task, ["--no-compression"])
-    derive(models_from, compressed, args.task, ["--rank-ratio", str(args.rank_ratio)])
+    if "original_engine" in args.homes:
+        derive(models_from, converted, args.task, ["--no-compression"])
+    if "compressed" in args.homes:
+        derive(models_from, compressed, args.task, ["--rank-ratio", str(args.rank_ratio)])
     engine = {"NNUNET_COMPRESS_CPU_ENGINE": args.engine}
-    return [{"key": "original_torch", "label": "original (torch)", "path": source, "env": {}},
+    homes = [{"key": "original_torch", "label": "original (torch)", "path": source, "env": {}},
             {"key": "original_engine", "label": f"original ({args.engine})", "path": converted, "env": engine},
             {"key": "compressed", "label": f"compressed, Tucker {args.rank_ratio:g} ({args.engine})",
              "path": compressed, "env": engine}]
+    return [h for h in homes if h["key"] in args.homes]
 
 
 def derive(source_home: Path, target: Path, task: str, options: list[str]) -> None:

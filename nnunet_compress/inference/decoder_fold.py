@@ -89,9 +89,8 @@ def engine_graph(net: nn.Module) -> nn.Module:
     for up, block in zip(decoder.transpconvs, decoder.stages):
         folded = fold_stage(up, block)
         stages.append(folded if folded is not None else ConcatStage(up, block))
-    if not any(isinstance(s, FoldedStage) for s in stages):
-        return net
-    return FoldedUNet(net.encoder, stages, decoder.seg_layers[-1]).eval()
+    folded = FoldedUNet(net.encoder, stages, decoder.seg_layers[-1])
+    return folded.eval() if folded.folded else net
 
 
 def fold_stage(up: nn.Module, block: nn.Module) -> FoldedStage | None:
@@ -135,7 +134,8 @@ def _multiply_into_output(up: nn.Module, matrix: torch.Tensor) -> nn.Module:
     # transposed conv: weight (in, out, *k), bias (out,)
     folded = copy.deepcopy(up)
     folded.weight = nn.Parameter(torch.einsum("rc,ic...->ir...", matrix, up.weight), requires_grad=False)
-    folded.bias = None if up.bias is None else nn.Parameter(matrix @ up.bias, requires_grad=False)
+    bias = _mapped_bias(matrix, up.bias)
+    folded.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
     folded.out_channels = matrix.shape[0]
     return folded
 

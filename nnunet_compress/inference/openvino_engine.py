@@ -141,7 +141,6 @@ class CompiledModel:
     def __init__(self, compiled_model):
         self.model = compiled_model
         self.request = compiled_model.create_infer_request()
-        self.output_shape = tuple(int(d) for d in compiled_model.output(0).shape)
         self.lock = threading.Lock()
 
     def infer(self, x: torch.Tensor) -> torch.Tensor:
