@@ -31,6 +31,22 @@ def test_spread_and_minimum_per_class():
     assert len(lines) == 1 and "MISSED: aim >= 0.5" in lines[0] and "MISSED: aim <= 0.03" in lines[0]
 
 
+def test_the_larger_held_out_grading_is_summarised_from_its_own_keys():
+    def graded(model, demo, more):
+        return dict(row(model, demo, {"1": demo}), dice_held_out=more, dice_per_class_held_out={"1": more})
+    results = {"held_out_cases": 16,
+               "runs": {0: [graded("base", 0.9, 0.85), graded("tucker 0.5 + fine-tuning", 0.8, 0.84)],
+                        1: [graded("base", 0.7, 0.83), graded("tucker 0.5 + fine-tuning", 0.6, 0.80)]}}
+    stability.add_summaries(results)
+    demo = {s["model"]: s for s in results["summary"]}["tucker 0.5 + fine-tuning"]
+    more = {s["model"]: s for s in results["summary_held_out"]}["tucker 0.5 + fine-tuning"]
+    assert demo["mean_dice"]["std"] == pytest.approx(0.1) and "MISSED: aim <= 0.03" in results["aims"][0]
+    assert more["mean_dice"]["std"] == pytest.approx(0.02) and "ok: aim <= 0.03" in results["aims_held_out"][0]
+    assert more["vs_base"]["per_seed"] == pytest.approx([-0.01, -0.03])
+    assert [title for _, title in stability.gradings(results)][1] == "16 held-out cases per seed"
+    assert stability.gradings({"held_out_cases": 0}) == stability.gradings({})[:1]
+
+
 @pytest.mark.parametrize("model, tuned", [("tucker 0.5 (no fine-tuning)", False), ("tucker 0.5 + fine-tuning", True),
                                           ("L1 prune F0.5 (no fine-tuning)", False), ("base", False),
                                           ("Sauron (pruned while training)", True),

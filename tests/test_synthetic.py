@@ -17,7 +17,13 @@ from scipy import ndimage
 
 from nnunet_compress.errors import CompressError
 from nnunet_compress.nnunet import synthetic
-from nnunet_compress.nnunet.synthetic import LABELS, generate_case, make_case, write_synthetic_dataset
+from nnunet_compress.nnunet.synthetic import (
+    LABELS,
+    generate_case,
+    make_case,
+    write_held_out_cases,
+    write_synthetic_dataset,
+)
 
 NUM_TRAIN, NUM_TEST, SEED = 5, 2, 3
 
@@ -191,6 +197,23 @@ def test_make_case_is_deterministic_per_generator():
 def test_a_case_does_not_depend_on_the_dataset_size():
     assert np.array_equal(generate_case(0, 3).image_hu, generate_case(0, 3).image_hu)
     assert generate_case(0, 3).identifier == "synct_003"
+
+
+def test_more_held_out_cases_repeat_the_datasets_own_and_add_new_ones(dataset, tmp_path):
+    own = list(range(NUM_TRAIN, NUM_TRAIN + NUM_TEST))
+    folder = Path(write_held_out_cases(tmp_path / "held_out", SEED, own + [2000]))
+    for sub in ("imagesTs", "labelsTs"):
+        names = sorted(p.name for p in (folder / sub).iterdir())
+        assert names == sorted(p.name for p in (dataset / sub).iterdir()) + [
+            "synct_2000_0000.nii.gz" if sub == "imagesTs" else "synct_2000.nii.gz"]
+        for name in names[:-1]:  # the dataset's own test cases, voxel for voxel and with their spacing
+            (a, spacing_a), (b, spacing_b) = read(folder / sub / name), read(dataset / sub / name)
+            assert np.array_equal(a, b) and spacing_a == spacing_b
+    new_labels, _ = read(folder / "labelsTs" / "synct_2000.nii.gz")
+    assert set(np.unique(new_labels)) == set(LABELS.values())  # a complete case, every structure in it
+    with pytest.raises(CompressError, match="already exists"):
+        write_held_out_cases(folder, SEED, [2001])
+    assert not (folder / "imagesTs" / "synct_2001_0000.nii.gz").exists()
 
 
 # ---------------------------------------------------------------- safety

@@ -31,6 +31,7 @@ class DemoRow:
     latency_ms: float
     dice: float
     dice_per_class: dict
+    model_folder: str = ""  # where the model lives, so a benchmark can grade it again on other cases
 
     def line(self, base: "DemoRow") -> str:
         return (f"{self.model:<34} {self.params:>10,} {self.params / base.params:>6.2f} {self.gflops:>8.3f} "
@@ -52,7 +53,7 @@ def measure(ws: tiny.TinyWorkspace, name: str, model_folder: Path, prediction_na
     predictions = tiny.predict_folder(ws, model_folder, ws.root / "predictions" / prediction_name)
     dice = tiny.dice_scores(ws, predictions)
     return DemoRow(name, prof.params, prof.flops / 1e9, prof.latency_s * 1000, dice["mean_foreground"],
-                   dice["per_class"])
+                   dice["per_class"], str(model_folder))
 
 
 def run_demo(workdir: Path, fast: bool = False, seed: int = 0) -> list[DemoRow]:

@@ -188,13 +188,15 @@ def predict_dataset(ws: TinyWorkspace, trainer: str, plans: str, output: Path, f
     return output
 
 
-def dice_scores(ws: TinyWorkspace, prediction_folder: Path) -> dict:
-    """Per-class and mean foreground Dice of predictions against labelsTs, by nnU-Net's own compute_metrics."""
+def dice_scores(ws: TinyWorkspace, prediction_folder: Path, reference_folder: Path | None = None) -> dict:
+    """Per-class and mean foreground Dice of predictions against labelsTs (or `reference_folder`), by nnU-Net's own
+    compute_metrics."""
     from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
     dataset_json = read_json(ws.raw_dataset / "dataset.json")
     labels = sorted(v for v in dataset_json["labels"].values() if isinstance(v, int) and v > 0)
-    result = compute_metrics_on_folder(str(ws.raw_dataset / "labelsTs"), str(prediction_folder),
+    reference_folder = reference_folder or ws.raw_dataset / "labelsTs"
+    result = compute_metrics_on_folder(str(reference_folder), str(prediction_folder),
                                        str(prediction_folder / "summary.json"), SimpleITKIO(),
                                        dataset_json["file_ending"], labels, None, 1)
     per_class = {int(k): float(v["Dice"]) for k, v in result["mean"].items()}
