@@ -13,11 +13,18 @@ Rows, per method (held-out labelled test cases that no model trained on; per-cla
 
 Every fine-tuning row runs the same epochs and iterations, on fold ``all`` of its dataset, from the base weights.
 
-    python benchmarks/distillation.py                      # the README's table (about an hour on 2 idle cores)
+One run is one draw (the cases, the base model, the pruning choices), and a difference of 0.01-0.02 Dice between
+two rows is the size of the spread between draws, so ``--seeds`` repeats the whole benchmark per seed, each in
+``WORKDIR/seed_<s>`` with the cases of that seed, and reports every row as mean ± std over the seeds and the
+aims per seed. A workspace of ``benchmarks/stability.py`` (same layout, the demo's base model of that seed) can be
+reused as it is: ``--workdir benchmarks/work/stability``.
+
+    python benchmarks/distillation.py                      # the README's table (about an hour per seed on 2 cores)
+    python benchmarks/distillation.py --methods taylor --seeds 0 1 2 --workdir benchmarks/work/stability
     python benchmarks/distillation.py --methods tucker --epochs 2 --iterations 10 --tag smoke
 
 Writes ``benchmarks/results/distillation_<tag>.json`` / ``.md`` and a bar plot ``distillation_<tag>.png``; the
-workspace (``--workdir``) keeps every model, so a re-run only trains what is missing.
+workspaces keep every model, so a re-run only trains what is missing.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -56,7 +64,10 @@ def cli(*args) -> None:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workdir", type=Path, default=REPO / "benchmarks" / "work_distillation")
+    p.add_argument("--workdir", type=Path, default=REPO / "benchmarks" / "work" / "distillation",
+                   help="one workspace per seed under it, WORKDIR/seed_<s>")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="repeat the benchmark once per seed: cases, base training, pruning and fine-tuning (0)")
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument("--base-epochs", type=int, default=tiny.BASE_EPOCHS, help="epochs of the tiny base model")
     p.add_argument("--epochs", type=int, default=8, help="fine-tuning epochs of every fine-tuning row (8)")
@@ -72,17 +83,17 @@ def parse_args(argv=None):
 
 
 class Bench:
-    def __init__(self, args):
-        self.args = args
-        self.ws = tiny.default_workspace(args.workdir, dataset_id=501)
+    def __init__(self, args, seed: int):
+        self.args, self.seed = args, seed
+        self.ws = tiny.default_workspace(args.workdir / f"seed_{seed}", dataset_id=501)
         self.pseudo = tiny.TinyWorkspace(self.ws.root, PSEUDO_ID, PSEUDO_NAME)
         os.environ.update(self.ws.env())  # our in-process commands read nnU-Net's folders from the environment
         self.schedule = ["--epochs", args.epochs, "--iterations-per-epoch", args.iterations, "--val-iterations", 2,
-                         "--lr", args.lr, "--augmentation", "none", "--overwrite"]
+                         "--lr", args.lr, "--augmentation", "none", "--seed", seed, "--overwrite"]
 
     # ---- data and base model ----------------------------------------------------------------------------
     def base(self) -> Path:
-        tiny.prepare_dataset(self.ws, num_epochs=self.args.base_epochs)
+        tiny.prepare_dataset(self.ws, seed=self.seed, num_epochs=self.args.base_epochs)
         folder = self.ws.model_folder()
         if not tiny.checkpoint_path(folder).exists():
             print(f"[bench] training the tiny base model ({self.args.base_epochs} epochs)", flush=True)
@@ -94,7 +105,7 @@ class Bench:
         folder = self.ws.root / "unlabelled_images"
         if not folder.is_dir() or len(list(folder.iterdir())) != self.args.unlabelled:
             # indices beyond the labelled dataset's 16 cases: scans no model was trained or tested on
-            write_unlabelled_images(folder, seed=0, indices=unlabelled_indices(self.args.unlabelled))
+            write_unlabelled_images(folder, seed=self.seed, indices=unlabelled_indices(self.args.unlabelled))
         return folder
 
     def pseudo_dataset(self, base: Path) -> None:
@@ -105,7 +116,7 @@ class Bench:
                 json.loads(dataset_json.read_text())["numTraining"] == self.args.unlabelled:
             return
         print("[bench] pseudo-dataset: the base model labels the unlabelled cases; nnUNetv2_preprocess", flush=True)
-        tiny.label_unlabelled_cases(self.ws, base, images, PSEUDO_ID, PSEUDO_NAME, seed=0,
+        tiny.label_unlabelled_cases(self.ws, base, images, PSEUDO_ID, PSEUDO_NAME, seed=self.seed,
                                     indices=unlabelled_indices(self.args.unlabelled), tta=True)
         import shutil  # models trained on an earlier pseudo-dataset of this id are out of date
         shutil.rmtree(self.pseudo.results / self.pseudo.dataset_folder_name, ignore_errors=True)
@@ -147,7 +158,7 @@ class Bench:
             trainer, untuned = "nnUNetTrainerTaylorPruning", out / f"taylor_oneshot_F{a.taylor_flops}"
             if not untuned.exists():  # one-shot Taylor scored on the unlabelled images (no labels needed)
                 cli("prune", base, "-o", untuned, "--method", "taylor", "-i", self.unlabelled_images(),
-                    "--target-flops", a.taylor_flops, "--step", 0.05)
+                    "--target-flops", a.taylor_flops, "--step", 0.05, "--seed", self.seed)
             first = [(f"Taylor F{a.taylor_flops}, one-shot, no fine-tuning", untuned)]
         else:
             # thresholds that bite in a short run (the demo's): the paper's τ start only bites after long training
@@ -205,7 +216,8 @@ def plot(results: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows)), 4.5))
     colours = {"tucker": "tab:blue", "taylor": "tab:orange", "sauron": "tab:green", "base": "tab:grey"}
     x = range(len(rows))
-    ax.bar(x, [r["mean_dice"] for r in rows], color=[colours[r["method"]] for r in rows])
+    ax.bar(x, [r["mean_dice"] for r in rows], color=[colours[r["method"]] for r in rows],
+           yerr=[r.get("std", 0.0) for r in rows], capsize=3)  # the spread over seeds, where there are several
     ax.set_xticks(list(x), [f"{r['method']}\n{r['model']}" for r in rows], rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("mean foreground Dice (held-out cases)")
     ax.set_ylim(0, 1)
@@ -215,14 +227,12 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    t0 = time.time()
-    bench = Bench(args)
+def run_seed(args, seed: int) -> dict:
+    """The whole benchmark on one seed's workspace: its rows (method, model, Dice per class, cost) and notes."""
+    bench = Bench(args, seed)
     base = bench.base()
     bench.pseudo_dataset(base)
-    results = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-               "methods": args.methods, "rows": []}
+    results = {"seed": seed, "methods": args.methods, "rows": []}
     for method in args.methods:
         rows = bench.rows(method, base)
         summary = bench.compare(method, base, rows)
@@ -236,14 +246,88 @@ def main(argv=None) -> dict:
                                     "model_folder": m["path"], "dice": per_class, "mean_dice": m["mean_dice"],
                                     "params": m["params"], "flops": m["flops"]})
     results["recovery"] = recovery(results)
-    results["minutes"] = (time.time() - t0) / 60
+    return results
+
+
+def over_seeds(per_seed: list[dict]) -> dict:
+    """Every row as mean ± std (and min) over the seeds, and the two aims per seed.
+
+    The aims, per method and seed: label-free distillation recovers >= 90% of the Dice that labelled fine-tuning
+    recovers from the no-fine-tuning model (only where labels gain >= MIN_GAIN, else the share is noise over noise),
+    and labels + distillation minus labels alone (>= 0 is the aim; its mean ± std says whether a miss is a trend).
+    """
+    first = per_seed[0]
+    rows = []
+    for i, r in enumerate(first["rows"]):
+        same = [run["rows"][i] for run in per_seed]
+        if any((x["method"], x["model"]) != (r["method"], r["model"]) for x in same):
+            raise ValueError(f"the seeds' runs do not hold the same rows (row {i}: {r['method']} {r['model']}); "
+                             "run every seed with the same --methods")
+        means = [x["mean_dice"] for x in same]
+        rows.append({"method": r["method"], "model": r["model"], "params": r["params"], "flops": r["flops"],
+                     "mean_dice": statistics.fmean(means), "std": statistics.pstdev(means), "min": min(means),
+                     "per_seed": means,
+                     "dice": {c: statistics.fmean(x["dice"][c] for x in same) for c in first["classes"]}})
+    aims = {}
+    for method in first["methods"]:
+        shares, margins = [], []
+        for run in per_seed:
+            by_model = {r["model"]: r["mean_dice"] for r in run["rows"] if r["method"] == method}
+            labels = by_model["+ labels"]
+            free = by_model["+ label-free distillation"]
+            both = next(v for k, v in by_model.items() if k.startswith("+ labels + distillation"))
+            start = next((v for k, v in by_model.items() if "no fine-tuning" in k), None)
+            shares.append(None if start is None or labels - start < MIN_GAIN else (free - start) / (labels - start))
+            margins.append(both - labels)
+        aims[method] = {"share_recovered_per_seed": shares, "labels_distill_minus_labels_per_seed": margins,
+                        "labels_distill_minus_labels": {"mean": statistics.fmean(margins),
+                                                        "std": statistics.pstdev(margins)}}
+    return {"seeds": [run["seed"] for run in per_seed], "classes": first["classes"], "rows": rows, "aims": aims}
+
+
+def seeds_table(agg: dict) -> str:
+    classes = agg["classes"]
+    head = ("| method | model | " + " | ".join(classes) + f" | mean Dice over {len(agg['seeds'])} seeds, mean ± std"
+            " | min | GFLOPs/patch |")
+    lines = [head, "|" + "---|" * 2 + "---:|" * (len(classes) + 3)]
+    for r in agg["rows"]:
+        lines.append(f"| {r['method']} | {r['model']} | " + " | ".join(f"{r['dice'][c]:.3f}" for c in classes) +
+                     f" | **{r['mean_dice']:.3f} ± {r['std']:.3f}** | {r['min']:.3f} | {r['flops'] / 1e9:.3f} |")
+    return "\n".join(lines)
+
+
+def seeds_notes(agg: dict) -> list[str]:
+    notes = []
+    for method, a in agg["aims"].items():
+        shares = ", ".join("n/a" if v is None else f"{v:.0%}" for v in a["share_recovered_per_seed"])
+        margins = ", ".join(f"{v:+.3f}" for v in a["labels_distill_minus_labels_per_seed"])
+        m = a["labels_distill_minus_labels"]
+        notes.append(f"{method}: label-free share of the labelled recovery per seed {shares} (aim >= 90%); "
+                     f"labels + distillation minus labels per seed {margins}, mean {m['mean']:+.3f} ± {m['std']:.3f} "
+                     "(aim >= 0)")
+    return notes
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    t0 = time.time()
+    per_seed = []
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = RESULTS / f"distillation_{args.tag}"
-    text = table(results) + "\n\n" + "\n".join(f"- {n}" for n in results["recovery"]) + "\n"
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    stem.with_suffix(".md").write_text(text)
-    plot(results, stem.with_suffix(".png"))
-    print(text)
+    for seed in args.seeds:
+        print(f"[bench] seed {seed}: workspace {args.workdir / f'seed_{seed}'}", flush=True)
+        per_seed.append(run_seed(args, seed))
+        # rewritten after every seed, so a long run reports early
+        results = {"settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                   "per_seed": per_seed, "over_seeds": over_seeds(per_seed), "minutes": (time.time() - t0) / 60}
+        text = "\n\n".join(f"Seed {run['seed']}:\n\n" + table(run) + "\n\n" +
+                             "\n".join(f"- {n}" for n in run["recovery"]) for run in per_seed)
+        text += (f"\n\nOver seeds {results['over_seeds']['seeds']}:\n\n" + seeds_table(results["over_seeds"])
+                 + "\n\n" + "\n".join(f"- {n}" for n in seeds_notes(results["over_seeds"])) + "\n")
+        stem.with_suffix(".json").write_text(json.dumps(results, indent=2))
+        stem.with_suffix(".md").write_text(text)
+        plot(per_seed[-1] if len(per_seed) == 1 else {"rows": results["over_seeds"]["rows"]}, stem.with_suffix(".png"))
+        print(text, flush=True)
     print(f"[bench] {results['minutes']:.1f} min; wrote {stem}.json/.md/.png")
     return results
 
