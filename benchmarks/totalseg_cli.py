@@ -19,9 +19,12 @@ saves. This runs TotalSegmentator's CLI as a user would (``TotalSegmentator -i C
 CT smaller than the patch up to it, so a small CT fills the same cache entries in a fraction of the time.
 
 For each run: wall time, CPU time of the child and its reaped descendants (``os.wait4``: nnU-Net's spawned
-preprocessing and export workers included) and peak RSS (the largest single process). Each home first gets one
-warm-up run, reported separately as "first run (conversion)": it fills the engine's cache of converted models
-(a fresh cache under ``--work``, emptied at every start). Then ``--breakdown-runs`` runs per home go through
+preprocessing and export workers included) and peak RSS (the largest single process). The engine's cache of
+converted models is a fresh one under ``--work``, emptied at every start. Then, as ``nnunet-compress totalseg``
+does when it writes a home, ``nnunet-compress prepare-engine`` converts each engine home's models into it (timed:
+"prepare-engine at install"); ``--no-prepare`` skips that, so the first run converts, as homes written before
+``totalseg`` prepared the engine did. Each home first gets one run reported separately as "first run": what a
+user sees on the first CT after installing the home. Then ``--breakdown-runs`` runs per home go through
 benchmarks/totalseg_stages.py, TotalSegmentator's CLI with timers, for a table of where the seconds go.
 
 The source home is a stand-in built here (nnunet_compress.totalseg.standin: TotalSegmentator's layout and
@@ -91,6 +94,8 @@ def main(argv=None) -> int:
     ap.add_argument("--work", type=Path, default=REPO / "benchmarks" / "work",
                     help="homes, engine cache, outputs and logs (reused homes are kept between invocations)")
     ap.add_argument("--rebuild", action="store_true", help="rebuild the homes under --work")
+    ap.add_argument("--no-prepare", action="store_true",
+                    help="do not run nnunet-compress prepare-engine on the engine homes: their first run converts")
     ap.add_argument("--tag", default=None, help="suffix of the result files (default: task and CT)")
     args = ap.parse_args(argv)
     if args.runs < 1:
@@ -135,6 +140,9 @@ def main(argv=None) -> int:
         result["output"] = str(out)
         return result
 
+    for h in homes:
+        h["prepare_s"] = None if h["key"] == "original_torch" or args.no_prepare else \
+            prepare_engine(h, args.task, base_env, out_dir)
     print(f"TotalSegmentator -i CT {' '.join(ts_args)} on {ct_info['size']} voxels at {ct_info['spacing']} mm")
     for h in homes:
         h["first"] = run(h, "warmup", 0)
@@ -149,7 +157,7 @@ def main(argv=None) -> int:
         h["agreement_with_first_home"] = voxel_agreement(reference, h["runs"][0]["output"])
 
     report = {"task": args.task, "ct": ct_info, "rank_ratio": args.rank_ratio, "engine": args.engine,
-              "runs": args.runs, "breakdown_runs": args.breakdown_runs,
+              "runs": args.runs, "breakdown_runs": args.breakdown_runs, "prepared": not args.no_prepare,
               "warmup_ct": describe_ct(warmup_ct) if warmup_ct != ct else None,
               "weights": str(args.source_home) if args.source_home else "stand-in (random, He init)",
               "cpu": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
@@ -206,14 +214,30 @@ def build_homes(args, work: Path) -> list[dict]:
     return [h for h in homes if h["key"] in args.homes]
 
 
+def prepare_engine(home: dict, task: str, env: dict, logs: Path) -> float:
+    """``nnunet-compress prepare-engine`` on every model folder of the home (what ``totalseg`` does after writing
+    it), into the benchmark's cache; returns the wall seconds of all of them."""
+    from nnunet_compress.totalseg.home import task_models
+    t0 = time.perf_counter()
+    for m in task_models([task]):
+        cmd = [sys.executable, "-m", "nnunet_compress.cli", "prepare-engine", str(home["path"] / HOME_RESULTS /
+                                                                                m.model_folder)]
+        run_child(cmd, dict(env, **home["env"]), logs / f"{home['key']}_prepare_{m.dataset_id}.log")
+    elapsed = time.perf_counter() - t0
+    print(f"  {home['label']:<34} prepare-engine: {elapsed:6.1f} s", flush=True)
+    return elapsed
+
+
 def derive(source_home: Path, target: Path, task: str, options: list[str]) -> None:
-    """`nnunet-compress totalseg` of `source_home` into `target`, unless a run with the same source is there."""
+    """`nnunet-compress totalseg` of `source_home` into `target`, unless a run with the same source is there.
+
+    ``--no-engine-cache``: the benchmark prepares the engine itself, timed, into its own cache (not the user's)."""
     summary = target / "nnunet_compress_totalseg.json"
     if summary.is_file() and json.loads(summary.read_text())["source_results"] == \
             str((source_home / HOME_RESULTS).resolve()):
         return
     cmd = [sys.executable, "-m", "nnunet_compress.cli", "totalseg", "--task", task, "--source-home",
-           str(source_home), "-o", str(target), "--overwrite", *options]
+           str(source_home), "-o", str(target), "--overwrite", "--no-engine-cache", *options]
     print("$ nnunet-compress " + " ".join(cmd[3:]), flush=True)
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True)
@@ -370,22 +394,23 @@ def markdown(report) -> str:
                                              ("original_engine", "original (engine)")) if key in medians]
     runs = report["runs"]
     warmup = report.get("warmup_ct")
-    first = "first run (conversion) s" if not warmup else \
-        f"warm-up on {warmup['size']} voxels (conversion) s"
+    converts = "" if report.get("prepared") else " (conversion)"
+    first = f"first run{converts} s" if not warmup else f"first run on {warmup['size']} voxels{converts} s"
     lines = [f"### TotalSegmentator CLI end to end, `{report['task']}`, CT {report['ct']['size']} at "
              f"{report['ct']['spacing']} mm, CPU {report['cpu']}\n",
              f"`{report['command']}`; weights: {report['weights']}; median of {runs} run(s) per home after one "
              f"warm-up run, interleaved; CPU time includes nnU-Net's worker processes; peak RSS of the largest "
              f"process.\n",
-             f"| home | {first} | " + " | ".join(f"run {i + 1} s" for i in range(runs)) +
+             "| home | prepare-engine at install s " + f"| {first} | " + " | ".join(f"run {i + 1} s" for i in range(runs)) +
              " | median wall s | median CPU-s | peak RSS GB | " + "".join(f"× vs {label} | " for _, label in bases) +
              f"voxels as {homes[0]['label']} |",
-             "|---|---:|" + "---:|" * runs + "---:|---:|---:|" + "---:|" * len(bases) + "---:|"]
+             "|---|---:|---:|" + "---:|" * runs + "---:|---:|---:|" + "---:|" * len(bases) + "---:|"]
     for h in homes:
         wall = statistics.median(r["wall_s"] for r in h["runs"])
         cpu = statistics.median(r["cpu_s"] for r in h["runs"])
         rss = max(r["peak_rss_gb"] for r in h["runs"])
-        lines.append(f"| {h['label']} | {h['first']['wall_s']:.1f} | " +
+        prepared = "–" if h.get("prepare_s") is None else f"{h['prepare_s']:.1f}"
+        lines.append(f"| {h['label']} | {prepared} | {h['first']['wall_s']:.1f} | " +
                      " | ".join(f"{r['wall_s']:.1f}" for r in h["runs"]) +
                      f" | {wall:.1f} | {cpu:.1f} | {rss:.2f} | " +
                      "".join(f"{medians[key] / wall:.2f} | " for key, _ in bases) +

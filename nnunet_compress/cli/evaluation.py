@@ -72,7 +72,7 @@ def cmd_totalseg(args) -> None:
         policy = rank_policy_from_args(args)
     result = compress_totalseg_home(args.output, policy, args.task, source_home=args.source_home,
                                     overwrite=args.overwrite, progress=lambda line: print(line, flush=True),
-                                    images=args.images)
+                                    images=args.images, engine_cache=not args.no_engine_cache)
     kind = "unchanged (CPU engine)" if policy is None else "compressed"
     print(f"wrote {args.output}: {len(result['models'])} {kind} model(s). Run with\n"
           f"  TOTALSEG_HOME_DIR={args.output} TotalSegmentator -i ct.nii.gz -o seg/"
@@ -130,5 +130,8 @@ def register(sub) -> None:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-compression", action="store_true",
                    help="write the models unchanged, to run the original on the CPU engine (a fair baseline)")
+    p.add_argument("--no-engine-cache", action="store_true",
+                   help="do not convert the written models for the CPU engine now (by default they are, into the "
+                        "user's cache, so that TotalSegmentator's first run starts as quickly as later ones)")
     add_rank_options(p)
     p.set_defaults(func=cmd_totalseg)

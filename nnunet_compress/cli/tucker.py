@@ -1,5 +1,6 @@
-"""Sub-commands of ``nnunet-compress`` for Tucker compression: ``tucker``, ``plan tucker`` and ``convert``
-(the unchanged model on the CPU engine, the baseline a compressed model is measured against)."""
+"""Sub-commands of ``nnunet-compress`` for Tucker compression: ``tucker``, ``plan tucker``, ``convert``
+(the unchanged model on the CPU engine, the baseline a compressed model is measured against) and ``prepare-engine``
+(convert a model folder for the engine before its first prediction)."""
 
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ from nnunet_compress.cli.options import (
 )
 from nnunet_compress.errors import CompressError, first_line
 from nnunet_compress.network import strip_wrapper_prefixes
-from nnunet_compress.nnunet.model_folder import build_network, input_channels_of, load_checkpoint
+from nnunet_compress.nnunet.model_folder import CHECKPOINT_FINAL, build_network, input_channels_of, load_checkpoint
 from nnunet_compress.nnunet.plans import read_parent_plans, resolved_configuration, tucker_plans, write_plans_beside
 from nnunet_compress.workflows.convert import convert_model_folder
+from nnunet_compress.workflows.engine_cache import prepare_engine
 from nnunet_compress.workflows.tucker import calibration_source, compress_model_folder, select_ranks
 
 
@@ -81,6 +83,10 @@ def cmd_plan_tucker(args) -> None:
 
 
 
+def cmd_prepare_engine(args) -> None:
+    prepare_engine(args.model_folder, args.folds, args.configuration, args.checkpoint)
+
+
 def register(sub, plan_sub) -> None:
     p = sub.add_parser("tucker", help="Tucker-compress a trained model folder into a new model folder")
     add_model_folder_options(p, "compress")
@@ -91,6 +97,14 @@ def register(sub, plan_sub) -> None:
                                        "(the fair baseline for compressed models)")
     add_model_folder_options(p, "convert")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("prepare-engine", help="convert a model folder for the CPU engine now, so that its first "
+                                              "prediction starts at once (the folder is only read)")
+    p.add_argument("model_folder", type=Path)
+    p.add_argument("-c", "--configuration")
+    p.add_argument("-f", "--folds", nargs="+", help="folds to prepare (default: all with a checkpoint)")
+    p.add_argument("--checkpoint", default=CHECKPOINT_FINAL)
+    p.set_defaults(func=cmd_prepare_engine)
 
     p = plan_sub.add_parser("tucker", help="plans for nnUNetTrainerTucker")
     add_plan_common(p)

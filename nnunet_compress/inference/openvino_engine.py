@@ -30,11 +30,12 @@ import warnings
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from nnunet_compress.errors import first_line
+from nnunet_compress.errors import CompressError, first_line
 from nnunet_compress.inference.decoder_fold import GRAPH_VERSION, engine_graph
 from nnunet_compress.inference.model_cache import ModelCache, model_key, weights_signature
 from nnunet_compress.inference.settings import EngineSettings, from_environment, plain_inference, plain_requested
@@ -208,6 +209,41 @@ def _cached_or_converted(core, net: nn.Module, x: torch.Tensor, key: str, settin
     # read back from disk: the compiled model then owns its weights (the converted one shares torch's memory,
     # which the next fold's load_state_dict would overwrite)
     return core.read_model(str(entry / MODEL_FILE))
+
+
+def fill_cache(net: nn.Module, input_shape: tuple[int, ...]) -> tuple[Path, float | None]:
+    """Convert `net` for inputs of `input_shape` into the disk cache now, unless it is there already.
+
+    Why: the first prediction of a model otherwise pays the conversion (about a minute for TotalSegmentator's 1.5 mm
+    network) inside the user's first run; done when a model folder or home is written, every run starts at once.
+    The key is the one :func:`run` computes, so the predictor finds the entry. Returns (cache entry, seconds spent
+    converting, or None where the entry existed). Raises CompressError where the engine cannot take the network.
+    """
+    settings = from_environment()
+    if not available():
+        raise CompressError("OpenVINO is not installed, so there is no engine cache to fill (pip install openvino)")
+    if settings.cache_dir is None:
+        raise CompressError("no engine cache directory is set; set NNUNET_COMPRESS_CACHE_DIR to a writable folder")
+    import openvino as ov
+    key = model_key(net, tuple(input_shape), _engine_version())
+    cache = ModelCache(settings.cache_dir / "openvino")
+    existing = cache.lookup(key, MODEL_FILE)
+    if existing is not None:
+        return existing.parent, None
+    t0 = time.perf_counter()
+    try:
+        converted = convert(net, torch.zeros(input_shape))
+        entry = cache.store(key, lambda tmp: ov.save_model(converted, str(tmp / MODEL_FILE), compress_to_fp16=False))
+    except OSError as e:
+        raise CompressError(f"cannot write the engine cache in {cache.root} ({e.strerror or e}); set "
+                            "NNUNET_COMPRESS_CACHE_DIR to a writable folder") from None
+    except Exception as e:  # the frontend's errors have many types; at run time torch would take over
+        raise CompressError(f"OpenVINO cannot convert {type(net).__name__} for input "
+                            f"{'x'.join(map(str, input_shape))} ({first_line(e, with_type=True)}); predictions "
+                            "will run on torch's CPU path") from None
+    elapsed = time.perf_counter() - t0
+    STATS.conversions.append(elapsed)
+    return entry, elapsed
 
 
 def convert(net: nn.Module, x: torch.Tensor):

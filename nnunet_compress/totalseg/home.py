@@ -27,6 +27,7 @@ from pathlib import Path
 from nnunet_compress.errors import CompressError
 from nnunet_compress.nnunet.model_folder import atomic_output_folder, check_output_location, read_json, write_json
 from nnunet_compress.workflows.convert import convert_model_folder
+from nnunet_compress.workflows.engine_cache import check_engine_in_use, prepare_engine
 from nnunet_compress.workflows.tucker import compress_model_folder
 
 RESULTS = Path("nnunet") / "results"
@@ -127,12 +128,15 @@ def offline_config(source: dict) -> dict:
 
 
 def compress_totalseg_home(output: str | os.PathLike, policy, tasks: list[str], source_home: Path | None = None,
-                           overwrite: bool = False, progress=print, images: Path | None = None) -> dict:
+                           overwrite: bool = False, progress=print, images: Path | None = None,
+                           engine_cache: bool = True) -> dict:
     """Write a TotalSegmentator home with every model of `tasks` Tucker-compressed by `policy`.
 
     ``policy=None`` writes every model unchanged as a CompressedUNet folder (``--no-compression``): the original
     home, run on the CPU engine, for a fair comparison with a compressed home. `images` calibrate the budget
-    policies' guard (each model preprocesses them with its own plans).
+    policies' guard (each model preprocesses them with its own plans). `engine_cache`: convert every model for the
+    CPU engine once the home is written (:mod:`nnunet_compress.workflows.engine_cache`), so that the first
+    TotalSegmentator run is as quick as the later ones.
     """
     if policy is not None:
         policy.validate()
@@ -166,7 +170,28 @@ def compress_totalseg_home(output: str | os.PathLike, policy, tasks: list[str], 
         summary = {"source_results": str(results.resolve()), "tasks": list(tasks),
                    "rank_policy": policy.to_dict() if policy is not None else None, "models": rows}
         write_json(tmp / "nnunet_compress_totalseg.json", summary)
+    if engine_cache:
+        summary["engine_cache"] = _prepare_engine(output, models, progress)
     return summary
+
+
+def _prepare_engine(home: Path, models: list[TaskModel], progress) -> list[dict]:
+    """Fill the engine cache for each model of the written home; a model the engine cannot take is reported in one
+    line and left to torch at run time (as the predictor would), never an error: the home itself is complete."""
+    try:
+        check_engine_in_use()
+    except CompressError as e:
+        progress(f"engine cache not prepared: {e}")
+        return []
+    rows = []
+    for i, m in enumerate(models, 1):
+        progress(f"[{i}/{len(models)}] {m.task}: converting for the CPU engine (once; later runs start at once)")
+        try:
+            rows += prepare_engine(home / RESULTS / m.model_folder, list(m.folds), m.configuration,
+                                   progress=lambda line: progress("    " + line))
+        except CompressError as e:
+            progress(f"    not converted: {e}")
+    return rows
 
 
 def _write_model(source: Path, target: Path, policy, model: TaskModel, progress, images: Path | None = None) -> dict:
