@@ -179,12 +179,17 @@ class Bench:
 
 
 def table(results: dict) -> str:
+    """One line per model; for results over several seeds (:func:`over_seeds`) the mean ± std and the worst seed."""
     classes = results["classes"]
-    head = "| method | model | " + " | ".join(classes) + " | mean Dice | params | GFLOPs/patch |"
-    lines = [head, "|" + "---|" * 2 + "---:|" * (len(classes) + 3)]
+    seeds = results.get("seeds")
+    middle = f"mean Dice over {len(seeds)} seeds, mean ± std | min" if seeds else "mean Dice | params"
+    lines = ["| method | model | " + " | ".join(classes) + f" | {middle} | GFLOPs/patch |",
+             "|" + "---|" * 2 + "---:|" * (len(classes) + 3)]
     for r in results["rows"]:
+        cells = (f"**{r['mean_dice']:.3f} ± {r['std']:.3f}** | {r['min']:.3f}" if seeds else
+                 f"**{r['mean_dice']:.3f}** | {r['params']:,}")
         lines.append(f"| {r['method']} | {r['model']} | " + " | ".join(f"{r['dice'][c]:.3f}" for c in classes) +
-                     f" | **{r['mean_dice']:.3f}** | {r['params']:,} | {r['flops'] / 1e9:.3f} |")
+                     f" | {cells} | {r['flops'] / 1e9:.3f} |")
     return "\n".join(lines)
 
 
@@ -285,17 +290,6 @@ def over_seeds(per_seed: list[dict]) -> dict:
     return {"seeds": [run["seed"] for run in per_seed], "classes": first["classes"], "rows": rows, "aims": aims}
 
 
-def seeds_table(agg: dict) -> str:
-    classes = agg["classes"]
-    head = ("| method | model | " + " | ".join(classes) + f" | mean Dice over {len(agg['seeds'])} seeds, mean ± std"
-            " | min | GFLOPs/patch |")
-    lines = [head, "|" + "---|" * 2 + "---:|" * (len(classes) + 3)]
-    for r in agg["rows"]:
-        lines.append(f"| {r['method']} | {r['model']} | " + " | ".join(f"{r['dice'][c]:.3f}" for c in classes) +
-                     f" | **{r['mean_dice']:.3f} ± {r['std']:.3f}** | {r['min']:.3f} | {r['flops'] / 1e9:.3f} |")
-    return "\n".join(lines)
-
-
 def seeds_notes(agg: dict) -> list[str]:
     notes = []
     for method, a in agg["aims"].items():
@@ -322,7 +316,7 @@ def main(argv=None) -> dict:
                    "per_seed": per_seed, "over_seeds": over_seeds(per_seed), "minutes": (time.time() - t0) / 60}
         text = "\n\n".join(f"Seed {run['seed']}:\n\n" + table(run) + "\n\n" +
                              "\n".join(f"- {n}" for n in run["recovery"]) for run in per_seed)
-        text += (f"\n\nOver seeds {results['over_seeds']['seeds']}:\n\n" + seeds_table(results["over_seeds"])
+        text += (f"\n\nOver seeds {results['over_seeds']['seeds']}:\n\n" + table(results["over_seeds"])
                  + "\n\n" + "\n".join(f"- {n}" for n in seeds_notes(results["over_seeds"])) + "\n")
         stem.with_suffix(".json").write_text(json.dumps(results, indent=2))
         stem.with_suffix(".md").write_text(text)

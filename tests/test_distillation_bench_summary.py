@@ -31,7 +31,7 @@ def test_rows_and_aims_over_seeds():
     assert aims["labels_distill_minus_labels"]["mean"] == pytest.approx(-0.0025)
     notes = distillation.seeds_notes(agg)
     assert "90%, n/a" in notes[0] and "+0.010, -0.015" in notes[0]
-    assert "0.850 ± 0.060" in distillation.seeds_table(agg)
+    assert "0.850 ± 0.060" in distillation.table(agg)
 
 
 def test_seeds_must_hold_the_same_rows():
