@@ -121,8 +121,10 @@ def prepare_dataset(ws: TinyWorkspace, num_train: int = 12, num_test: int = 4, s
         run_nnunet(["nnUNetv2_plan_and_preprocess", "-d", str(ws.dataset_id), "-c", CONFIGURATION,
                     "--verify_dataset_integrity", "-np", "2"], ws.env(), ws.root / "logs" / "plan_and_preprocess.log")
     plans = tiny_plans(read_json(parent_path), num_epochs, iterations_per_epoch, training_seed=seed)
-    write_json(ws.plans_path(TINY_PLANS), plans)
-    return ws.plans_path(TINY_PLANS)
+    path = ws.plans_path(TINY_PLANS)
+    if not path.is_file() or read_json(path) != plans:  # unchanged plans are not rewritten under a running trainer
+        write_json(path, plans)
+    return path
 
 
 def train(ws: TinyWorkspace, plans: str = TINY_PLANS, trainer: str = BASE_TRAINER, fold: str = "0",
