@@ -78,7 +78,7 @@ def main(argv=None) -> int:
                     help="use a synthetic CT-like phantom of this many voxels instead of --ct (timing only)")
     ap.add_argument("--spacing", type=float, default=0.8, help="voxel spacing of --synthetic-ct in mm")
     ap.add_argument("--rank-ratio", type=float, default=0.25)
-    ap.add_argument("--runs", type=int, default=2, help="timed runs per home, after one warm-up run each")
+    ap.add_argument("--runs", type=int, default=2, help="timed runs per home, after one first run each")
     ap.add_argument("--homes", nargs="+", choices=HOME_KEYS, default=list(HOME_KEYS),
                     help="which homes to run (default: all three; the 1.5 mm task on a whole-body CT takes about "
                          "an hour per run of the original on torch)")
@@ -399,9 +399,9 @@ def markdown(report) -> str:
     lines = [f"### TotalSegmentator CLI end to end, `{report['task']}`, CT {report['ct']['size']} at "
              f"{report['ct']['spacing']} mm, CPU {report['cpu']}\n",
              f"`{report['command']}`; weights: {report['weights']}; median of {runs} run(s) per home after one "
-             f"warm-up run, interleaved; CPU time includes nnU-Net's worker processes; peak RSS of the largest "
-             f"process.\n",
-             "| home | prepare-engine at install s " + f"| {first} | " + " | ".join(f"run {i + 1} s" for i in range(runs)) +
+             f"first run (its own column), interleaved; CPU time includes nnU-Net's worker processes; peak RSS of "
+             f"the largest process.\n",
+             f"| home | prepare-engine at install s | {first} | " + " | ".join(f"run {i + 1} s" for i in range(runs)) +
              " | median wall s | median CPU-s | peak RSS GB | " + "".join(f"× vs {label} | " for _, label in bases) +
              f"voxels as {homes[0]['label']} |",
              "|---|---:|---:|" + "---:|" * runs + "---:|---:|---:|" + "---:|" * len(bases) + "---:|"]
