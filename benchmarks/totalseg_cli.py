@@ -2,7 +2,7 @@
 
     python benchmarks/totalseg_cli.py --task total_fast --runs 3            # example CT, 3 mm --fast model
     python benchmarks/totalseg_cli.py --task total --runs 1 --synthetic-ct 512 512 400 --spacing 0.8 \
-        --homes original_engine compressed --warmup-size 170 170 170 --breakdown-runs 0   # whole-body, 1.5 mm
+        --homes original_engine compressed --warmup-size 170 170 170 --breakdown-runs 1 --tag total_wholebody
 
 Per-patch speed-ups (benchmarks/speed.py) are not what a user gets: a TotalSegmentator run also starts Python,
 imports torch, resamples the CT, loads the model, runs nnU-Net's sliding window and export, post-processes and
