@@ -203,7 +203,8 @@ def grade_on_more_cases(seed_root: Path, seed: int, rows, num_cases: int) -> dic
         write_held_out_cases(cases, seed, own + new)
     graded = {}
     for row in rows:
-        output = seed_root / f"predictions_held_out_{num_cases}" / re.sub(r"[^a-z0-9.]+", "_", row.model.lower()).strip("_")
+        name = re.sub(r"[^a-z0-9.]+", "_", row.model.lower()).strip("_")
+        output = seed_root / f"predictions_held_out_{num_cases}" / name
         tiny.predict_folder(ws, Path(row.model_folder), output, input_folder=cases / "imagesTs")
         graded[row.model] = tiny.dice_scores(ws, output, reference_folder=cases / "labelsTs")
     return graded
