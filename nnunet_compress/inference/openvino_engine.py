@@ -214,7 +214,7 @@ def _cached_or_converted(core, net: nn.Module, x: torch.Tensor, key: str, settin
 def fill_cache(net: nn.Module, input_shape: tuple[int, ...]) -> tuple[Path, float | None]:
     """Convert `net` for inputs of `input_shape` into the disk cache now, unless it is there already.
 
-    Why: the first prediction of a model otherwise pays the conversion (about a minute for TotalSegmentator's 1.5 mm
+    Why: the first prediction of a model otherwise pays the conversion (7-17 s per TotalSegmentator 1.5 mm part
     network) inside the user's first run; done when a model folder or home is written, every run starts at once.
     The key is the one :func:`run` computes, so the predictor finds the entry. Returns (cache entry, seconds spent
     converting, or None where the entry existed). Raises CompressError where the engine cannot take the network.
