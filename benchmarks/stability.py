@@ -11,6 +11,8 @@ workspace that already holds a model is reused, so an interrupted run resumes wh
 
     python benchmarks/stability.py                         # 5 seeds, about 17 min per seed on 2 idle cores
     python benchmarks/stability.py --seeds 0 1 --tag smoke  # a quick look
+    python benchmarks/stability.py --rerun sauron           # Sauron retrained with the current code, every other
+                                                            # row taken from the last stability.json
 
 The demo grades its models on the dataset's 4 held-out cases, so part of the spread over seeds is the luck of
 which 4 cases were drawn (the base model's own mean Dice moves by ~0.03 from seed to seed). Every model is also
@@ -25,7 +27,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import shutil
 import statistics
 import sys
 import time
@@ -44,6 +48,10 @@ MAX_STD = 0.03
 # (1000-1011), so no model has seen them
 FIRST_NEW_HELD_OUT_CASE = 2000
 
+# the demo's methods that --rerun can train again: (trainer, plans) of their demo model (nnunet_compress.demo.run)
+RERUNNABLE = {"taylor": ("nnUNetTrainerTaylorPruning", "nnUNetPlans_tiny_taylorF0.5"),
+              "sauron": ("nnUNetTrainerSauron", "nnUNetPlans_tiny_sauron_demo")}
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -56,6 +64,12 @@ def parse_args(argv=None):
                         "the same seed (0: the demo's cases only)")
     p.add_argument("--from-json", type=Path,
                    help="rewrite the table, aims and plot from the runs in this stability JSON (no demo is run)")
+    p.add_argument("--rerun", nargs="+", choices=sorted(RERUNNABLE),
+                   help="after a change to these methods: delete their demo models in each seed's workspace, train "
+                        "them again with the current code and grade them; every other row comes from --previous")
+    p.add_argument("--previous", type=Path,
+                   help="with --rerun: the stability JSON whose other rows are kept (default: the one this run "
+                        "writes, benchmarks/results/stability[_<tag>].json)")
     return p.parse_args(argv)
 
 
@@ -210,6 +224,67 @@ def grade_on_more_cases(seed_root: Path, seed: int, rows, num_cases: int) -> dic
     return graded
 
 
+def run_record(row, graded: dict | None) -> dict:
+    """One demo row as the JSON stores it, with its grading on the larger held-out set if there is one."""
+    record = {"model": row.model, "dice": row.dice, "dice_per_class": row.dice_per_class, "params": row.params,
+              "gflops": row.gflops, "latency_ms": row.latency_ms}
+    if graded is not None:
+        record["dice_held_out"] = graded[row.model]["mean_foreground"]
+        record["dice_per_class_held_out"] = graded[row.model]["per_class"]
+    return record
+
+
+def demo_rows_again(seed_root: Path, seed: int, methods: list[str], fast: bool) -> list:
+    """The demo rows of `methods` with models trained anew by the current code (the old ones deleted first; they
+    live in this benchmark's own workspace, never in a user's folders)."""
+    from nnunet_compress.demo import run as demo
+    from nnunet_compress.demo import tiny
+    ws = tiny.default_workspace(seed_root)
+    if not tiny.checkpoint_path(ws.model_folder()).exists():
+        raise SystemExit(f"error: {seed_root} has no trained base model; run the whole demo for seed {seed} first "
+                         f"(python benchmarks/stability.py --seeds {seed})")
+    os.environ.update(ws.env())  # the in-process steps read nnU-Net's folders from the environment like the CLI
+    epochs = 20 if fast else tiny.BASE_EPOCHS
+    rows = []
+    for method in methods:
+        trainer, plans = RERUNNABLE[method]
+        shutil.rmtree(ws.model_folder(trainer, plans), ignore_errors=True)
+        rows += getattr(demo, f"{method}_rows")(ws, ws.model_folder(), epochs, seed)
+    return rows
+
+
+def rerun(args, stem: Path, t0: float) -> dict:
+    """--rerun: the listed methods' rows of every seed anew; the other rows as in the previous JSON."""
+    source = args.previous or stem.with_suffix(".json")
+    if not source.is_file():
+        raise SystemExit(f"error: {source} does not exist; --rerun replaces rows of an earlier stability run "
+                         f"(give it with --previous, or run without --rerun first)")
+    previous = json.loads(source.read_text())
+    runs = {int(seed): rows for seed, rows in previous["runs"].items()}
+    missing = [s for s in args.seeds if s not in runs]
+    if missing:
+        raise SystemExit(f"error: {source} has no runs of seed(s) {missing}; run them whole first")
+    minutes = {}
+    for seed in args.seeds:
+        t = time.time()
+        seed_root = Path(previous["settings"]["workdir"]) / f"seed_{seed}"
+        print(f"[stability] seed {seed}: {', '.join(args.rerun)} trained again in {seed_root}", flush=True)
+        rows = demo_rows_again(seed_root, seed, args.rerun, previous["settings"].get("fast", False))
+        cases = previous.get("held_out_cases")
+        graded = grade_on_more_cases(seed_root, seed, rows, cases) if cases else None
+        # through JSON, as the kept rows were: class keys become strings in both
+        new = {r.model: json.loads(json.dumps(run_record(r, graded))) for r in rows}
+        runs[seed] = [new.get(r["model"], r) for r in runs[seed]]
+        minutes[seed] = (time.time() - t) / 60
+        results = add_summaries({
+            **{k: v for k, v in previous.items() if not k.startswith(("summary", "aims"))},
+            "runs": runs, "rerun": {"methods": args.rerun, "seeds": args.seeds, "previous": str(source),
+                                    "minutes_per_seed": minutes, "minutes": (time.time() - t0) / 60}})
+        text = write(results, stem)
+        print(f"[stability] after {len(minutes)} of {len(args.seeds)} seeds:\n{text}", flush=True)
+    return results
+
+
 def main(argv=None) -> dict:
     from nnunet_compress.demo.run import run_demo
     args = parse_args(argv)
@@ -220,20 +295,19 @@ def main(argv=None) -> dict:
         results = add_summaries(json.loads(args.from_json.read_text()))
         print(write(results, stem))
         return results
+    if args.rerun:
+        return rerun(args, stem, t0)
     runs, minutes = {}, {}
     for seed in args.seeds:
         t = time.time()
         seed_root = args.workdir / f"seed_{seed}"
         print(f"[stability] seed {seed}: nnunet-compress demo --seed {seed} --workdir {seed_root}", flush=True)
         rows = run_demo(seed_root, fast=args.fast, seed=seed)
-        runs[seed] = [{"model": r.model, "dice": r.dice, "dice_per_class": r.dice_per_class, "params": r.params,
-                       "gflops": r.gflops, "latency_ms": r.latency_ms} for r in rows]
+        graded = None
         if args.held_out_cases:
             print(f"[stability] seed {seed}: every model on {args.held_out_cases} held-out cases", flush=True)
             graded = grade_on_more_cases(seed_root, seed, rows, args.held_out_cases)
-            for run in runs[seed]:
-                run["dice_held_out"] = graded[run["model"]]["mean_foreground"]
-                run["dice_per_class_held_out"] = graded[run["model"]]["per_class"]
+        runs[seed] = [run_record(r, graded) for r in rows]
         minutes[seed] = (time.time() - t) / 60
         results = add_summaries({
             "settings": {"seeds": args.seeds, "fast": args.fast, "workdir": str(args.workdir)},

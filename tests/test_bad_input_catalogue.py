@@ -143,6 +143,8 @@ def test_debug_flag_shows_the_traceback(tiny_ws, damaged, tmp_path):
     (["plan", "taylor", "-d", "501", "-c", "3d_fullres", "-p", tiny.TINY_PLANS, "--target-flops", "0.5",
       "--min-keep-fraction", "1"], "--min-keep-fraction"),
     (["plan", "sauron", "-d", "501", "-c", "3d_fullres", "-p", tiny.TINY_PLANS, "--mu", "2"], "mu"),
+    (["plan", "sauron", "-d", "501", "-c", "3d_fullres", "-p", tiny.TINY_PLANS, "--recovery-epochs", "-1"],
+     "--recovery-epochs"),
     (["plan", "tucker", "-d", "501", "-c", "3d_fullres", "-p", tiny.TINY_PLANS, "--preset", "sauron_paper"],
      "is for `plan sauron`"),
 ])

@@ -30,11 +30,14 @@ def test_taylor_trainer_prunes_to_target_and_predicts(tiny_ws, tiny_base, tiny_b
     assert extra["method"] == "taylor" and extra["state"]["target_reached"]
     history = extra["state"]["history"]
     assert history[-1]["fraction"] <= 0.7 < history[0]["fraction"] or len(history) == 1
+    # the last quarter of the 10 epochs (3, rounded up) takes no step: the saved network has recovered from the last
+    assert all(step["epoch"] < 10 - 3 for step in history)
     # the class guard's record: in the checkpoint (for --c) and in the fold's report
     guard = extra["state"]["class_guard"]
     assert guard["share"] == 0.5 and guard["pending"] is None
     report = json.loads((folder / "fold_0" / "pruning_report.json").read_text())
     assert report["method"] == "taylor" and report["final_channels"] == extra["channels"]
+    assert report["recovery_epochs"] == 3
     assert report["history"] == history and report["rollbacks"] == guard["rollbacks"]
     # the final plans.json of the model folder describes the pruned network
     plans = json.loads((folder / "plans.json").read_text())
@@ -97,6 +100,8 @@ def test_sauron_trainer_removes_filters_and_predicts(tiny_ws, tiny_base):
     full = sum(channel_counts(build_network(parent, dataset_json, "3d_fullres")).values())
     assert sum(extra["channels"].values()) < full, "Sauron removed no filters"
     assert history[-1]["params"] <= history[0]["params"]
+    # a quarter of the 4 epochs (1) is for recovery: what epoch 1 left is what epoch 3 (the last) trained and saved
+    assert history[1]["channels"] == history[2]["channels"] == history[3]["channels"] == extra["channels"]
     plans = json.loads((folder / "plans.json").read_text())
     assert plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["channels"] == extra["channels"]
     log = next((folder / "fold_0").glob("training_log_*.txt")).read_text()

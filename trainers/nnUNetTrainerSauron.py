@@ -14,7 +14,9 @@ The class guard (``--class-guard``, see nnunet_compress.pruning.class_guard): an
 epoch's validation against the pseudo Dice before it; if a class present before fell below that share, the removal
 is undone (network shape, weights and optimizer state, and the thresholds' τ steps and patience of that epoch),
 its filters are protected (always kept), and that epoch removes nothing (its δ_prune was measured on the undone
-network). With the guard on, the last epoch removes nothing: no validation would be left to check it.
+network). After the last epoch nothing is removed (no epoch would train, nor validation check, the smaller
+network), and neither in the last ``--recovery-epochs`` epochs (default: a quarter of the schedule): the saved
+network has recovered from the last removal (nnunet_compress.pruning.recovery).
 
 Plans made with ``--distill`` replace the segmentation term by the distillation loss against the parent
 (nnunet_compress.nnunet.distillation_trainer); the δ_opt term is added to it as before.
@@ -33,6 +35,7 @@ from nnunet_compress.nnunet.pruning_trainer import PruningTrainerMixin, agree_ac
 from nnunet_compress.nnunet.training import ScheduleFromPlansMixin, install_pretrained_weights_hook
 from nnunet_compress.pruning.class_guard import StepGuard
 from nnunet_compress.pruning.feature_maps import FeatureMapRecorder
+from nnunet_compress.pruning.recovery import may_prune, recovery_epochs
 from nnunet_compress.pruning.sauron import (
     SauronConfig,
     ThresholdState,
@@ -136,11 +139,15 @@ class nnUNetTrainerSauron(DistillationTrainerMixin, PruningTrainerMixin, Schedul
         loss = agree_across_ranks(loss) if self.is_ddp else loss  # one plateau test for all ranks
         converged = self.thresholds.record_train_loss(loss)
         removed_total = 0
+        recovery = recovery_epochs(self.sauron.recovery_epochs, self.num_epochs)
         if self.class_guard.due(self.current_epoch, 1, self.num_epochs - 1) and self.undo_pending_removal():
             groups = self.prunable_groups()  # this epoch's δ_prune belongs to the undone shape: no removal now
-        elif self.class_guard.enabled and self.current_epoch >= self.num_epochs - 1:
-            self.print_to_log_file("[sauron] class guard: no removal after the last epoch (no validation would "
-                                   "check it)")
+        elif not may_prune(self.current_epoch + 1, self.num_epochs, recovery):
+            # a removal now would change the network of the next epoch, one of the recovery epochs (or none)
+            if not getattr(self, "_recovery_announced", False):
+                self._recovery_announced = True
+                self.print_to_log_file(f"[sauron] no removal in the last {recovery} epoch(s) (--recovery-epochs) "
+                                       f"nor after the last: the network is fine-tuned as it is")
         else:
             removed_total = self.remove_below_thresholds(groups, converged)
         params, flops = self.current_cost()
@@ -214,5 +221,6 @@ class nnUNetTrainerSauron(DistillationTrainerMixin, PruningTrainerMixin, Schedul
 
     def pruning_report(self) -> dict:
         return {"settings": self.sauron.to_dict(), "channel_history": self.channel_history,
+                "recovery_epochs": recovery_epochs(self.sauron.recovery_epochs, self.num_epochs),
                 "class_guard": self.sauron.class_guard, "rollbacks": self.class_guard.rollbacks,
                 "protected_channels": self.class_guard.protected.state()}

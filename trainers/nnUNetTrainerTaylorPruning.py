@@ -6,7 +6,10 @@
 Starting from the trained model (every layer loaded, segmentation heads included), every `prune_every` epochs it
 sums Taylor importance over `accumulate_batches` training batches, removes the `step` fraction of least
 important filters (globally after layer-wise normalisation, or per layer), and fine-tunes — until the FLOP or
-parameter target of the plans is met; then it fine-tunes to the end of the schedule.
+parameter target of the plans is met; then it fine-tunes to the end of the schedule. The last ``--recovery-epochs``
+epochs (default: a quarter of the schedule) take no step, so the saved network has recovered from the last one;
+where steps of ``--step`` would not reach the target before them, the remaining steps grow evenly
+(nnunet_compress.pruning.recovery).
 
 The class guard (``--class-guard``, see nnunet_compress.pruning.class_guard) records every class's pseudo Dice before a
 step and compares it at the validation that precedes the next step: if a class present before fell below that
@@ -19,6 +22,7 @@ Plans made with ``--distill`` fine-tune towards the parent's soft predictions as
 """
 
 import copy
+import dataclasses
 
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -26,8 +30,9 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunet_compress.nnunet.distillation_trainer import DistillationTrainerMixin
 from nnunet_compress.nnunet.pruning_trainer import PruningTrainerMixin, agree_across_ranks
 from nnunet_compress.nnunet.training import ScheduleFromPlansMixin, install_pretrained_weights_hook
-from nnunet_compress.pruning.class_guard import StepGuard
-from nnunet_compress.pruning.surgery import channel_counts, set_channel_counts
+from nnunet_compress.pruning.class_guard import ProtectedChannels, StepGuard
+from nnunet_compress.pruning.recovery import catch_up_step, may_prune, pruning_epochs_left, recovery_epochs
+from nnunet_compress.pruning.surgery import channel_counts, compose_keeps, set_channel_counts
 from nnunet_compress.pruning.taylor import (
     PruningStep,
     TaylorSettings,
@@ -38,6 +43,8 @@ from nnunet_compress.pruning.taylor import (
 from nnunet_compress.workflows.latency_budget import pruned_layer_seconds, pruning_latency
 
 install_pretrained_weights_hook()
+
+MAX_EXTRA_STEPS = 5  # further steps the last pruning epoch may take at once to reach the target
 
 
 class nnUNetTrainerTaylorPruning(DistillationTrainerMixin, PruningTrainerMixin, ScheduleFromPlansMixin, nnUNetTrainer):
@@ -54,10 +61,50 @@ class nnUNetTrainerTaylorPruning(DistillationTrainerMixin, PruningTrainerMixin, 
         self.pruning_history: list[dict] = []
         self.class_guard = StepGuard(self.settings.class_guard, self.class_names())
 
+    @property
+    def recovery_epochs(self) -> int:
+        """The last epochs of the schedule that take no pruning step."""
+        return recovery_epochs(self.settings.recovery_epochs, self.num_epochs)
+
     def on_train_epoch_start(self):
-        if not self.target_reached and self.current_epoch % self.settings.prune_every == 0:
+        if self.pruning_due():
             self.pruning_step()
         super().on_train_epoch_start()
+
+    def pruning_due(self) -> bool:
+        """Whether this epoch starts with a pruning step: every `prune_every` epochs until the target is reached,
+        except in the recovery epochs at the end of the schedule (said once in the log)."""
+        if self.target_reached or self.current_epoch % self.settings.prune_every:
+            return False
+        if may_prune(self.current_epoch, self.num_epochs, self.recovery_epochs):
+            return True
+        if not getattr(self, "_recovery_announced", False):
+            self._recovery_announced = True
+            self.print_to_log_file(
+                f"[taylor] the last {self.recovery_epochs} epochs take no pruning step (--recovery-epochs); the "
+                f"target was not reached ({self.settings.metric} {self.current_fraction():.3f} > "
+                f"{self.settings.target}), fine-tuning to the end")
+        return False
+
+    def current_fraction(self) -> float:
+        """The network's cost as a fraction of the parent's, in the target's metric (seconds: the last measured)."""
+        if self.settings.metric == "seconds":
+            return self.pruning_history[-1]["fraction"] if self.pruning_history else 1.0
+        params, flops = self.current_cost()
+        return flops / self.initial_cost[1] if self.settings.metric == "flops" else params / self.initial_cost[0]
+
+    def step_settings(self) -> TaylorSettings:
+        """The settings of this step: the plans' --step, or a larger one where the steps left before the recovery
+        epochs would not reach the target at that size."""
+        left = pruning_epochs_left(self.current_epoch, self.num_epochs, self.recovery_epochs,
+                                   self.settings.prune_every)
+        last = self.pruning_history[-1] if self.pruning_history else {}
+        last_step = (last["step"], last["fraction"] / last["fraction_before"]) if "fraction_before" in last else None
+        step = catch_up_step(self.settings.step, self.current_fraction(), self.settings.target, left, last_step)
+        if step > self.settings.step:
+            self.print_to_log_file(f"[taylor] {left} pruning step(s) left before the recovery epochs: this one "
+                                   f"removes {step:.3f} of the channels instead of {self.settings.step}")
+        return dataclasses.replace(self.settings, step=step)
 
     def next_training_batch(self):
         batch = next(self.dataloader_train)
@@ -85,14 +132,9 @@ class nnUNetTrainerTaylorPruning(DistillationTrainerMixin, PruningTrainerMixin, 
         net = self.plain_network
         if not getattr(self, "initial_channels", None):
             self.initial_channels = channel_counts(net)
-
-        def score(groups):
-            return taylor_scores(net, groups, self.training_batches(), self.settings.importance, self.loss,
-                                 self.settings.balance_classes)
         latency = self.latency_prediction()
-        step = plan_step(net, self.settings, score, self.initial_channels, self.class_guard.protected, latency)
-        if self.is_ddp:  # every rank must remove the same channels: rank 0's choice
-            step = PruningStep(step.groups, agree_across_ranks(step.keep))
+        settings, fraction_before = self.step_settings(), self.current_fraction()
+        step = self.planned_step(settings, latency)
         keep = step.keep
         if not keep:
             self.target_reached = True
@@ -106,18 +148,32 @@ class nnUNetTrainerTaylorPruning(DistillationTrainerMixin, PruningTrainerMixin, 
         before = self.class_dice_before_step() if guarded else []
         snapshot = self.snapshot_for_rollback() if guarded else None
         self.apply_pruning(keep)
+        record = {"epoch": self.current_epoch}
+        fraction = self.fraction_after_step(latency, record)
+        # the last epoch that may prune: no later step could make up a shortfall, so further steps follow at once
+        # (re-scored on the smaller network); to the class guard and the history they are one step
+        extra, protected = 0, None
+        while fraction > self.settings.target and extra < MAX_EXTRA_STEPS and \
+                pruning_epochs_left(self.current_epoch, self.num_epochs, self.recovery_epochs,
+                                    self.settings.prune_every) == 1:
+            if protected is None:  # the guard's set re-indexes once, by the composed keep: follow it in a copy
+                protected = ProtectedChannels(self.class_guard.protected.state())
+                protected.after_pruning(keep)
+            more = self.planned_step(settings, latency, protected)
+            if not more.keep:
+                break
+            self.apply_pruning(more.keep)
+            protected.after_pruning(more.keep)
+            keep, removed, extra = compose_keeps(keep, more.keep, step.sizes), removed + more.removed, extra + 1
+            fraction = self.fraction_after_step(latency, record)
+        if extra:
+            self.print_to_log_file(f"[taylor] last pruning epoch before the recovery epochs: {extra} more step(s) at "
+                                   f"once to reach the target")
         params, flops = self.current_cost()
-        record = {"epoch": self.current_epoch, "removed": removed, "params": params, "flops": flops}
-        if self.settings.metric == "seconds":
-            # predictions rank the channels; whether the target is met is measured after every step (OpenVINO pads
-            # channels to blocks of 8/16, so a step's real saving can be far from any smooth prediction)
-            record["predicted"] = latency.fraction(self.plain_network)
-            fraction = record["measured"] = self.measure_latency(self.plain_network)
-            latency.calibrate(self.plain_network, fraction)
-        else:
-            fraction = (flops / self.initial_cost[1]) if self.settings.metric == "flops" else \
-                (params / self.initial_cost[0])
-        record["fraction"] = fraction
+        record.update({"removed": removed, "params": params, "flops": flops, "fraction": fraction,
+                       "step": removed / sum(step.sizes.values()), "fraction_before": fraction_before})
+        if extra:
+            record["extra_steps"] = extra
         self.target_reached = fraction <= self.settings.target
         self.pruning_history.append(record)
         self.class_guard.begin_step(self.current_epoch, before, step.sizes, keep, snapshot,
@@ -126,6 +182,33 @@ class nnUNetTrainerTaylorPruning(DistillationTrainerMixin, PruningTrainerMixin, 
         if self.target_reached:
             self.print_to_log_file(f"[taylor] target reached ({self.settings.metric} {fraction:.3f} <= "
                                    f"{self.settings.target}); fine-tuning to the end")
+
+    def planned_step(self, settings: TaylorSettings, latency, protected: ProtectedChannels | None = None
+                     ) -> PruningStep:
+        """The channels one step keeps, scored on the network as it is now (rank 0's choice under DDP), never one
+        of `protected` (default: the class guard's set)."""
+        net = self.plain_network
+        protected = self.class_guard.protected if protected is None else protected
+
+        def score(groups):
+            return taylor_scores(net, groups, self.training_batches(), self.settings.importance, self.loss,
+                                 self.settings.balance_classes)
+        step = plan_step(net, settings, score, self.initial_channels, protected, latency)
+        if self.is_ddp:  # every rank must remove the same channels: rank 0's choice
+            step = PruningStep(step.groups, agree_across_ranks(step.keep))
+        return step
+
+    def fraction_after_step(self, latency, record: dict) -> float:
+        """The network's cost now as a fraction of the parent's; for a latency target measured (and written into
+        `record` with the prediction)."""
+        if self.settings.metric != "seconds":
+            return self.current_fraction()
+        # predictions rank the channels; whether the target is met is measured after every step (OpenVINO pads
+        # channels to blocks of 8/16, so a step's real saving can be far from any smooth prediction)
+        record["predicted"] = latency.fraction(self.plain_network)
+        fraction = record["measured"] = self.measure_latency(self.plain_network)
+        latency.calibrate(self.plain_network, fraction)
+        return fraction
 
     # ---- --target-latency ------------------------------------------------------------------------------------
     def latency_prediction(self):
@@ -209,5 +292,6 @@ class nnUNetTrainerTaylorPruning(DistillationTrainerMixin, PruningTrainerMixin, 
                                                      (self.num_input_channels, *self.configuration_manager.patch_size),
                                                      self.latency_terms)
         return {"settings": self.settings.to_dict(), "target_reached": self.target_reached, "latency": latency,
+                "recovery_epochs": self.recovery_epochs,
                 "history": self.pruning_history, "class_guard": self.settings.class_guard,
                 "rollbacks": self.class_guard.rollbacks, "protected_channels": self.class_guard.protected.state()}

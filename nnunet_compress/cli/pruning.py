@@ -49,6 +49,12 @@ def add_taylor_options(p: argparse.ArgumentParser) -> None:
                         "unpruned network on the calibration patches (-i)")
 
 
+def add_recovery_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recovery-epochs", type=non_negative_int,
+                   help="the last N epochs of the schedule prune nothing, so the saved network has recovered from "
+                        "the last step (default: a quarter of --epochs, rounded up; 0: prune until the end)")
+
+
 def taylor_settings_from_args(args, **extra):
     s = TaylorSettings(target_flops=args.target_flops, target_params=args.target_params,
                        target_latency=args.target_latency, cost_model=args.cost_model, step=args.step,
@@ -76,14 +82,15 @@ def write_pruning_plans(args, method: str, settings: dict, tag: str) -> None:
 def cmd_plan_taylor(args) -> None:
     settings = taylor_settings_from_args(args, importance=args.importance, prune_every=args.prune_every,
                                          accumulate_batches=args.accumulate_batches,
-                                         max_accumulate_batches=args.max_accumulate_batches)
+                                         max_accumulate_batches=args.max_accumulate_batches,
+                                         recovery_epochs=args.recovery_epochs)
     write_pruning_plans(args, "taylor", settings.to_dict(), settings.tag())
 
 
 def cmd_plan_sauron(args) -> None:
     config = SauronConfig(lambda_=args.lambda_, tau_start=args.tau_start, tau_max=args.tau_max, kappa=args.kappa,
                           rho=args.rho, mu=args.mu, class_guard=args.class_guard,
-                          seed=12345 if args.seed is None else args.seed)
+                          seed=12345 if args.seed is None else args.seed, recovery_epochs=args.recovery_epochs)
     config.validate()
     write_pruning_plans(args, "sauron", config.to_dict(), f"sauron{format_number_tag(args.tau_max)}")
 
@@ -111,6 +118,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be 0 or a positive integer")
+    return value
+
+
 def register(sub, plan_sub) -> None:
 
     p = plan_sub.add_parser("taylor", help="plans for nnUNetTrainerTaylorPruning")
@@ -123,6 +140,7 @@ def register(sub, plan_sub) -> None:
     p.add_argument("--max-accumulate-batches", type=positive_int,
                    help="keep scoring more batches, up to this many, until every class has appeared in one "
                         "(default: 32, or --accumulate-batches if larger)")
+    add_recovery_option(p)
     add_schedule_options(p)
     add_distillation_options(p)
     p.set_defaults(func=cmd_plan_taylor)
@@ -138,6 +156,7 @@ def register(sub, plan_sub) -> None:
     p.add_argument("--class-guard", type=float, default=0.5,
                    help="undo an epoch's removal after which a class keeps less than this share of its validation "
                         "pseudo Dice, and keep those filters from then on (0.5; 0 turns it off)")
+    add_recovery_option(p)
     add_schedule_options(p)  # its --seed also seeds the random reference channels (plus the fold number)
     add_distillation_options(p)
     p.set_defaults(func=cmd_plan_sauron)

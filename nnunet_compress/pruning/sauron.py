@@ -38,6 +38,7 @@ from torch import Tensor
 
 from nnunet_compress.errors import CompressError
 from nnunet_compress.pruning.class_guard import check_class_guard
+from nnunet_compress.pruning.recovery import check_recovery_epochs
 from nnunet_compress.settings import Settings
 
 STATE_VERSION = 1
@@ -66,6 +67,9 @@ class SauronConfig(Settings):
                (measured at the next epoch's validation) is undone and its filters protected (0 turns it off);
                see nnunet_compress.pruning.class_guard.
     seed:      seed of the reference-channel draws (plus the fold number); 12345 is what runs used before.
+    recovery_epochs: the last epochs of the schedule remove nothing and do not move τ, so the saved network has
+               recovered from the last removal (None: a quarter of the schedule, rounded up; 0: the network may
+               change until the last epoch); see nnunet_compress.pruning.recovery.
     """
 
     label = "Sauron"
@@ -79,6 +83,7 @@ class SauronConfig(Settings):
     pool: int = 2
     class_guard: float = 0.5
     seed: int = 12345
+    recovery_epochs: int | None = None
 
     def validate(self) -> "SauronConfig":
         """Raise :class:`CompressError` naming the first invalid field and its valid range; return self."""
@@ -98,6 +103,7 @@ class SauronConfig(Settings):
             raise CompressError(f"Sauron mu must lie in [0, 1) (got {self.mu}); it is a fraction of channels, "
                                 f"set e.g. mu=0.02")
         self.class_guard = check_class_guard(self.class_guard)
+        self.recovery_epochs = check_recovery_epochs(self.recovery_epochs)
         if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or self.seed < 0:
             raise CompressError(f"--seed {self.seed!r} must be a non-negative integer, e.g. --seed 0")
         return self

@@ -55,6 +55,20 @@ def prune_channels(net: nn.Module, keep: Mapping[str, Sequence[int]]) -> None:
     _apply_index_plan(net, groups, plan)
 
 
+def compose_keeps(first: Mapping[str, Sequence[int]], then: Mapping[str, Sequence[int]],
+                  sizes: Mapping[str, int]) -> dict[str, list[int]]:
+    """The one `keep` that does what removing `first` and then `then` does, in indices of the network before `first`.
+
+    `sizes` are the group sizes before `first`; `then`'s indices count the channels `first` left, in their original
+    order. Used where several pruning steps must be recorded (or undone, or protected) as one.
+    """
+    out = {}
+    for name in {*first, *then}:
+        left = sorted(first[name]) if name in first else list(range(sizes[name]))
+        out[name] = [left[i] for i in sorted(then[name])] if name in then else left
+    return out
+
+
 def channel_counts(net: nn.Module) -> dict[str, int]:
     """Current channel count of every prunable group, by group name: what plans save to rebuild the shape."""
     return {g.name: g.size for g in channel_groups(net) if g.prunable}

@@ -37,6 +37,7 @@ from nnunet_compress.pruning.importance import (
     select_channels_to_keep,
 )
 from nnunet_compress.pruning.latency import PredictedSeconds, cost_weighted_scores
+from nnunet_compress.pruning.recovery import check_recovery_epochs
 from nnunet_compress.pruning.surgery import channel_counts, prune_channels
 from nnunet_compress.settings import Settings, check_choice, format_number_tag
 
@@ -71,6 +72,8 @@ class TaylorSettings(Settings):
     max_layer_step: float = 0.2             # no layer loses more than this share of its channels in one step
     class_guard: float = 0.5                # undo a step after which a class keeps less than this share of its
                                             # Dice (0: off) — see class_guard
+    recovery_epochs: int | None = None      # in training: the last epochs take no step (None: a quarter of the
+                                            # schedule) — see recovery
 
     def validate(self) -> "TaylorSettings":
         targets = [t for t in (self.target_flops, self.target_params, self.target_latency) if t is not None]
@@ -88,6 +91,7 @@ class TaylorSettings(Settings):
             raise CompressError(f"--max-layer-step {self.max_layer_step} is outside (0, 1]; it is the largest share "
                                 f"of a layer's channels one step may remove, e.g. 0.2")
         self.class_guard = check_class_guard(self.class_guard)
+        self.recovery_epochs = check_recovery_epochs(self.recovery_epochs)
         if not 0 <= self.min_keep_fraction < 1:
             raise CompressError(f"--min-keep-fraction {self.min_keep_fraction} is outside [0, 1)")
         for name in ("prune_every", "accumulate_batches", "min_channels"):
