@@ -53,3 +53,42 @@ def test_the_larger_held_out_grading_is_summarised_from_its_own_keys():
                                           ("tucker 0.25 + label-free distill", True)])
 def test_which_rows_are_fine_tuned(model, tuned):
     assert stability.is_fine_tuned(model) is tuned
+
+
+def test_rerun_replaces_only_the_rerun_methods_rows_and_keeps_the_others(tmp_path, monkeypatch):
+    """--rerun: the rows the current code trained again replace their old ones in every seed (class keys as the
+    JSON holds them), the other rows are kept as they were, and a seed the old JSON lacks is refused."""
+    import json
+    from types import SimpleNamespace
+
+    def graded(model, demo, more):
+        return dict(row(model, demo, {"1": demo}), latency_ms=1.0, dice_held_out=more,
+                    dice_per_class_held_out={"1": more})
+    previous = {"settings": {"seeds": [0, 1], "fast": False, "workdir": str(tmp_path / "work")},
+                "held_out_cases": 16,
+                "runs": {"0": [graded("base", 0.9, 0.9), graded("Sauron (pruned while training)", 0.5, 0.5)],
+                         "1": [graded("base", 0.8, 0.8), graded("Sauron (pruned while training)", 0.6, 0.6)]}}
+    source = tmp_path / "previous.json"
+    source.write_text(json.dumps(previous))
+    new_dice = {0: 0.88, 1: 0.79}
+
+    def demo_rows_again(seed_root, seed, methods, fast):
+        assert methods == ["sauron"] and seed_root == tmp_path / "work" / f"seed_{seed}"
+        return [SimpleNamespace(model="Sauron (pruned while training)", dice=new_dice[seed],
+                                dice_per_class={1: new_dice[seed]}, params=5, gflops=0.5, latency_ms=2.0)]
+    monkeypatch.setattr(stability, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(stability, "demo_rows_again", demo_rows_again)
+    monkeypatch.setattr(stability, "grade_on_more_cases", lambda root, seed, rows, n: {
+        r.model: {"mean_foreground": r.dice - 0.01, "per_class": {1: r.dice - 0.01}} for r in rows})
+    results = stability.main(["--rerun", "sauron", "--previous", str(source), "--seeds", "0", "1", "--tag", "t"])
+    for seed, base in ((0, 0.9), (1, 0.8)):
+        rows = {r["model"]: r for r in results["runs"][seed]}
+        assert rows["base"]["dice"] == base
+        sauron = rows["Sauron (pruned while training)"]
+        assert sauron["dice"] == new_dice[seed] and sauron["dice_per_class"] == {"1": new_dice[seed]}
+        assert sauron["dice_held_out"] == pytest.approx(new_dice[seed] - 0.01)
+    summary = {s["model"]: s for s in results["summary_held_out"]}
+    assert summary["Sauron (pruned while training)"]["vs_base"]["per_seed"] == pytest.approx([-0.03, -0.02])
+    assert (tmp_path / "results" / "stability_t.json").is_file()
+    with pytest.raises(SystemExit, match="no runs of seed"):
+        stability.main(["--rerun", "sauron", "--previous", str(source), "--seeds", "0", "2"])
