@@ -50,7 +50,8 @@ def add_taylor_options(p: argparse.ArgumentParser) -> None:
 
 
 def add_recovery_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--recovery-epochs", type=non_negative_int,
+    # checked by the settings (one error line naming the option), like --class-guard
+    p.add_argument("--recovery-epochs", type=int,
                    help="the last N epochs of the schedule prune nothing, so the saved network has recovered from "
                         "the last step (default: a quarter of --epochs, rounded up; 0: prune until the end)")
 
@@ -108,21 +109,14 @@ def cmd_prune(args) -> None:
     print(f"wrote {args.output}")
 
 
-def int_at_least(minimum: int, words: str):
-    """An argparse type: an integer >= `minimum`, refused with `words` ("a positive integer") in the message."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value} must be {words}")
-        return value
-    return parse
-
-
-positive_int = int_at_least(1, "a positive integer")
-non_negative_int = int_at_least(0, "0 or a positive integer")
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be a positive integer")
+    return value
 
 
 def register(sub, plan_sub) -> None:
