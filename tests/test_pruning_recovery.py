@@ -188,7 +188,8 @@ def test_the_last_pruning_epoch_takes_more_steps_at_once_until_the_target_is_met
     net = plain_unet(2, features=[8, 16, 32], deep_supervision=False).train()
     full = patch_flops(net, 2, (16, 16))
     trainer = FakeTrainer(net)
-    for name in ("pruning_step", "planned_step", "fraction_after_step", "step_settings", "current_fraction"):
+    for name in ("pruning_step", "planned_step", "another_step_now", "fraction_after_step", "step_settings",
+                 "current_fraction"):
         setattr(trainer, name, getattr(taylor, name).__get__(trainer))
     trainer.settings = TaylorSettings(target_flops=0.5, step=0.05, max_layer_step=1.0, min_keep_fraction=0.1,
                                       recovery_epochs=0).validate()

@@ -153,9 +153,7 @@ class nnUNetTrainerTaylorPruning(DistillationTrainerMixin, PruningTrainerMixin, 
         # the last epoch that may prune: no later step could make up a shortfall, so further steps follow at once
         # (re-scored on the smaller network); to the class guard and the history they are one step
         extra, protected = 0, None
-        while fraction > self.settings.target and extra < MAX_EXTRA_STEPS and \
-                pruning_epochs_left(self.current_epoch, self.num_epochs, self.recovery_epochs,
-                                    self.settings.prune_every) == 1:
+        while extra < MAX_EXTRA_STEPS and self.another_step_now(fraction):
             if protected is None:  # the guard's set re-indexes once, by the composed keep: follow it in a copy
                 protected = ProtectedChannels(self.class_guard.protected.state())
                 protected.after_pruning(keep)
@@ -182,6 +180,13 @@ class nnUNetTrainerTaylorPruning(DistillationTrainerMixin, PruningTrainerMixin, 
         if self.target_reached:
             self.print_to_log_file(f"[taylor] target reached ({self.settings.metric} {fraction:.3f} <= "
                                    f"{self.settings.target}); fine-tuning to the end")
+
+    def another_step_now(self, fraction: float) -> bool:
+        """In the last epoch that may prune, while the target is not met: take another step at once (rank 0 decides
+        under DDP: a measured latency fraction differs from rank to rank)."""
+        go = fraction > self.settings.target and pruning_epochs_left(
+            self.current_epoch, self.num_epochs, self.recovery_epochs, self.settings.prune_every) == 1
+        return agree_across_ranks(go) if self.is_ddp else go
 
     def planned_step(self, settings: TaylorSettings, latency, protected: ProtectedChannels | None = None
                      ) -> PruningStep:
