@@ -269,7 +269,10 @@ def over_seeds(per_seed: list[dict]) -> dict:
             raise ValueError(f"the seeds' runs do not hold the same rows (row {i}: {r['method']} {r['model']}); "
                              "run every seed with the same --methods")
         means = [x["mean_dice"] for x in same]
-        rows.append({"method": r["method"], "model": r["model"], "params": r["params"], "flops": r["flops"],
+        # pruned rows end at other sizes in other seeds: their cost is the mean over the seeds too
+        rows.append({"method": r["method"], "model": r["model"],
+                     "params": round(statistics.fmean(x["params"] for x in same)),
+                     "flops": statistics.fmean(x["flops"] for x in same),
                      "mean_dice": statistics.fmean(means), "std": statistics.pstdev(means), "min": min(means),
                      "per_seed": means,
                      "dice": {c: statistics.fmean(x["dice"][c] for x in same) for c in first["classes"]}})

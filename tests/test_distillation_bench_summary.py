@@ -20,8 +20,11 @@ def seed_run(seed, untuned, labels, free, both):
 
 
 def test_rows_and_aims_over_seeds():
-    agg = distillation.over_seeds([seed_run(0, 0.70, 0.90, 0.88, 0.91), seed_run(1, 0.80, 0.805, 0.81, 0.79)])
+    second = seed_run(1, 0.80, 0.805, 0.81, 0.79)
+    second["rows"][4].update(flops=1e9, params=3)  # pruned to another size in this seed
+    agg = distillation.over_seeds([seed_run(0, 0.70, 0.90, 0.88, 0.91), second])
     both = next(r for r in agg["rows"] if r["model"].startswith("+ labels + distillation"))
+    assert both["flops"] == pytest.approx(1.5e9) and both["params"] == 2
     assert both["mean_dice"] == pytest.approx(0.85) and both["min"] == 0.79
     assert both["std"] == pytest.approx(statistics.pstdev([0.91, 0.79]))
     aims = agg["aims"]["taylor"]
