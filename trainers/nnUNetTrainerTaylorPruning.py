@@ -93,14 +93,15 @@ class nnUNetTrainerTaylorPruning(DistillationTrainerMixin, PruningTrainerMixin, 
         params, flops = self.current_cost()
         return flops / self.initial_cost[1] if self.settings.metric == "flops" else params / self.initial_cost[0]
 
-    def step_settings(self) -> TaylorSettings:
+    def step_settings(self, fraction: float | None = None) -> TaylorSettings:
         """The settings of this step: the plans' --step, or a larger one where the steps left before the recovery
-        epochs would not reach the target at that size."""
+        epochs would not reach the target at that size (`fraction`: the cost now, if the caller has it)."""
         left = pruning_epochs_left(self.current_epoch, self.num_epochs, self.recovery_epochs,
                                    self.settings.prune_every)
         last = self.pruning_history[-1] if self.pruning_history else {}
         last_step = (last["step"], last["fraction"] / last["fraction_before"]) if "fraction_before" in last else None
-        step = catch_up_step(self.settings.step, self.current_fraction(), self.settings.target, left, last_step)
+        fraction = self.current_fraction() if fraction is None else fraction
+        step = catch_up_step(self.settings.step, fraction, self.settings.target, left, last_step)
         if step > self.settings.step:
             self.print_to_log_file(f"[taylor] {left} pruning step(s) left before the recovery epochs: this one "
                                    f"removes {step:.3f} of the channels instead of {self.settings.step}")
@@ -133,7 +134,8 @@ class nnUNetTrainerTaylorPruning(DistillationTrainerMixin, PruningTrainerMixin, 
         if not getattr(self, "initial_channels", None):
             self.initial_channels = channel_counts(net)
         latency = self.latency_prediction()
-        settings, fraction_before = self.step_settings(), self.current_fraction()
+        fraction_before = self.current_fraction()  # one FLOP count, for the step's size and its record
+        settings = self.step_settings(fraction_before)
         step = self.planned_step(settings, latency)
         keep = step.keep
         if not keep:
