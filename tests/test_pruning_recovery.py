@@ -181,8 +181,8 @@ def test_composed_keeps_remove_what_the_two_steps_remove_one_after_the_other():
 
 def test_the_last_pruning_epoch_takes_more_steps_at_once_until_the_target_is_met():
     """Steps of 5% from the full network, one epoch left for pruning: one step cannot get to half the FLOPs, so the
-    trainer keeps stepping in that epoch; the history and the class guard see one step (its keep composed), and
-    protected channels survive every one of them."""
+    trainer keeps stepping in that epoch; the history and the class guard see one step (its keep composed),
+    protected channels survive every one of them, and the step that crosses the target stops at it."""
     from types import SimpleNamespace
     taylor = trainer_class("nnUNetTrainerTaylorPruning")
     net = plain_unet(2, features=[8, 16, 32], deep_supervision=False).train()
@@ -210,5 +210,7 @@ def test_the_last_pruning_epoch_takes_more_steps_at_once_until_the_target_is_met
     assert trainer.class_guard.protected.state() == {name: [after[name] - 1] for name in sizes}
     assert trainer.target_reached and record["extra_steps"] >= 1
     assert record["fraction"] == patch_flops(trainer.network, 2, (16, 16)) / full <= 0.5
+    # each step that crosses the target stops at it: the old code went on to 0.33 here
+    assert record["fraction"] > 0.47
     assert record["removed"] == sum(sizes.values()) - sum(channel_counts(trainer.network).values())
     assert any("more step(s) at once" in line for line in trainer.log)

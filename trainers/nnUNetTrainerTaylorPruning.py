@@ -38,6 +38,7 @@ from nnunet_compress.pruning.taylor import (
     TaylorSettings,
     batches_covering_classes,
     plan_step,
+    target_check,
     taylor_scores,
 )
 from nnunet_compress.workflows.latency_budget import pruned_layer_seconds, pruning_latency
@@ -193,14 +194,18 @@ class nnUNetTrainerTaylorPruning(DistillationTrainerMixin, PruningTrainerMixin, 
     def planned_step(self, settings: TaylorSettings, latency, protected: ProtectedChannels | None = None
                      ) -> PruningStep:
         """The channels one step keeps, scored on the network as it is now (rank 0's choice under DDP), never one
-        of `protected` (default: the class guard's set)."""
+        of `protected` (default: the class guard's set); a step that would go past a FLOP or parameter target
+        stops at it (nnunet_compress.pruning.step_size)."""
         net = self.plain_network
         protected = self.class_guard.protected if protected is None else protected
 
         def score(groups):
             return taylor_scores(net, groups, self.training_batches(), self.settings.importance, self.loss,
                                  self.settings.balance_classes)
-        step = plan_step(net, settings, score, self.initial_channels, protected, latency)
+        reference = self.initial_cost[1] if self.settings.metric == "flops" else self.initial_cost[0]
+        reaches = target_check(net, self.settings, reference, self.num_input_channels,
+                               self.configuration_manager.patch_size)
+        step = plan_step(net, settings, score, self.initial_channels, protected, latency, reaches)
         if self.is_ddp:  # every rank must remove the same channels: rank 0's choice
             step = PruningStep(step.groups, agree_across_ranks(step.keep))
         return step

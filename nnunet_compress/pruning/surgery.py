@@ -177,14 +177,14 @@ def _consumer_index(parts: list[tuple[int, ChannelGroup]], plan: dict[str, torch
 
 def _take(tensor: torch.Tensor, dim: int, index: torch.Tensor, fill: float) -> torch.Tensor:
     """tensor.index_select(dim, index), where NEW_CHANNEL entries become slices filled with `fill`."""
-    index = index.to(tensor.device)
-    existing = index >= 0
+    existing = index >= 0  # decided on the index's own device: a meta-device tensor (costing a step) has no values
     if bool(existing.all()):
-        return tensor.index_select(dim, index).clone()
+        return tensor.index_select(dim, index.to(tensor.device)).clone()
     shape = list(tensor.shape)
     shape[dim] = len(index)
     out = tensor.new_full(shape, fill)
-    out.index_copy_(dim, existing.nonzero().squeeze(1), tensor.index_select(dim, index[existing]))
+    out.index_copy_(dim, existing.nonzero().squeeze(1).to(tensor.device),
+                    tensor.index_select(dim, index[existing].to(tensor.device)))
     return out
 
 

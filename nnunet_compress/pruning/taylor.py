@@ -38,6 +38,7 @@ from nnunet_compress.pruning.importance import (
 )
 from nnunet_compress.pruning.latency import PredictedSeconds, cost_weighted_scores
 from nnunet_compress.pruning.recovery import check_recovery_epochs
+from nnunet_compress.pruning.step_size import SIZED_METRICS, CostAfterStep, fewest_channels_reaching
 from nnunet_compress.pruning.surgery import channel_counts, prune_channels
 from nnunet_compress.settings import Settings, check_choice, format_number_tag
 
@@ -257,19 +258,38 @@ class PruningStep:
 
 def plan_step(net: nn.Module, settings: TaylorSettings, score: Callable[[list[ChannelGroup]], dict[str, torch.Tensor]],
               initial_counts: dict[str, int] | None, protected=None,
-              latency: PredictedSeconds | None = None) -> PruningStep:
+              latency: PredictedSeconds | None = None,
+              reaches: Callable[[dict[str, list[int]]], bool] | None = None) -> PruningStep:
     """One pruning step's choice, shared by one-shot pruning and nnUNetTrainerTaylorPruning: score the prunable
     channels with `score(groups)` (Taylor over some batches, or L1), then keep all but the `settings.step` share
     with the lowest scores, within the floors and the per-step cap and never touching `protected` channels.
+
+    `reaches(keep)`: whether the network would meet the target after removing all but `keep`. Given it, a step that
+    would go past the target removes only the fewest of its lowest-ranked channels that reach it
+    (:mod:`nnunet_compress.pruning.step_size`).
 
     The network is not changed: the caller removes ``step.keep``'s complement (after agreeing on it across DDP
     ranks, or snapshotting for the class guard), which is where the two users differ.
     """
     groups = prunable_groups(net)
     channel_seconds = latency.channel_seconds(net, groups) if latency is not None else None
-    keep = choose_channels_to_keep(net, settings, score(groups), channels_to_remove(groups, settings.step),
-                                   initial_counts, protected, channel_seconds, groups)
+    scores = score(groups)
+
+    def choose(n_remove: int) -> dict[str, list[int]]:
+        return choose_channels_to_keep(net, settings, scores, n_remove, initial_counts, protected, channel_seconds,
+                                       groups)
+    planned = channels_to_remove(groups, settings.step)
+    keep = choose(planned) if reaches is None else fewest_channels_reaching(choose, reaches, planned)
     return PruningStep(groups, keep)
+
+
+def target_check(net: nn.Module, settings: TaylorSettings, reference: float, input_channels: int, patch_size
+                 ) -> Callable[[dict[str, list[int]]], bool] | None:
+    """`plan_step`'s `reaches` for a FLOP or parameter target (`reference`: the cost the target is a fraction of);
+    None for a latency target, which is measured after the step instead."""
+    if settings.metric not in SIZED_METRICS:
+        return None
+    return CostAfterStep(net, settings.metric, reference, input_channels, patch_size).reaches(settings.target)
 
 
 def prune_until_target(net: nn.Module, settings: TaylorSettings, method: str, input_channels: int, patch_size,
@@ -320,7 +340,8 @@ def prune_until_target(net: nn.Module, settings: TaylorSettings, method: str, in
                 return l1_importance(net, groups)
             return taylor_scores(net, groups, ((b, None) for b in calibration), "output_normalized",
                                  balance_classes=settings.balance_classes)
-        step = plan_step(net, settings, score, initial_counts, protected, latency)
+        reaches = target_check(net, settings, start, input_channels, patch_size)
+        step = plan_step(net, settings, score, initial_counts, protected, latency, reaches)
         keep, removed = step.keep, step.removed
         if not keep and protected:
             raise CompressError(f"cannot reach {settings.metric} {settings.target}: the class guard undid "
