@@ -51,6 +51,8 @@ FIRST_NEW_HELD_OUT_CASE = 2000
 # the demo's methods that --rerun can train again: (trainer, plans) of their demo model (nnunet_compress.demo.run)
 RERUNNABLE = {"taylor": ("nnUNetTrainerTaylorPruning", "nnUNetPlans_tiny_taylorF0.5"),
               "sauron": ("nnUNetTrainerSauron", "nnUNetPlans_tiny_sauron_demo")}
+# their one-shot models (WORKSPACE/compressed/<name>), made again too: the same pruning code makes them
+RERUN_ONE_SHOT = {"taylor": ["l1_F0.5"], "sauron": []}
 
 
 def parse_args(argv=None):
@@ -65,8 +67,9 @@ def parse_args(argv=None):
     p.add_argument("--from-json", type=Path,
                    help="rewrite the table, aims and plot from the runs in this stability JSON (no demo is run)")
     p.add_argument("--rerun", nargs="+", choices=sorted(RERUNNABLE),
-                   help="after a change to these methods: delete their demo models in each seed's workspace, train "
-                        "them again with the current code and grade them; every other row comes from --previous")
+                   help="after a change to these methods: delete their demo models (one-shot ones included) in each "
+                        "seed's workspace, train them again with the current code and grade them; every other row "
+                        "comes from --previous")
     p.add_argument("--previous", type=Path,
                    help="with --rerun: the stability JSON whose other rows are kept (default: the one this run "
                         "writes, benchmarks/results/stability[_<tag>].json)")
@@ -249,6 +252,8 @@ def demo_rows_again(seed_root: Path, seed: int, methods: list[str], fast: bool) 
     for method in methods:
         trainer, plans = RERUNNABLE[method]
         shutil.rmtree(ws.model_folder(trainer, plans), ignore_errors=True)
+        for name in RERUN_ONE_SHOT[method]:
+            shutil.rmtree(ws.root / "compressed" / name, ignore_errors=True)
         rows += getattr(demo, f"{method}_rows")(ws, ws.model_folder(), epochs, seed)
     return rows
 

@@ -92,3 +92,23 @@ def test_rerun_replaces_only_the_rerun_methods_rows_and_keeps_the_others(tmp_pat
     assert (tmp_path / "results" / "stability_t.json").is_file()
     with pytest.raises(SystemExit, match="no runs of seed"):
         stability.main(["--rerun", "sauron", "--previous", str(source), "--seeds", "0", "2"])
+
+
+def test_rerun_makes_the_methods_one_shot_models_again_too(tmp_path, monkeypatch):
+    """--rerun taylor: the one-shot L1 model comes from the same pruning code as Taylor's, so its folder is deleted
+    before the demo's Taylor rows run again (the demo skips a model whose folder exists); Sauron's rerun leaves it."""
+    from nnunet_compress.demo import run as demo
+    from nnunet_compress.demo import tiny
+    ws = tiny.default_workspace(tmp_path)
+    base = tiny.checkpoint_path(ws.model_folder())
+    base.parent.mkdir(parents=True)
+    base.touch()
+    one_shot = ws.root / "compressed" / "l1_F0.5"
+    seen = []
+    monkeypatch.setattr(demo, "taylor_rows", lambda *a: seen.append(("taylor", one_shot.exists())) or [])
+    monkeypatch.setattr(demo, "sauron_rows", lambda *a: seen.append(("sauron", one_shot.exists())) or [])
+    monkeypatch.setattr(stability.os, "environ", {})
+    one_shot.mkdir(parents=True)
+    stability.demo_rows_again(tmp_path, 0, ["sauron"], fast=True)
+    stability.demo_rows_again(tmp_path, 0, ["taylor"], fast=True)
+    assert seen == [("sauron", True), ("taylor", False)]
