@@ -111,10 +111,13 @@ class Bench:
     def pseudo_dataset(self, base: Path) -> None:
         images = self.unlabelled_images()
         dataset_json = self.pseudo.raw_dataset / "dataset.json"
-        done = self.pseudo.preprocessed / self.pseudo.dataset_folder_name / f"{tiny.TINY_PLANS}_3d_fullres"
-        if done.is_dir() and dataset_json.is_file() and \
+        plans = self.pseudo.plans_path(tiny.TINY_PLANS)
+        if plans.is_file() and dataset_json.is_file() and \
                 json.loads(dataset_json.read_text())["numTraining"] == self.args.unlabelled:
-            return
+            # preprocessed into the folder the parent's plans name (their data identifier), not after the plans
+            identifier = json.loads(plans.read_text())["configurations"][tiny.CONFIGURATION]["data_identifier"]
+            if (plans.parent / identifier).is_dir():
+                return
         print("[bench] pseudo-dataset: the base model labels the unlabelled cases; nnUNetv2_preprocess", flush=True)
         tiny.label_unlabelled_cases(self.ws, base, images, PSEUDO_ID, PSEUDO_NAME, seed=self.seed,
                                     indices=unlabelled_indices(self.args.unlabelled), tta=True)

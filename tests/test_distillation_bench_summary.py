@@ -42,3 +42,30 @@ def test_seeds_must_hold_the_same_rows():
     other["rows"][2]["model"] = "something else"
     with pytest.raises(ValueError, match="same rows"):
         distillation.over_seeds([seed_run(0, 0.7, 0.9, 0.88, 0.91), other])
+
+
+def test_a_pseudo_dataset_already_preprocessed_is_not_made_again(tmp_path, monkeypatch):
+    """nnUNetv2_preprocess writes into the folder the parent's plans name (their data identifier), so that is what
+    says the pseudo-dataset is done; re-making it would delete and retrain every label-free model of the seed."""
+    import argparse
+    import json
+
+    from nnunet_compress.demo import tiny
+    monkeypatch.setattr(distillation.os, "environ", {})
+    bench = distillation.Bench(argparse.Namespace(workdir=tmp_path, unlabelled=3, epochs=1, iterations=1, lr=1e-3),
+                               seed=0)
+    made = []
+    monkeypatch.setattr(bench, "unlabelled_images", lambda: tmp_path / "images")
+    monkeypatch.setattr(tiny, "label_unlabelled_cases", lambda *a, **k: made.append(a))
+    bench.pseudo_dataset(tmp_path / "base")
+    assert len(made) == 1  # nothing there yet
+    plans = bench.pseudo.plans_path(tiny.TINY_PLANS)
+    plans.parent.mkdir(parents=True)
+    plans.write_text(json.dumps({"configurations": {tiny.CONFIGURATION: {"data_identifier": "nnUNetPlans_3d"}}}))
+    bench.pseudo.raw_dataset.mkdir(parents=True)
+    (bench.pseudo.raw_dataset / "dataset.json").write_text(json.dumps({"numTraining": 3}))
+    bench.pseudo_dataset(tmp_path / "base")
+    assert len(made) == 2  # the plans are there, the preprocessed data not
+    (plans.parent / "nnUNetPlans_3d").mkdir()
+    bench.pseudo_dataset(tmp_path / "base")
+    assert len(made) == 2
