@@ -36,7 +36,8 @@ def fewest_channels_reaching(choose: Callable[[int], Keep], reaches: Callable[[K
     `choose(n)` keeps all but the ``n`` lowest-ranked channels. When removing ``n_max`` does not reach the target,
     the step is left as planned (``choose(n_max)``): the target is for later steps. Assumes that removing more of
     the ranking never raises the cost, which holds because ``choose(n + 1)`` removes what ``choose(n)`` removes
-    and one channel more.
+    and one channel more (for the global ranking; the per-layer scope's proportional split is close to it, and
+    there a bisection still ends at a count that reaches the target).
     """
     planned = choose(n_max)
     if not planned or not reaches(planned):
