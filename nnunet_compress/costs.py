@@ -66,8 +66,10 @@ def count_flops(net: nn.Module, example_input: torch.Tensor) -> tuple[int, dict[
 
 
 def patch_flops(net: nn.Module, input_channels: int, patch_size) -> int:
-    """FLOPs of one patch, counted by torch's FlopCounterMode on a meta-device copy (no real compute)."""
-    meta = copy.deepcopy(net).to("meta")
+    """FLOPs of one patch, counted by torch's FlopCounterMode on a meta-device copy (no real compute); a network
+    already on the meta device (a candidate step being costed) is counted as it is, without a second copy."""
+    on_meta = all(t.is_meta for t in (*net.parameters(), *net.buffers()))
+    meta = net if on_meta else copy.deepcopy(net).to("meta")
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         meta(torch.zeros((1, input_channels, *patch_size), device="meta"))

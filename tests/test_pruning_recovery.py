@@ -98,6 +98,7 @@ def taylor_stand_in(settings: TaylorSettings, num_epochs: int, flops_fraction: f
         pruning_due = taylor.pruning_due
         step_settings = taylor.step_settings
         current_fraction = taylor.current_fraction
+        reference_cost = taylor.reference_cost
 
         def __init__(self):
             self.settings, self.num_epochs, self.current_epoch = settings, num_epochs, 0
@@ -189,7 +190,7 @@ def test_the_last_pruning_epoch_takes_more_steps_at_once_until_the_target_is_met
     full = patch_flops(net, 2, (16, 16))
     trainer = FakeTrainer(net)
     for name in ("pruning_step", "planned_step", "another_step_now", "fraction_after_step", "step_settings",
-                 "current_fraction"):
+                 "current_fraction", "reference_cost"):
         setattr(trainer, name, getattr(taylor, name).__get__(trainer))
     trainer.settings = TaylorSettings(target_flops=0.5, step=0.05, max_layer_step=1.0, min_keep_fraction=0.1,
                                       recovery_epochs=0).validate()

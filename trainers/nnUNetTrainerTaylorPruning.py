@@ -92,7 +92,11 @@ class nnUNetTrainerTaylorPruning(DistillationTrainerMixin, PruningTrainerMixin, 
         if self.settings.metric == "seconds":
             return self.pruning_history[-1]["fraction"] if self.pruning_history else 1.0
         params, flops = self.current_cost()
-        return flops / self.initial_cost[1] if self.settings.metric == "flops" else params / self.initial_cost[0]
+        return (flops if self.settings.metric == "flops" else params) / self.reference_cost()
+
+    def reference_cost(self) -> float:
+        """The parent's cost in the target's metric (FLOPs or parameters), the cost a target is a fraction of."""
+        return self.initial_cost[1] if self.settings.metric == "flops" else self.initial_cost[0]
 
     def step_settings(self, fraction: float | None = None) -> TaylorSettings:
         """The settings of this step: the plans' --step, or a larger one where the steps left before the recovery
@@ -202,8 +206,7 @@ class nnUNetTrainerTaylorPruning(DistillationTrainerMixin, PruningTrainerMixin, 
         def score(groups):
             return taylor_scores(net, groups, self.training_batches(), self.settings.importance, self.loss,
                                  self.settings.balance_classes)
-        reference = self.initial_cost[1] if self.settings.metric == "flops" else self.initial_cost[0]
-        reaches = target_check(net, self.settings, reference, self.num_input_channels,
+        reaches = target_check(net, self.settings, self.reference_cost(), self.num_input_channels,
                                self.configuration_manager.patch_size)
         step = plan_step(net, settings, score, self.initial_channels, protected, latency, reaches)
         if self.is_ddp:  # every rank must remove the same channels: rank 0's choice
