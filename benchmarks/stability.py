@@ -48,11 +48,10 @@ MAX_STD = 0.03
 # (1000-1011), so no model has seen them
 FIRST_NEW_HELD_OUT_CASE = 2000
 
-# the demo's methods that --rerun can train again: (trainer, plans) of their demo model (nnunet_compress.demo.run)
-RERUNNABLE = {"taylor": ("nnUNetTrainerTaylorPruning", "nnUNetPlans_tiny_taylorF0.5"),
-              "sauron": ("nnUNetTrainerSauron", "nnUNetPlans_tiny_sauron_demo")}
-# their one-shot models (WORKSPACE/compressed/<name>), made again too: the same pruning code makes them
-RERUN_ONE_SHOT = {"taylor": ["l1_F0.5"], "sauron": []}
+# the demo's methods that --rerun can train again (nnunet_compress.demo.run): (trainer, plans) of their demo model,
+# and their one-shot models (WORKSPACE/compressed/<name>), made again too because the same pruning code makes them
+RERUNNABLE = {"taylor": ("nnUNetTrainerTaylorPruning", "nnUNetPlans_tiny_taylorF0.5", ["l1_F0.5"]),
+              "sauron": ("nnUNetTrainerSauron", "nnUNetPlans_tiny_sauron_demo", [])}
 
 
 def parse_args(argv=None):
@@ -250,9 +249,9 @@ def demo_rows_again(seed_root: Path, seed: int, methods: list[str], fast: bool) 
     epochs = 20 if fast else tiny.BASE_EPOCHS
     rows = []
     for method in methods:
-        trainer, plans = RERUNNABLE[method]
+        trainer, plans, one_shot = RERUNNABLE[method]
         shutil.rmtree(ws.model_folder(trainer, plans), ignore_errors=True)
-        for name in RERUN_ONE_SHOT[method]:
+        for name in one_shot:
             shutil.rmtree(ws.root / "compressed" / name, ignore_errors=True)
         rows += getattr(demo, f"{method}_rows")(ws, ws.model_folder(), epochs, seed)
     return rows
