@@ -9,8 +9,10 @@ figures measured before the deletion). This script keeps the evidence for what s
 engine can take: it converts the Tucker-factorised 1.5 mm TotalSegmentator network three times — the graph the
 product converts (the decoder's skip concatenations folded into the convolutions around them,
 :mod:`nnunet_compress.inference.decoder_fold`), the plain graph without that fold, and the plain graph with
-InstanceNorm folded into the factorised convs (written out of place here, as a tracer needs it) — and times the
-compiled models next to the torch fallback, each of its two modules added in turn:
+InstanceNorm folded into the factorised convs (written out of place here, as a tracer needs it) — plus the product
+graph with its logits left in the engine's channels-last layout and transposed to NCDHW by torch (the engine's last
+node, that transposition, is its largest single node in ``engine_profile.py``), and times the compiled models next
+to the torch fallback, each of its two modules added in turn:
 
 * engine rows: OpenVINO compiled exactly as the product compiles (threads = torch's, LATENCY, f32);
 * torch rows: plain torch; + fast convolutions (``inference.torch_paths``); + kept freed memory (``freed_memory``) —
@@ -48,7 +50,9 @@ TORCH_STEPS = {  # FastOptions switched on per torch row, cumulatively
 }
 PRODUCT = "product graph (concatenations folded)"
 NORM_FOLDED = "norm folding (on the plain graph)"
-REWRITES = (PRODUCT, "plain graph (concatenations kept)", NORM_FOLDED)
+CHANNELS_LAST = "product graph, logits channels-last, transposed by torch"
+REWRITES = (PRODUCT, "plain graph (concatenations kept)", NORM_FOLDED, CHANNELS_LAST)
+TRANSPOSE_CHUNK = 4096  # voxels per block of the transposing copy: ~400 KB read, ~400 KB written, inside L2
 ALL_OFF = dict(pointwise_gemm=False, force_onednn=False, keep_freed_memory=False)
 
 
@@ -98,6 +102,31 @@ class _FoldedChain(torch.nn.Module):
         return traceable_fold(self.chain, x)
 
 
+class ChannelsLastLogits(torch.nn.Module):
+    """`net`'s logits permuted to (N, *spatial, C): the layout the engine's last convolution writes, so the engine
+    needs no final reorder."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x).movedim(1, -1)
+
+
+def transposed_to_ncdhw(logits) -> torch.Tensor:
+    """(N, *spatial, C) engine output → a new (N, C, *spatial) tensor, copied block by block: one 2-d transposing
+    copy per block of voxels keeps reads and writes in cache (a whole-tensor ``.contiguous()`` is ~3× slower)."""
+    src = torch.from_numpy(logits)
+    batch, *spatial, channels = src.shape
+    out = torch.empty(batch, channels, *spatial)
+    for b in range(batch):
+        rows, cols = src[b].reshape(-1, channels), out[b].view(channels, -1)
+        for start in range(0, rows.shape[0], TRANSPOSE_CHUNK):
+            cols[:, start:start + TRANSPOSE_CHUNK].copy_(rows[start:start + TRANSPOSE_CHUNK].t())
+    return out
+
+
 class Rewritten(torch.nn.Module):
     """The network's forward pass as plain modules (no engine, no fast paths), for tracing."""
 
@@ -128,7 +157,12 @@ def traceable_folding(net):
 def compiled_graph(net, rewrite: str, x: torch.Tensor):
     """OpenVINO model of `net` traced with `rewrite` active, compiled as the product compiles."""
     import openvino as ov
-    module = engine_graph(net) if rewrite == PRODUCT else Rewritten(net).eval()
+    if rewrite == PRODUCT:
+        module = engine_graph(net)
+    elif rewrite == CHANNELS_LAST:
+        module = ChannelsLastLogits(engine_graph(net)).eval()
+    else:
+        module = Rewritten(net).eval()
     # oneDNN calls and malloc tuning are torch-runtime tricks: kept off while tracing
     folding = traceable_folding(net) if rewrite == NORM_FOLDED else contextlib.nullcontext()
     with options(), folding, torch.no_grad(), warnings.catch_warnings():
@@ -142,6 +176,8 @@ def compiled_graph(net, rewrite: str, x: torch.Tensor):
 
     def run(inp):
         request.infer({0: inp.numpy()})
+        if rewrite == CHANNELS_LAST:
+            return transposed_to_ncdhw(request.get_output_tensor(0).data)
         return torch.from_numpy(request.get_output_tensor(0).data.copy())
     return run
 
