@@ -6,7 +6,7 @@ Why this script exists: before it had an engine, the package ran compressed netw
 torch CPU modules. The engine took the plain graph faster than all of them together, so three were deleted (InstanceNorm
 folded into a factorised conv's last 1×1, and activations kept factorised between layers; the README gives the
 figures measured before the deletion). This script keeps the evidence for what stayed, and for the graph rewrites an
-engine can take: it converts the Tucker-factorised 1.5 mm TotalSegmentator network three times — the graph the
+engine can take: it converts the Tucker-factorised 1.5 mm TotalSegmentator network four times — the graph the
 product converts (the decoder's skip concatenations folded into the convolutions around them,
 :mod:`nnunet_compress.inference.decoder_fold`), the plain graph without that fold, and the plain graph with
 InstanceNorm folded into the factorised convs (written out of place here, as a tracer needs it) — plus the product
@@ -116,7 +116,8 @@ class ChannelsLastLogits(torch.nn.Module):
 
 def transposed_to_ncdhw(logits) -> torch.Tensor:
     """(N, *spatial, C) engine output → a new (N, C, *spatial) tensor, copied block by block: one 2-d transposing
-    copy per block of voxels keeps reads and writes in cache (a whole-tensor ``.contiguous()`` is ~3× slower)."""
+    copy per block of voxels keeps reads and writes in cache (a whole-tensor ``.contiguous()`` took ~3× longer in
+    a trial at 128³)."""
     src = torch.from_numpy(logits)
     batch, *spatial, channels = src.shape
     out = torch.empty(batch, channels, *spatial)
