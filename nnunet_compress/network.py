@@ -23,12 +23,21 @@ from torch import nn
 
 from nnunet_compress.errors import CompressError, first_line
 from nnunet_compress.inference import openvino_engine
+from nnunet_compress.inference.int8 import PAYLOAD_KEYS
 from nnunet_compress.inference.torch_paths import fast_convolutions
 from nnunet_compress.pruning.dependency import channel_groups
 from nnunet_compress.pruning.surgery import channel_counts, set_channel_counts
 from nnunet_compress.tucker.decomposition import replace_convs
 
 NETWORK_CLASS_NAME = "nnunet_compress.network.CompressedUNet"
+INT8_TRAINING_REFUSED = ("this model folder is INT8 (nnunet-compress quantize): its INT8 model cannot be trained; "
+                         "fine-tune the parent folder it was quantised from, then quantise again")
+
+
+def refuse_int8_weights(state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Training starts from f32 weights: an INT8 folder's checkpoint is refused where training would start from it."""
+    if any(key in state_dict for key in PAYLOAD_KEYS):
+        raise CompressError(INT8_TRAINING_REFUSED)
 
 
 def locate_class(name: str) -> type:
@@ -60,18 +69,25 @@ class CompressedUNet(nn.Module):
         per_fold_channels: set by the in-training pruning trainers, whose folds end with different shapes. Then a
             state dict whose channel counts differ from ``channels`` reshapes the network before loading (so
             nnU-Net's predictor can load every fold into one network object); otherwise any mismatch is an error.
+        engine_int8: set by ``nnunet-compress quantize``: the state dict also carries the fold's INT8 model for the
+            CPU engine (:mod:`nnunet_compress.inference.int8`), which the engine runs in place of the f32 weights.
+            Such a network predicts but does not train: fine-tune the parent and quantise again.
         deep_supervision: passed by nnU-Net's trainers and predictor.
     """
 
     def __init__(self, input_channels: int, num_classes: int, base_network_class_name: str,
                  channels: Mapping[str, int] | None = None,
                  tucker_ranks: Mapping[str, Sequence[int]] | None = None,
-                 per_fold_channels: bool = False, **base_kwargs):
+                 per_fold_channels: bool = False, engine_int8: bool = False, **base_kwargs):
         super().__init__()
         build = (input_channels, num_classes, base_network_class_name, channels, tucker_ranks, per_fold_channels,
                  base_kwargs)
+        self.engine_int8 = bool(engine_int8)
+        if self.engine_int8 and base_kwargs.get("deep_supervision"):  # nnU-Net's trainers build with it, predictors not
+            raise CompressError(INT8_TRAINING_REFUSED)
         if channels:  # channel surgery computes index tensors, which need values: build on the CPU
             self._build(*build)
+            self._register_int8_payload()
             return
         # Built on the meta device, factorised, then given memory once: initialising the full parent's weights only
         # to discard most of them cost seconds per model load (TotalSegmentator loads one network per part model).
@@ -83,6 +99,13 @@ class CompressedUNet(nn.Module):
         for module in self.modules():  # the thin network's own default initialisation (nnU-Net's follows)
             if hasattr(module, "reset_parameters"):
                 module.reset_parameters()
+        self._register_int8_payload()
+
+    def _register_int8_payload(self) -> None:
+        """Empty INT8-model buffers, filled (at their stored size) by :meth:`load_state_dict`."""
+        if self.engine_int8:
+            for key in PAYLOAD_KEYS:
+                self.register_buffer(key, torch.zeros(0, dtype=torch.uint8))
 
     def _build(self, input_channels, num_classes, base_network_class_name, channels, tucker_ranks,
                per_fold_channels, base_kwargs) -> None:
@@ -113,12 +136,19 @@ class CompressedUNet(nn.Module):
         if self._initialize is not None:
             self._initialize(module)
 
+    def train(self, mode: bool = True):
+        if mode and self.engine_int8:
+            raise CompressError(INT8_TRAINING_REFUSED)
+        return super().train(mode)
+
     def forward(self, x: torch.Tensor):
         # CPU inference: OpenVINO where it applies and can take this network (inference/openvino_engine.py)
         if openvino_engine.applies(self, x):
             out = openvino_engine.run(self, x)
             if out is not None:
                 return out
+        elif self.engine_int8:
+            openvino_engine.int8_notice(self, x)
         # torch's CPU fallback: thin convs go to oneDNN / GEMMs instead of torch's slow generic kernel, freed
         # feature-map memory is kept for the next layer (inference/torch_paths.py)
         with fast_convolutions(x):
@@ -135,6 +165,10 @@ class CompressedUNet(nn.Module):
             if wanted and wanted != channel_counts(self):
                 set_channel_counts(self, wanted)
         openvino_engine.forget(self)  # new weights: the engine must not reuse the old weights' compiled model
+        if self.engine_int8:  # each fold's INT8 model has its own size: take the stored tensors' shapes
+            for key in PAYLOAD_KEYS:
+                if key in state_dict:
+                    self.register_buffer(key, torch.zeros_like(state_dict[key], dtype=torch.uint8))
         try:
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
         except RuntimeError as e:
@@ -160,6 +194,8 @@ class CompressedUNet(nn.Module):
         network exactly (a compressed checkpoint) are loaded as they are.
         """
         state_dict = strip_wrapper_prefixes(dict(state_dict))
+        if not self.engine_int8:  # an INT8 parent's engine model does not fit a derived network: its f32 weights do
+            state_dict = {k: v for k, v in state_dict.items() if k not in PAYLOAD_KEYS}
         own = self.state_dict()
         if own.keys() == state_dict.keys() and all(own[k].shape == state_dict[k].shape for k in own):
             self.load_state_dict(state_dict)
@@ -211,16 +247,17 @@ def unwrap(network: nn.Module) -> nn.Module:
     return network
 
 
-COMPRESSION_KEYS = ("base_network_class_name", "channels", "tucker_ranks", "per_fold_channels")
+COMPRESSION_KEYS = ("base_network_class_name", "channels", "tucker_ranks", "per_fold_channels", "engine_int8")
 
 
 def compressed_arch_kwargs(parent_configuration: Mapping, channels: Mapping[str, int] | None = None,
                            tucker_ranks: Mapping[str, Sequence[int]] | None = None,
-                           per_fold_channels: bool = False) -> dict:
+                           per_fold_channels: bool = False, engine_int8: bool = False) -> dict:
     """The ``architecture`` entry of a compressed configuration, derived from the parent configuration's one.
 
     A parent that is already compressed is compressed further: its base architecture is kept, and the new
-    channels / ranks replace its old ones where given.
+    channels / ranks replace its old ones where given. A derived network is f32 unless `engine_int8` says that its
+    checkpoints carry an INT8 model too (an INT8 parent's model does not fit new weights).
     """
     arch = parent_configuration["architecture"]
     kwargs = dict(arch["arch_kwargs"])
@@ -240,6 +277,7 @@ def compressed_arch_kwargs(parent_configuration: Mapping, channels: Mapping[str,
             "channels": dict(channels) if channels else None,
             "tucker_ranks": {k: list(v) for k, v in tucker_ranks.items()} if tucker_ranks else None,
             "per_fold_channels": per_fold_channels,
+            **({"engine_int8": True} if engine_int8 else {}),
         },
         "_kw_requires_import": list(arch.get("_kw_requires_import", [])),
     }

@@ -7,8 +7,15 @@ from pathlib import Path
 
 from nnunet_compress.cli.options import add_rank_options, given_rank_options, rank_policy_from_args
 from nnunet_compress.errors import CompressError
+from nnunet_compress.evaluation.base_reference import BaseReference
 from nnunet_compress.evaluation.compare import CompareSettings, run_compare
-from nnunet_compress.evaluation.profiling import format_profile, profile_network
+from nnunet_compress.evaluation.profiling import (
+    format_profile,
+    profile_network,
+    running_variant,
+    side_by_side,
+    variants,
+)
 from nnunet_compress.evaluation.stats import CORRECTIONS
 from nnunet_compress.nnunet.model_folder import (
     CHECKPOINT_FINAL,
@@ -34,14 +41,43 @@ def cmd_profile(args) -> None:
                             f"{len(cfg['patch_size'])}d")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise CompressError("--device cuda requested but no CUDA device is available; use --device cpu")
-    prof = profile_network(net, input_channels_of(folder.plans, folder.dataset_json, configuration), patch,
-                           args.device, runs=args.runs, warmup=args.warmup)
+    channels = input_channels_of(folder.plans, folder.dataset_json, configuration)
+    prof = profile_network(net, channels, patch, args.device, runs=args.runs, warmup=args.warmup)
     print(f"{folder.path} (configuration {configuration}, fold {fold})")
     print(format_profile(prof, per_layer=not args.totals_only))
+    speeds = engine_speeds(args, net, channels, patch) if args.device == "cpu" else {}
     if args.json:
         atomic_write_file(args.json, lambda tmp: tmp.write_text(json.dumps(
-            {"model_folder": str(folder.path), "configuration": configuration, "fold": fold, **prof.to_dict()},
-            indent=2)))
+            {"model_folder": str(folder.path), "configuration": configuration, "fold": fold, **prof.to_dict(),
+             "cpu_speeds": speeds}, indent=2)))
+
+
+def engine_speeds(args, net, channels: int, patch: tuple[int, ...]) -> dict:
+    """Seconds per patch side by side: with --base, this model as it runs here against the base on torch and on
+    the same engine and precision; without, this model on every engine and precision it can run in."""
+    import torch
+    if args.base is not None:
+        row = BaseReference(args.base, patch=patch).time(net, runs=args.runs, warmup=args.warmup)
+        print(f"side by side with the base {args.base} (medians of {args.runs} interleaved runs):")
+        print(f"  this model, {row.variant:<11} : {_ms(row.seconds)}")
+        print(f"  base, torch f32        : {_ms(row.base_torch_seconds)} (this model {_times(row.vs_base_torch)} "
+              "faster)")
+        print(f"  base, {row.variant:<11}      : {_ms(row.base_same_seconds)} (this model {_times(row.vs_base_same)} "
+              "faster: same engine and precision, the compression's own gain)")
+        return row.to_dict()
+    seconds = side_by_side(variants(net), torch.zeros((1, channels, *patch)), runs=args.runs, warmup=args.warmup)
+    print(f"on every CPU variant (medians of {args.runs} interleaved runs; nnU-Net runs it as {running_variant(net)}):")
+    for name, s in seconds.items():
+        print(f"  {name:<11} : {_ms(s)}")
+    return {name: s for name, s in seconds.items()}
+
+
+def _ms(seconds) -> str:
+    return "n/a" if seconds is None else f"{seconds * 1000:.1f} ms"
+
+
+def _times(value) -> str:
+    return "n/a" if value is None else f"{value:.2f}×"
 
 
 
@@ -90,6 +126,9 @@ def register(sub) -> None:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--totals-only", action="store_true")
+    p.add_argument("--base", type=Path,
+                   help="the base model folder: time this model side by side with it on torch and on the same engine "
+                        "and precision (CPU)")
     p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     p.set_defaults(func=cmd_profile)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nnunet_compress.cli import demo, distill, evaluation, pruning, tucker
+from nnunet_compress.cli import demo, distill, evaluation, pruning, quantize, tucker
 from nnunet_compress.errors import CompressError
 from nnunet_compress.nnunet.presets import apply_preset
 
@@ -27,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     pruning.register(sub, plan_sub)
     evaluation.register(sub)
     distill.register(sub)
+    quantize.register(sub)
     return parser
 
 

@@ -18,7 +18,7 @@ from nnunet_compress.cli.options import (
     schedule_from_args,
 )
 from nnunet_compress.errors import CompressError, first_line
-from nnunet_compress.network import strip_wrapper_prefixes
+from nnunet_compress.network import refuse_int8_weights, strip_wrapper_prefixes
 from nnunet_compress.nnunet.model_folder import CHECKPOINT_FINAL, build_network, input_channels_of, load_checkpoint
 from nnunet_compress.nnunet.plans import read_parent_plans, resolved_configuration, tucker_plans, write_plans_beside
 from nnunet_compress.workflows.convert import convert_model_folder
@@ -60,8 +60,10 @@ def cmd_plan_tucker(args) -> None:
             raise CompressError(f"the {policy.kind()} policy depends on the trained weights; pass --weights "
                                 f"base_checkpoint.pth")
     if args.weights is not None:
+        weights = strip_wrapper_prefixes(load_checkpoint(args.weights)["network_weights"])
+        refuse_int8_weights(weights)
         try:
-            net.load_state_dict(strip_wrapper_prefixes(load_checkpoint(args.weights)["network_weights"]))
+            net.load_state_dict(weights)
         except RuntimeError as e:
             raise CompressError(f"--weights {args.weights} does not fit plans {args.plans} "
                                 f"({first_line(e)})") from None

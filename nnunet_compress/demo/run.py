@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from nnunet_compress.demo import tiny
+from nnunet_compress.evaluation.base_reference import BaseReference
 from nnunet_compress.evaluation.profiling import profile_network
 from nnunet_compress.nnunet.model_folder import (
     atomic_write_file,
@@ -28,32 +29,45 @@ class DemoRow:
     model: str
     params: int
     gflops: float
-    latency_ms: float
+    latency_ms: float  # one patch as nnU-Net's predictor runs this model here (variant)
     dice: float
     dice_per_class: dict
     model_folder: str = ""  # where the model lives, so a benchmark can grade it again on other cases
+    variant: str = "torch f32"  # engine and precision it runs in: torch f32, engine f32, engine int8
+    base_torch_ms: float | None = None  # the base on torch, timed interleaved with this row
+    base_same_ms: float | None = None  # the base on this row's engine and precision, timed interleaved too
 
     def line(self, base: "DemoRow") -> str:
-        return (f"{self.model:<34} {self.params:>10,} {self.params / base.params:>6.2f} {self.gflops:>8.3f} "
-                f"{self.gflops / base.gflops:>6.2f} {self.latency_ms:>8.1f} {base.latency_ms / self.latency_ms:>6.2f}x"
-                f" {self.dice:>7.3f}")
+        def times(reference):
+            return f"{reference / self.latency_ms:>6.2f}x" if reference and self.latency_ms else f"{'-':>7}"
+        return (f"{self.model:<34} {self.variant:<11} {self.params / base.params:>6.2f} "
+                f"{self.gflops:>7.3f} {self.gflops / base.gflops:>6.2f} {self.latency_ms:>8.1f} "
+                f"{times(self.base_torch_ms)} {times(self.base_same_ms)} {self.dice:>7.3f}")
 
 
-HEADER = (f"{'model':<34} {'params':>10} {'ratio':>6} {'GFLOPs':>8} {'ratio':>6} {'ms':>8} {'speed':>7} "
-          f"{'Dice':>7}")
+HEADER = (f"{'model':<34} {'runs on':<11} {'params':>6} {'GFLOPs':>7} {'ratio':>6} {'ms':>8} "
+          f"{'×torch':>7} {'×same':>7} {'Dice':>7}")
+LEGEND = ("params, ratio: fraction of the base's; ms: one patch as nnU-Net's predictor runs the model here; ×torch: "
+          "speed-up over the base on plain torch; ×same: over the base on the same engine and precision (timed "
+          "interleaved with the row; the compression's own gain)")
 
 
-def measure(ws: tiny.TinyWorkspace, name: str, model_folder: Path, prediction_name: str) -> DemoRow:
-    """Profile one patch and predict the held-out cases with nnU-Net's predictor."""
+def measure(ws: tiny.TinyWorkspace, name: str, model_folder: Path, prediction_name: str,
+            base: BaseReference | None = None) -> DemoRow:
+    """Profile one patch (side by side with the base where given) and predict the held-out cases with nnU-Net's
+    predictor."""
     folder = open_model_folder(model_folder, ["0"])
     net, _, configuration = load_fold_network(folder, "0")
     patch = tuple(resolved_configuration(folder.plans, configuration)["patch_size"])
     prof = profile_network(net, input_channels_of(folder.plans, folder.dataset_json, configuration), patch,
-                           runs=7, warmup=2)
+                           timing=False)
+    speed = (base or BaseReference(model_folder, "0")).time(net, runs=7, warmup=2)
     predictions = tiny.predict_folder(ws, model_folder, ws.root / "predictions" / prediction_name)
     dice = tiny.dice_scores(ws, predictions)
-    return DemoRow(name, prof.params, prof.flops / 1e9, prof.latency_s * 1000, dice["mean_foreground"],
-                   dice["per_class"], str(model_folder))
+    ms = (lambda s: s * 1000 if s is not None else None)
+    return DemoRow(name, prof.params, prof.flops / 1e9, ms(speed.seconds), dice["mean_foreground"],
+                   dice["per_class"], str(model_folder), speed.variant, ms(speed.base_torch_seconds),
+                   ms(speed.base_same_seconds))
 
 
 def run_demo(workdir: Path, fast: bool = False, seed: int = 0) -> list[DemoRow]:
@@ -69,7 +83,8 @@ def run_demo(workdir: Path, fast: bool = False, seed: int = 0) -> list[DemoRow]:
     if not tiny.checkpoint_path(base_folder).exists():
         print(f"[demo] 2/4 nnUNetv2_train (base model, {epochs} short epochs on the CPU)")
         tiny.train(ws)
-    rows = [measure(ws, "base", base_folder, "base")]
+    base = BaseReference(base_folder, "0")
+    rows = [measure(ws, "base", base_folder, "base", base)]
     print(f"[demo]      base model: mean foreground Dice {rows[0].dice:.3f}")
 
     print("[demo] 3/4 Tucker: post-training compression (nnunet-compress tucker) and fine-tuning "
@@ -78,7 +93,7 @@ def run_demo(workdir: Path, fast: bool = False, seed: int = 0) -> list[DemoRow]:
         out = ws.root / "compressed" / f"tucker{ratio}"
         if not out.exists():
             tiny.run_compress(["tucker", str(base_folder), "-o", str(out), "--rank-ratio", str(ratio), "--min-rank", "4"])
-        rows.append(measure(ws, f"tucker {ratio} (no fine-tuning)", out, f"tucker{ratio}"))
+        rows.append(measure(ws, f"tucker {ratio} (no fine-tuning)", out, f"tucker{ratio}", base))
         plans_name = f"{tiny.TINY_PLANS}_tucker{ratio}"
         finetuned = ws.model_folder("nnUNetTrainerTucker", plans_name)
         if not tiny.checkpoint_path(finetuned).exists():
@@ -87,13 +102,15 @@ def run_demo(workdir: Path, fast: bool = False, seed: int = 0) -> list[DemoRow]:
                        "--iterations-per-epoch", "25", "--val-iterations", "2", "--lr", "1e-3", "--augmentation", "none",
                        "--seed", str(seed), "--overwrite"])
             tiny.train(ws, plans_name, "nnUNetTrainerTucker", pretrained=tiny.checkpoint_path(base_folder))
-        rows.append(measure(ws, f"tucker {ratio} + fine-tuning", finetuned, f"tucker{ratio}_ft"))
-    rows.append(label_free_row(ws, base_folder, 0.25, epochs, seed))
+        rows.append(measure(ws, f"tucker {ratio} + fine-tuning", finetuned, f"tucker{ratio}_ft", base))
+    rows.append(label_free_row(ws, base_folder, 0.25, epochs, seed, base))
 
-    rows.extend(taylor_rows(ws, base_folder, epochs, seed))
-    rows.extend(sauron_rows(ws, base_folder, epochs, seed))
+    rows.extend(taylor_rows(ws, base_folder, epochs, seed, base))
+    rows.extend(sauron_rows(ws, base_folder, epochs, seed, base))
+    rows.extend(int8_rows(ws, rows, base))
 
     print("[demo] 4/4 summary (one 3D patch on the CPU; Dice = mean foreground Dice on the held-out cases)")
+    print(LEGEND)
     print(HEADER)
     for row in rows:
         print(row.line(rows[0]))
@@ -107,7 +124,8 @@ def run_demo(workdir: Path, fast: bool = False, seed: int = 0) -> list[DemoRow]:
 PSEUDO_ID, PSEUDO_NAME, UNLABELLED_CASES = 511, "SyntheticUnlabelled", range(1000, 1012)
 
 
-def label_free_row(ws: tiny.TinyWorkspace, base_folder: Path, ratio: float, epochs: int, seed: int = 0) -> DemoRow:
+def label_free_row(ws: tiny.TinyWorkspace, base_folder: Path, ratio: float, epochs: int, seed: int = 0,
+                   base: BaseReference | None = None) -> DemoRow:
     """Tucker `ratio` fine-tuned without labels: the base model labels unseen scans and teaches the student.
 
     The same schedule as the labelled Tucker fine-tuning, on 12 extra synthetic cases that no model was trained or
@@ -127,10 +145,11 @@ def label_free_row(ws: tiny.TinyWorkspace, base_folder: Path, ratio: float, epoc
                    "--lr", "1e-3", "--augmentation", "none", "--seed", str(seed), "--overwrite"])
         tiny.train(pseudo, plans_name, "nnUNetTrainerTucker", pretrained=tiny.checkpoint_path(base_folder),
                    log_name="demo_label_free")
-    return measure(ws, f"tucker {ratio} + label-free distill", folder, f"tucker{ratio}_label_free")
+    return measure(ws, f"tucker {ratio} + label-free distill", folder, f"tucker{ratio}_label_free", base)
 
 
-def taylor_rows(ws: tiny.TinyWorkspace, base_folder: Path, epochs: int, seed: int = 0) -> list[DemoRow]:
+def taylor_rows(ws: tiny.TinyWorkspace, base_folder: Path, epochs: int, seed: int = 0,
+                base: BaseReference | None = None) -> list[DemoRow]:
     """One-shot L1 pruning (no fine-tuning) and Taylor pruning inside nnU-Net's training loop, to half the FLOPs."""
     print("[demo] pruning: one-shot L1 (nnunet-compress prune) and Taylor in the training loop "
           "(nnUNetv2_train -tr nnUNetTrainerTaylorPruning), both to about half the FLOPs")
@@ -139,7 +158,7 @@ def taylor_rows(ws: tiny.TinyWorkspace, base_folder: Path, epochs: int, seed: in
     if not l1.exists():
         tiny.run_compress(["prune", str(base_folder), "-o", str(l1), "--method", "l1", "--target-flops", "0.5",
                    "--step", "0.05"])
-    rows.append(measure(ws, "L1 prune F0.5 (no fine-tuning)", l1, "l1_F0.5"))
+    rows.append(measure(ws, "L1 prune F0.5 (no fine-tuning)", l1, "l1_F0.5", base))
     plans_name = f"{tiny.TINY_PLANS}_taylorF0.5"
     folder = ws.model_folder("nnUNetTrainerTaylorPruning", plans_name)
     if not tiny.checkpoint_path(folder).exists():
@@ -148,11 +167,12 @@ def taylor_rows(ws: tiny.TinyWorkspace, base_folder: Path, epochs: int, seed: in
                    "--epochs", str(max(8, epochs // 3)), "--iterations-per-epoch", "20", "--val-iterations", "2", "--lr", "1e-3",
                    "--augmentation", "none", "--seed", str(seed), "--overwrite"])
         tiny.train(ws, plans_name, "nnUNetTrainerTaylorPruning", pretrained=tiny.checkpoint_path(base_folder))
-    rows.append(measure(ws, "Taylor F0.5 + fine-tuning", folder, "taylor_F0.5"))
+    rows.append(measure(ws, "Taylor F0.5 + fine-tuning", folder, "taylor_F0.5", base))
     return rows
 
 
-def sauron_rows(ws: tiny.TinyWorkspace, base_folder: Path, epochs: int, seed: int = 0) -> list[DemoRow]:
+def sauron_rows(ws: tiny.TinyWorkspace, base_folder: Path, epochs: int, seed: int = 0,
+                base: BaseReference | None = None) -> list[DemoRow]:
     """Sauron pruning while (re)training, started from the base model's weights."""
     print("[demo] Sauron: pruning during training (nnUNetv2_train -tr nnUNetTrainerSauron -pretrained_weights)")
     plans_name = f"{tiny.TINY_PLANS}_sauron_demo"
@@ -165,4 +185,28 @@ def sauron_rows(ws: tiny.TinyWorkspace, base_folder: Path, epochs: int, seed: in
                    "--rho", "2", "--epochs", str(max(10, epochs // 3)), "--iterations-per-epoch", "20", "--val-iterations", "2",
                    "--lr", "1e-3", "--augmentation", "none", "--seed", str(12345 + seed), "--overwrite"])
         tiny.train(ws, plans_name, "nnUNetTrainerSauron", pretrained=tiny.checkpoint_path(base_folder))
-    return [measure(ws, "Sauron (pruned while training)", folder, "sauron")]
+    return [measure(ws, "Sauron (pruned while training)", folder, "sauron", base)]
+
+
+# the demo rows that get an INT8 twin (nnunet-compress quantize), by row name -> folder name
+INT8_ROWS = {"base": "base", "tucker 0.25 + fine-tuning": "tucker0.25_ft",
+             "tucker 0.25 + label-free distill": "tucker0.25_label_free", "Taylor F0.5 + fine-tuning": "taylor_F0.5",
+             "Sauron (pruned while training)": "sauron"}
+
+
+def int8_rows(ws: tiny.TinyWorkspace, rows: list[DemoRow], base: BaseReference | None = None) -> list[DemoRow]:
+    """INT8 twins of the base and of the fine-tuned or pruned-while-training models, calibrated on the training
+    cases (nnunet-compress quantize --calibration-dataset) with NNCF's accuracy control at its default budget."""
+    print("[demo] INT8: nnunet-compress quantize on the base and the fine-tuned models (calibrated on the training "
+          "cases, mean Dice drop on validation tiles <= 0.01)")
+    out = []
+    for row in rows:
+        name = INT8_ROWS.get(row.model)
+        if name is None:
+            continue
+        folder = ws.root / "int8" / name
+        if not folder.exists():
+            tiny.run_compress(["quantize", row.model_folder, "-o", str(folder), "-f", "0", "--calibration-dataset",
+                               str(ws.dataset_id), "--subset-size", "16", "--validation-patches", "8"])
+        out.append(measure(ws, f"{row.model} + INT8", folder, f"int8_{name}", base))
+    return out

@@ -31,8 +31,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from nnunet_compress.errors import CompressError
+from nnunet_compress.evaluation.base_reference import BaseReference
 from nnunet_compress.evaluation.case_metrics import classes_of, find_cases, nanmean, score_all
-from nnunet_compress.evaluation.profiling import profile_network
+from nnunet_compress.evaluation.profiling import measure_peak_memory, profile_network
 from nnunet_compress.evaluation.report_markdown import summary_markdown
 from nnunet_compress.evaluation.report_plots import plot_dice_per_class, plot_pareto
 from nnunet_compress.evaluation.stats import CORRECTIONS, adjust, paired_wilcoxon
@@ -196,24 +197,37 @@ def run_compare(settings: CompareSettings, progress=print) -> dict:
 
     scores = score_all(jobs, settings.num_processes, report_scoring)
 
+    reference = None
+    if settings.timing and settings.device == "cpu":
+        reference = BaseReference(folders[0].path, sorted(folders[0].folds)[0],
+                                  tuple(settings.patch) if settings.patch else None)
     for folder, entry in zip(folders, entries):
         progress(f"profiling {entry.name} on {settings.device}")
-        entry.profile = profile_model(folder, settings)
+        entry.profile = profile_model(folder, settings, reference)
 
     summary = summarise(settings, entries, cases, classes, scores)
     write_report(settings.output, summary, progress)
     return summary
 
 
-def profile_model(folder, settings: CompareSettings) -> dict:
+def profile_model(folder, settings: CompareSettings, reference: BaseReference | None = None) -> dict:
+    """Costs of one model; on the CPU its seconds come side by side with the base's on torch and on the model's own
+    engine and precision (`reference`), so that latency_ratio is the compression's gain alone."""
     fold = sorted(folder.folds)[0]
     net, _, configuration = load_fold_network(folder, fold)
     patch = tuple(settings.patch or resolved_configuration(folder.plans, configuration)["patch_size"])
     prof = profile_network(net, input_channels_of(folder.plans, folder.dataset_json, configuration), patch,
-                           settings.device, runs=settings.profile_runs, warmup=1, timing=settings.timing)
-    return {"configuration": configuration, "fold": fold, "patch_size": list(prof.patch_size),
-            "device": prof.device, "params": prof.params, "flops": prof.flops, "latency_s": prof.latency_s,
-            "peak_memory_bytes": prof.peak_memory_bytes}
+                           settings.device, runs=settings.profile_runs, warmup=1,
+                           timing=settings.timing and reference is None)
+    out = {"configuration": configuration, "fold": fold, "patch_size": list(prof.patch_size),
+           "device": prof.device, "params": prof.params, "flops": prof.flops, "latency_s": prof.latency_s,
+           "peak_memory_bytes": prof.peak_memory_bytes}
+    if reference is not None:
+        out["peak_memory_bytes"] = measure_peak_memory(net.eval(), reference.example())
+        speed = reference.time(net, runs=settings.profile_runs, warmup=1)
+        out.update({"latency_s": speed.seconds, "runs_on": speed.variant,
+                    "base_torch_latency_s": speed.base_torch_seconds, "base_same_latency_s": speed.base_same_seconds})
+    return out
 
 
 def summarise(settings: CompareSettings, entries: list[ModelEntry], cases: list[str], classes, scores) -> dict:
@@ -252,7 +266,7 @@ def summarise(settings: CompareSettings, entries: list[ModelEntry], cases: list[
         m = {"name": e.name, "role": e.role, "path": str(e.path), "folds": e.folds,
              "mean_dice": nanmean(r["dice"] for r in rows), "mean_nsd": nanmean(r["nsd"] for r in rows),
              **{k: e.profile.get(k) for k in ("params", "flops", "latency_s", "peak_memory_bytes", "patch_size",
-                                               "device")}}
+                                               "device", "runs_on")}}
         if e.role == "compressed":
             tested = [r for r in rows if not math.isnan(r["dice_p_adj"])]
             m["classes_tested"] = len(tested)
@@ -261,7 +275,11 @@ def summarise(settings: CompareSettings, entries: list[ModelEntry], cases: list[
             base_profile = entries[0].profile
             m["params_ratio"] = ratio(e.profile.get("params"), base_profile.get("params"))
             m["flops_ratio"] = ratio(e.profile.get("flops"), base_profile.get("flops"))
-            m["latency_ratio"] = ratio(e.profile.get("latency_s"), base_profile.get("latency_s"))
+            # against the base on the same engine and precision where measured so (CPU), else the base as it ran
+            same = e.profile.get("base_same_latency_s", base_profile.get("latency_s"))
+            m["latency_ratio"] = ratio(e.profile.get("latency_s"), same)
+            m["latency_ratio_vs_base_torch"] = ratio(e.profile.get("latency_s"),
+                                                     e.profile.get("base_torch_latency_s", base_profile.get("latency_s")))
         models.append(m)
     min_p = 2 / 2 ** len(cases)
     return {"settings": {k: (str(v) if isinstance(v, Path) else [str(x) for x in v] if k == "compressed" else v)
@@ -276,8 +294,8 @@ def ratio(a, b):
 
 # ---- writing -----------------------------------------------------------------------------------------------
 
-MODEL_COLUMNS = ["name", "role", "params", "flops", "latency_s", "peak_memory_bytes", "mean_dice", "mean_nsd",
-                 "params_ratio", "flops_ratio", "latency_ratio", "classes_tested", "classes_different_dice",
+MODEL_COLUMNS = ["name", "role", "runs_on", "params", "flops", "latency_s", "peak_memory_bytes", "mean_dice",
+                 "mean_nsd", "params_ratio", "flops_ratio", "latency_ratio", "latency_ratio_vs_base_torch", "classes_tested", "classes_different_dice",
                  "classes_different_nsd", "path"]
 CLASS_COLUMNS = ["model", "label", "class", "n_cases", "dice", "nsd", "dice_diff_mean", "dice_p", "dice_p_adj",
                  "dice_different", "nsd_diff_mean", "nsd_p", "nsd_p_adj", "nsd_different"]

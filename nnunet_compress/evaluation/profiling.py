@@ -1,5 +1,11 @@
 """What does a network cost to run? Parameters, FLOPs, latency and peak memory of one patch.
 
+Seconds are compared side by side (:func:`side_by_side`): every network of a comparison on every engine and
+precision it can run in — torch f32 (nnU-Net's own path), the CPU engine in f32, the engine in INT8 where the
+network carries an INT8 model — timed in one process, round-robin, so that load on a shared machine hits every
+variant alike. A compressed model on the engine is then compared with its base on the *same* engine and precision
+as well as with the base on torch, and the engine's own gain is never printed as the compression's.
+
 FLOPs come from torch's own ``FlopCounterMode`` (it counts a multiply-add as two FLOPs; the Tucker paper's fvcore
 counts it as one, so divide by two to compare). Latency is the median of several timed forward passes after
 warm-up, because a shared machine is noisy and the median is robust to the occasional stall. Peak memory is
@@ -14,11 +20,16 @@ import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
 
 from nnunet_compress.costs import count_flops, count_parameters, leaf_modules
+from nnunet_compress.inference import openvino_engine
+from nnunet_compress.inference.settings import from_environment, plain_inference
+
+TORCH_F32, ENGINE_F32, ENGINE_INT8 = "torch f32", "engine f32", "engine int8"
 
 
 @dataclass
@@ -159,3 +170,65 @@ def format_profile(profile: NetworkProfile, per_layer: bool = True) -> str:
     if profile.peak_memory_bytes is not None:
         lines.append(f"peak memory      : {profile.peak_memory_bytes / 2**20:.1f} MiB above baseline")
     return "\n".join(lines)
+
+
+# ---- side-by-side timing on several engines and precisions -------------------------------------------------------
+
+
+def _on_torch(net: nn.Module) -> Callable[[torch.Tensor], torch.Tensor | None]:
+    def forward(x):
+        with plain_inference():
+            return net(x)
+    return forward
+
+
+def _on_engine(net: nn.Module, precision: str) -> Callable[[torch.Tensor], torch.Tensor | None]:
+    return lambda x: openvino_engine.run(net, x, precision)
+
+
+def variants(net: nn.Module, engine: bool = True) -> dict[str, Callable[[torch.Tensor], torch.Tensor | None]]:
+    """How `net` can run on the CPU: torch f32 always; the engine in f32, and in INT8 where it carries a model."""
+    out = {TORCH_F32: _on_torch(net)}
+    if engine and openvino_engine.available():
+        out[ENGINE_F32] = _on_engine(net, "f32")
+        if openvino_engine.int8_payload(net) is not None:
+            out[ENGINE_INT8] = _on_engine(net, "int8")
+    return out
+
+
+def running_variant(net: nn.Module) -> str:
+    """The variant nnU-Net's predictor runs `net` in on this machine's CPU, with the settings in force."""
+    settings = from_environment()
+    if not hasattr(net, "engine_int8") or settings.engine != "openvino" or not openvino_engine.available():
+        return TORCH_F32  # nnU-Net's own classes, or the engine switched off
+    if settings.wants_int8 and openvino_engine.int8_payload(net) is not None:
+        return ENGINE_INT8
+    return ENGINE_F32
+
+
+def side_by_side(timed: dict[str, Callable[[torch.Tensor], torch.Tensor | None]], x: torch.Tensor, runs: int = 5,
+                 warmup: int = 1) -> dict[str, float | None]:
+    """Median seconds of each callable on `x`, timed round-robin in one process (None where the engine declined).
+
+    Round-robin rather than one after the other: on a shared machine a burst of load then slows every variant's
+    run of that round, not all runs of one variant, and the ratios stay fair.
+    """
+    times: dict[str, list[float]] = {name: [] for name in timed}
+    declined: set[str] = set()
+    with torch.inference_mode():
+        for i in range(warmup + runs):
+            for name, forward in timed.items():
+                if name in declined:
+                    continue
+                start = time.perf_counter()
+                out = forward(x)
+                elapsed = time.perf_counter() - start
+                if out is None:
+                    declined.add(name)
+                elif i >= warmup:
+                    times[name].append(elapsed)
+    return {name: (statistics.median(t) if t and name not in declined else None) for name, t in times.items()}
+
+
+def speedup(reference: float | None, seconds: float | None) -> float | None:
+    return reference / seconds if reference and seconds else None

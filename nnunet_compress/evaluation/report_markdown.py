@@ -15,6 +15,13 @@ def _f(value, fmt: str = ".4f", missing: str = "–") -> str:
     return format(value, fmt)
 
 
+def _times(latency_ratio, role: str) -> str:
+    """A latency ratio (model / base) as a speed-up; the base row is the reference."""
+    if role == "base":
+        return "1.00×"
+    return "–" if not latency_ratio else f"{1 / latency_ratio:.2f}×"
+
+
 def _mib(value) -> str:
     return _f(None if value is None else value / 2 ** 20, ".1f")
 
@@ -30,20 +37,23 @@ def summary_markdown(summary: dict) -> str:
         f"Paired test per class: Wilcoxon signed-rank (compressed − base over cases), p-values corrected across "
         f"classes ({s['correction']}), α = {s['alpha']}. Cost of one forward pass on a "
         f"{'×'.join(map(str, base.get('patch_size') or []))} patch on {base.get('device')}; FLOPs as torch counts "
-        f"them (1 multiply-add = 2 FLOPs).", "",
+        f"them (1 multiply-add = 2 FLOPs). \"runs on\": the engine and precision nnU-Net's predictor uses for the "
+        f"model here; each model was timed interleaved with the base on torch and the base on its own engine and "
+        f"precision, so \"same engine\" is the compression's own speed-up.", "",
         "## Models", "",
-        "| model | params | GFLOPs | latency (ms) | peak memory (MiB) | mean Dice | mean NSD | classes different "
-        "(Dice / NSD) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | runs on | params | GFLOPs | latency (ms) | × vs base, same engine | × vs base on torch | "
+        "peak memory (MiB) | mean Dice | mean NSD | classes different (Dice / NSD) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for m in models:
         different = "base" if m["role"] == "base" else \
             f"{m['classes_different_dice']} / {m['classes_different_nsd']} of {m['classes_tested']}"
         lines.append(
-            f"| {m['name']} | {_f(m['params'], ',')} ({_f(m.get('params_ratio'), '.2f', '1.00')}) | "
+            f"| {m['name']} | {m.get('runs_on') or m.get('device') or '–'} | {_f(m['params'], ',')} ({_f(m.get('params_ratio'), '.2f', '1.00')}) | "
             f"{_f(None if m['flops'] is None else m['flops'] / 1e9, '.2f')} "
             f"({_f(m.get('flops_ratio'), '.2f', '1.00')}) | "
             f"{_f(None if m['latency_s'] is None else m['latency_s'] * 1e3, '.1f')} | "
+            f"{_times(m.get('latency_ratio'), m['role'])} | {_times(m.get('latency_ratio_vs_base_torch'), m['role'])} | "
             f"{_mib(m['peak_memory_bytes'])} | {_f(m['mean_dice'])} | {_f(m['mean_nsd'])} | {different} |")
     lines.append("")
     for m in models[1:]:

@@ -23,6 +23,7 @@ a TorchScript trace or a dispatch mode such as FlopCounterMode (which must see t
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import threading
 import time
@@ -36,6 +37,7 @@ import torch
 from torch import nn
 
 from nnunet_compress.errors import CompressError, first_line
+from nnunet_compress.inference import int8
 from nnunet_compress.inference.decoder_fold import GRAPH_VERSION, engine_graph
 from nnunet_compress.inference.model_cache import ModelCache, model_key, weights_signature
 from nnunet_compress.inference.settings import EngineSettings, from_environment, plain_inference, plain_requested
@@ -60,6 +62,7 @@ _lock = threading.RLock()
 _signature_to_key: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 _compiled: "OrderedDict[tuple, CompiledModel]" = OrderedDict()
 _failed: set[tuple] = set()
+_int8_failed: set[str] = set()  # keys whose INT8 model could not be used (their f32 model runs)
 _local = threading.local()
 
 
@@ -90,9 +93,16 @@ def applies(net: nn.Module, x: torch.Tensor) -> bool:
     return from_environment().engine == "openvino"
 
 
-def run(net: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-    """``net(x)`` computed by OpenVINO, or None where the engine cannot take it (then run torch's path)."""
+def run(net: nn.Module, x: torch.Tensor, precision: str | None = None) -> torch.Tensor | None:
+    """``net(x)`` computed by OpenVINO, or None where the engine cannot take it (then run torch's path).
+
+    A network that carries an INT8 model (:func:`int8_payload`) runs it unless the settings ask for f32; an INT8
+    model that cannot be read or compiled runs in f32 instead, with one warning. `precision` overrides the
+    environment's (side-by-side timings run one network at several precisions in one process).
+    """
     settings = from_environment()
+    if precision is not None:
+        settings = dataclasses.replace(settings, precision=precision).validate()
     threads = torch.get_num_threads()
     shape = tuple(x.shape)
     with _lock:
@@ -105,17 +115,21 @@ def run(net: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         key = per_net[signature]
         if (key, shape) in _failed:
             return None
-        compiled_key = (key, threads, settings.precision)
-        compiled = _compiled.get(compiled_key)
+        compiled, compiled_key = None, None
+        payload = int8_payload(net) if settings.wants_int8 and key not in _int8_failed else None
+        if payload is not None:
+            compiled_key = (key, threads, "int8")
+            compiled = _compiled.get(compiled_key) or _prepare_int8(net, payload, shape, key, threads, settings)
         if compiled is None:
-            compiled = _prepare(net, x, key, threads, settings)
-            if compiled is None:
-                _failed.add((key, shape))
-                return None
-            _compiled[compiled_key] = compiled
-            while len(_compiled) > MAX_COMPILED:
-                _compiled.popitem(last=False)
+            compiled_key = (key, threads, settings.float_precision)
+            compiled = _compiled.get(compiled_key) or _prepare(net, x, key, threads, settings)
+        if compiled is None:
+            _failed.add((key, shape))
+            return None
+        _compiled[compiled_key] = compiled
         _compiled.move_to_end(compiled_key)
+        while len(_compiled) > MAX_COMPILED:
+            _compiled.popitem(last=False)
     try:
         out = compiled.infer(x)
     except Exception as e:  # an engine error must not fail the prediction: torch can still compute it
@@ -126,6 +140,58 @@ def run(net: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         return None
     STATS.inferences += 1
     return out
+
+
+def int8_payload(net: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The INT8 model a network carries in its state dict (:mod:`.int8`), or None."""
+    xml, weights = (getattr(net, key, None) for key in int8.PAYLOAD_KEYS)
+    if xml is None or weights is None or not xml.numel():
+        return None
+    return xml, weights
+
+
+_notified: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+def int8_notice(net: nn.Module, x: torch.Tensor) -> None:
+    """One line per network where its INT8 model cannot run (CUDA, the torch engine): its f32 weights run instead.
+
+    Quiet where the engine is skipped on purpose (training is refused elsewhere; autograd, tracing, FLOP counting
+    and plain_inference want torch's own ops).
+    """
+    if net in _notified or torch.is_grad_enabled() or torch.jit.is_tracing() or plain_requested():
+        return
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+    if _get_current_dispatch_mode_stack():
+        return
+    where = "CUDA" if x.device.type == "cuda" else f"the {from_environment().engine} engine"
+    _notified.add(net)
+    print(f"nnunet-compress: this model's INT8 weights run on OpenVINO's CPU engine only; running its f32 weights on "
+          f"{where}", file=sys.stderr)
+
+
+def _prepare_int8(net: nn.Module, payload, shape: tuple[int, ...], key: str, threads: int,
+                  settings: EngineSettings) -> CompiledModel | None:
+    """The network's INT8 model compiled for `shape`; None (after one warning) where it cannot be read or run."""
+    try:
+        import openvino as ov
+        core = ov.Core()
+        model = int8.deserialize(core, payload[0].numpy(), payload[1].numpy())
+        if tuple(model.input(0).get_partial_shape().to_shape()) != shape:
+            model.reshape(list(shape))  # quantised at the plans' patch size; other inputs take the same weights
+        t0 = time.perf_counter()
+        compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
+                                                     "INFERENCE_PRECISION_HINT": settings.float_precision})
+        STATS.compilations.append(time.perf_counter() - t0)
+        return CompiledModel(compiled)
+    except Exception as e:  # a damaged or foreign INT8 model must not fail the prediction: f32 can compute it
+        _int8_failed.add(key)
+        message = (f"nnunet-compress: the INT8 model of this {type(net).__name__} cannot be used "
+                   f"({first_line(e, with_type=True)}); running its f32 weights on the engine instead (quantise the "
+                   "parent folder again with this version of OpenVINO)")
+        STATS.fallbacks.append(message)
+        print(message, file=sys.stderr)
+        return None
 
 
 class CompiledModel:
@@ -166,7 +232,7 @@ def _prepare(net: nn.Module, x: torch.Tensor, key: str, threads: int, settings: 
         t0 = time.perf_counter()
         compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads,
                                                      "PERFORMANCE_HINT": "LATENCY",
-                                                     "INFERENCE_PRECISION_HINT": settings.precision})
+                                                     "INFERENCE_PRECISION_HINT": settings.float_precision})
         STATS.compilations.append(time.perf_counter() - t0)
         return CompiledModel(compiled)
     except Exception as e:  # conversion/compilation of an unsupported network: torch runs it instead
@@ -209,6 +275,28 @@ def _cached_or_converted(core, net: nn.Module, x: torch.Tensor, key: str, settin
     # read back from disk: the compiled model then owns its weights (the converted one shares torch's memory,
     # which the next fold's load_state_dict would overwrite)
     return core.read_model(str(entry / MODEL_FILE))
+
+
+def int8_reference(net: nn.Module, calibration: list[torch.Tensor]):
+    """`net` quantised in memory by NNCF (no accuracy control) and compiled as the engine compiles its models.
+
+    A timing reference, never a model to predict with: it lets a compressed INT8 model be compared with its
+    original in INT8 on the same engine when the original carries no INT8 model. Nothing is written anywhere.
+    Returns a callable ``x -> logits`` (None where the engine cannot take the network).
+    """
+    import openvino as ov
+    shape = tuple(calibration[0].shape)
+    try:
+        with plain_inference():
+            model = convert(net.eval(), torch.zeros(shape))
+        quantised = int8.quantize(model, [c.numpy() for c in calibration], None, [], max_drop=None).model
+        compiled = ov.Core().compile_model(quantised, "CPU", {"INFERENCE_NUM_THREADS": torch.get_num_threads(),
+                                                              "PERFORMANCE_HINT": "LATENCY",
+                                                              "INFERENCE_PRECISION_HINT": "f32"})
+    except Exception as e:  # the frontend's and NNCF's errors have many types; the caller goes without the row
+        _fallback(net, shape, f"INT8 reference failed ({first_line(e, with_type=True)})")
+        return None
+    return CompiledModel(compiled).infer
 
 
 def fill_cache(net: nn.Module, input_shape: tuple[int, ...]) -> tuple[Path, float | None]:
@@ -292,4 +380,5 @@ def clear() -> None:
     with _lock:
         _compiled.clear()
         _failed.clear()
+        _int8_failed.clear()
         _signature_to_key.clear()

@@ -5,9 +5,11 @@ Why environment variables and not flags: the engine runs inside nnU-Net's predic
 environment variable reaches all of them, and their worker processes, unchanged.
 
 * ``NNUNET_COMPRESS_CPU_ENGINE``: ``openvino`` (default) or ``torch``.
-* ``NNUNET_COMPRESS_CPU_PRECISION``: OpenVINO's inference precision, ``f32`` (default), ``bf16`` or ``f16``.
-  OpenVINO would otherwise pick bf16 by itself on CPUs that have it; we keep f32 so that a compressed model
-  predicts what the torch path predicts unless the user asks for the faster, less exact arithmetic.
+* ``NNUNET_COMPRESS_CPU_PRECISION``: ``auto`` (default) runs a model folder's INT8 model where it has one
+  (``nnunet-compress quantize``) and f32 otherwise; ``f32`` runs every folder in f32, INT8 folders included (to
+  compare the two); ``int8`` is ``auto`` said explicitly; ``bf16`` or ``f16`` run the f32 model at OpenVINO's
+  reduced inference precision. OpenVINO would otherwise pick bf16 by itself on CPUs that have it; we keep f32 so
+  that a model predicts what the torch path predicts unless the user asks for less exact arithmetic.
 * ``NNUNET_COMPRESS_CACHE_DIR``: where converted models are kept (default ``$XDG_CACHE_HOME/nnunet_compress``,
   i.e. ``~/.cache/nnunet_compress``). Never a model folder: those stay read-only.
 """
@@ -24,7 +26,7 @@ from nnunet_compress.errors import CompressError
 from nnunet_compress.settings import Settings
 
 ENGINES = ("openvino", "torch")
-PRECISIONS = ("f32", "bf16", "f16")
+PRECISIONS = ("auto", "f32", "int8", "bf16", "f16")
 ENGINE_VARIABLE = "NNUNET_COMPRESS_CPU_ENGINE"
 PRECISION_VARIABLE = "NNUNET_COMPRESS_CPU_PRECISION"
 CACHE_VARIABLE = "NNUNET_COMPRESS_CACHE_DIR"
@@ -37,7 +39,7 @@ class EngineSettings(Settings):
     label = "CPU engine"
 
     engine: str = "openvino"
-    precision: str = "f32"
+    precision: str = "auto"
     cache_dir: Path | None = None
 
     def validate(self) -> "EngineSettings":
@@ -46,8 +48,19 @@ class EngineSettings(Settings):
                                 f"{', '.join(ENGINES)}")
         if self.precision not in PRECISIONS:
             raise CompressError(f"{PRECISION_VARIABLE}={self.precision!r} is not a precision; use one of "
-                                f"{', '.join(PRECISIONS)} (f32 reproduces the torch path)")
+                                f"{', '.join(PRECISIONS)} (auto: a folder's INT8 model where it has one; f32 "
+                                f"reproduces the torch path)")
         return self
+
+    @property
+    def wants_int8(self) -> bool:
+        """Whether a folder's INT8 model, where it has one, is the one to run."""
+        return self.precision in ("auto", "int8")
+
+    @property
+    def float_precision(self) -> str:
+        """OpenVINO's inference precision hint for float models (and the float parts of INT8 ones)."""
+        return "f32" if self.precision in ("auto", "int8") else self.precision
 
 
 def default_cache_dir() -> Path:
@@ -59,7 +72,7 @@ def from_environment() -> EngineSettings:
     """The settings in force now (read at every call, so a test or a user can change them in-process)."""
     cache = os.environ.get(CACHE_VARIABLE)
     return EngineSettings(engine=os.environ.get(ENGINE_VARIABLE, "openvino").strip().lower(),
-                          precision=os.environ.get(PRECISION_VARIABLE, "f32").strip().lower(),
+                          precision=os.environ.get(PRECISION_VARIABLE, "auto").strip().lower(),
                           cache_dir=Path(cache) if cache else default_cache_dir()).validate()
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from nnunet_compress.errors import CompressError
-from nnunet_compress.network import CompressedUNet, unwrap
+from nnunet_compress.network import CompressedUNet, refuse_int8_weights, unwrap
 from nnunet_compress.nnunet.model_folder import load_checkpoint, save_checkpoint
 from nnunet_compress.nnunet.plans import SECTION
 
@@ -141,7 +141,9 @@ PARENT_CHECKPOINT_ATTR = "_nnunet_compress_parent_checkpoint"
 
 
 def load_checkpoint_weights(fname: str) -> dict[str, torch.Tensor]:
-    return load_checkpoint(fname)["network_weights"]
+    weights = load_checkpoint(fname)["network_weights"]
+    refuse_int8_weights(weights)
+    return weights
 
 
 def load_pretrained_weights_into(network: torch.nn.Module, fname: str, verbose: bool = False) -> None:
