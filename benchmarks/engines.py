@@ -5,6 +5,9 @@
   OpenVINO is absent or cannot take a network.
 * ``openvino``: the product path: ``CompressedUNet.forward`` with ``NNUNET_COMPRESS_CPU_ENGINE=openvino`` (the
   default), i.e. exactly what ``nnUNetv2_predict`` runs for a compressed or ``convert``-ed model folder.
+* ``openvino-int8``: the same graph quantised to INT8 by NNCF (``openvino_engine.int8_reference``, no accuracy
+  control, calibrated on two random patches: INT8 speed does not depend on the calibration values), compiled as the
+  engine compiles a folder's INT8 model; what ``nnunet-compress quantize`` gives the engine.
 * ``onnxruntime``: the network exported with ``torch.onnx.export`` and run by ONNX Runtime (benchmark only: a second
   well-kept engine a user might deploy; install with ``pip install -e ".[bench]"``).
 
@@ -29,7 +32,8 @@ from nnunet_compress.inference import openvino_engine
 from nnunet_compress.inference.settings import ENGINE_VARIABLE, plain_inference
 from nnunet_compress.inference.torch_paths import fast_convolutions
 
-ENGINES = ("torch", "torch+paths", "openvino", "onnxruntime")
+ENGINES = ("torch", "torch+paths", "openvino", "openvino-int8", "onnxruntime")
+INT8_CALIBRATION_PATCHES = 2
 
 
 @contextlib.contextmanager
@@ -98,13 +102,19 @@ def make_runner(engine: str, net: nn.Module, shape: tuple[int, ...], compressed_
                 return product(x)
         runner = Runner(engine, call)
         before = (len(openvino_engine.STATS.conversions), len(openvino_engine.STATS.cache_loads))
+    elif engine == "openvino-int8":
+        t0 = time.perf_counter()
+        infer = openvino_engine.int8_reference(product, [torch.randn(shape) for _ in range(INT8_CALIBRATION_PATCHES)])
+        if infer is None:
+            raise RuntimeError(f"OpenVINO/NNCF cannot quantise {type(product).__name__}")
+        runner = Runner(engine, infer, details={"quantize_s": time.perf_counter() - t0})
     elif engine == "onnxruntime":
         runner = _onnxruntime_runner(net, shape)
     else:
         raise ValueError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
     t0 = time.perf_counter()
     runner(x)
-    runner.prepare_s = time.perf_counter() - t0
+    runner.prepare_s = time.perf_counter() - t0 + runner.details.get("quantize_s", 0.0)
     if engine == "openvino":
         stats = openvino_engine.STATS
         if stats.fallbacks:

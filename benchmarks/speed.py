@@ -9,8 +9,10 @@ paths, the fallback), ``openvino`` (the default CPU engine of compressed and ``c
 ``onnxruntime`` (a second engine for comparison). All rows are timed in ONE process, interleaved (row A, B, C, A,
 B, C, ...), and the median is reported: on a shared, noisy machine that is what keeps the ratios meaningful.
 
-Two ratios per row: against the original on plain torch, and against the original on its *best* engine (the
-fastest original row of this run) — what an informed user would deploy instead of compressing. Also: each row's
+Three ratios per row: against the original on plain torch, against the original on the *same* engine and precision
+(the compression's own gain), and against the original on its *best* engine and precision (the fastest original
+row of this run, e.g. OpenVINO INT8) — what an informed user would deploy instead of compressing.
+``--precision f32 int8`` picks the OpenVINO rows: ``openvino`` (f32) and ``openvino-int8``. Also: each row's
 start-up (first call: conversion/export + compilation; for OpenVINO also the cached start-up a second process
 pays) and its largest relative deviation from the same network's plain-torch logits.
 
@@ -177,6 +179,9 @@ def add_ratios(result) -> None:
             if plain is not None:
                 v[key[:-2] + "_vs_torch"] = plain[key] / v[key]
             v[key[:-2] + "_vs_best"] = originals[best_row][key] / v[key]
+            same = next((o for o in originals.values() if o["engine"] == v["engine"]), None)
+            if same is not None:
+                v[key[:-2] + "_vs_same"] = same[key] / v[key]
 
 
 def markdown(arch_name, result, device) -> str:
@@ -185,9 +190,9 @@ def markdown(arch_name, result, device) -> str:
     head = (f"### {arch_name}: patch {'×'.join(map(str, result['patch']))}"
             + (f", sliding window over {'×'.join(map(str, result['volume']))} ({result['volume_patches']} patches)"
                if has_volume else "") + f" — {device}; best original: {best}\n\n")
-    cols = ("| network | engine | params (M) | GFLOPs | patch s | × vs original torch | × vs best original "
-            "| CPU-s | CPU × vs best | start-up s | cached start-up s | max rel. dev. |")
-    rule = "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    cols = ("| network | engine | params (M) | GFLOPs | patch s | × vs original torch | × vs original same engine "
+            "| × vs best original | CPU-s | CPU × vs best | start-up s | cached start-up s | max rel. dev. |")
+    rule = "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     if has_volume:
         cols += " volume s | × vs best |"
         rule += "---:|---:|"
@@ -195,7 +200,8 @@ def markdown(arch_name, result, device) -> str:
     for v in result["rows"].values():
         cached = v.get("cached_start_up_s")
         line = (f"| {v['network']} | {v['engine']} | {v['params'] / 1e6:.2f} | {v['flops'] / 1e9:.1f} | "
-                f"{v['patch_s']:.3f} | {_ratio(v, 'patch_vs_torch')} | {v['patch_vs_best']:.2f} | "
+                f"{v['patch_s']:.3f} | {_ratio(v, 'patch_vs_torch')} | {_ratio(v, 'patch_vs_same')} | "
+                f"{v['patch_vs_best']:.2f} | "
                 f"{v['patch_cpu_s']:.3f} | {v['patch_cpu_vs_best']:.2f} | {v['prepare_s']:.1f} | "
                 f"{'' if cached is None else f'{cached:.1f}'} | {v['max_rel_dev']:.1e} |")
         if has_volume:
@@ -218,6 +224,8 @@ def main(argv=None) -> int:
     ap.add_argument("--patch", nargs=3, type=int, action="append",
                     help="a patch to time (repeatable; default: each model's own)")
     ap.add_argument("--engine", nargs="+", default=list(ENGINES), choices=ENGINES)
+    ap.add_argument("--precision", nargs="+", choices=("f32", "int8"),
+                    help="OpenVINO precisions to time (f32: openvino, int8: openvino-int8); replaces those in --engine")
     ap.add_argument("--volume", nargs=3, type=int, help="sliding-window volume (voxels); omit to skip")
     ap.add_argument("--ratios", nargs="+", type=float, default=[0.25, 0.125])
     ap.add_argument("--multiple", type=int, default=1, help="round Tucker ranks up to this multiple")
@@ -230,6 +238,9 @@ def main(argv=None) -> int:
                     help="use the user's engine cache (default: a fresh one, so conversion times are measured)")
     ap.add_argument("--tag", default="cpu")
     args = ap.parse_args(argv)
+    if args.precision:
+        wanted = {"f32": "openvino", "int8": "openvino-int8"}
+        args.engine = [e for e in args.engine if e not in wanted.values()] + [wanted[p] for p in args.precision]
 
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     if not args.keep_cache:

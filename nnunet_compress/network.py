@@ -166,9 +166,10 @@ class CompressedUNet(nn.Module):
                 set_channel_counts(self, wanted)
         openvino_engine.forget(self)  # new weights: the engine must not reuse the old weights' compiled model
         if self.engine_int8:  # each fold's INT8 model has its own size: take the stored tensors' shapes
-            for key in PAYLOAD_KEYS:
-                if key in state_dict:
-                    self.register_buffer(key, torch.zeros_like(state_dict[key], dtype=torch.uint8))
+            with torch.inference_mode(False):  # nnU-Net's predictor loads folds inside inference mode
+                for key in PAYLOAD_KEYS:
+                    if key in state_dict:
+                        self.register_buffer(key, torch.zeros(state_dict[key].shape, dtype=torch.uint8))
         try:
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
         except RuntimeError as e:

@@ -54,7 +54,7 @@ def test_int8_folder_carries_the_model_manifest_and_report(tiny_base, int8_folde
     manifest = json.loads((int8_folder / "fold_0" / "int8_manifest.json").read_text())
     assert {"openvino", "nncf", "torch"} <= set(manifest["versions"])
     assert manifest["calibration_patches"] == 8 and manifest["validation_patches"] == 6
-    assert manifest["calibration_foreground_patches"] == 4  # half the tiles hold labelled foreground
+    assert manifest["calibration_foreground_patches"] >= 4  # at least half the tiles hold labelled foreground
     assert manifest["mean_dice_f32"] - manifest["mean_dice_int8"] <= 0.01 + 1e-9
     report = (int8_folder / "quantization_report.md").read_text()
     assert "| class | Dice f32 | Dice INT8 |" in report and "kept in f32" in report

@@ -48,7 +48,9 @@ def watched(self, folder, *args, **kwargs):
 nnUNetPredictor.initialize_from_trained_model_folder = watched
 from totalsegmentator.python_api import totalsegmentator
 totalsegmentator(sys.argv[1], sys.argv[2], fast=True, device="cpu", quiet=True, nr_thr_saving=1)
-print("RESULT" + json.dumps({"attempts": attempts, "loaded": loaded}))
+from nnunet_compress.inference import openvino_engine
+ran = sorted({key[2] for key in openvino_engine._compiled})  # precisions the engine compiled models for
+print("RESULT" + json.dumps({"attempts": attempts, "loaded": loaded, "engine": ran}))
 """
 
 
@@ -72,9 +74,9 @@ def synthetic_ct(tmp_path_factory) -> Path:
     return path
 
 
-def run_totalsegmentator(home: Path, ct: Path, out: Path) -> tuple[dict, float]:
+def run_totalsegmentator(home: Path, ct: Path, out: Path, **environment) -> tuple[dict, float]:
     import os
-    env = dict(os.environ, TOTALSEG_HOME_DIR=str(home))
+    env = dict(os.environ, TOTALSEG_HOME_DIR=str(home), **environment)
     env.pop("TOTALSEG_WEIGHTS_PATH", None)
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-c", RUNNER, str(ct), str(out)], env=env, stdout=subprocess.PIPE,
@@ -127,6 +129,32 @@ def test_compressed_home_runs_in_totalsegmentator_offline(fast_source_home, synt
     assert len(masks) == len(class_map["total"]) and f"{class_map['total'][1]}.nii.gz" in masks
     assert all(m.shape == ct_shape for m in masks.values())
     assert sum(int(m.sum()) for m in masks.values()) > 0  # random weights still label something
+
+
+@pytest.mark.totalseg
+def test_int8_home_runs_int8_in_totalsegmentator(fast_source_home, synthetic_ct, tmp_path):
+    """totalseg --int8: every model quantised on the user's CTs; TotalSegmentator's run compiles INT8 models."""
+    calibration = tmp_path / "cts"
+    calibration.mkdir()
+    (calibration / "case_0000.nii.gz").write_bytes(synthetic_ct.read_bytes())
+    home = tmp_path / "home_int8"
+    before = tree_files(fast_source_home / "nnunet")
+    # random weights: their labels flip under any rounding, so the Dice budget is opened wide (the accuracy control
+    # is tested on a trained model in test_e2e_int8.py)
+    proc = run_cli("totalseg", "--task", "total_fast", "--source-home", fast_source_home, "-o", home,
+                   "--rank-ratio", "0.3", "--int8", "--calibration-images", calibration, "--subset-size", "2",
+                   "--max-dice-drop", "0.99", "--max-cases", "1", check=True)
+    assert "INT8" in proc.stdout and tree_files(fast_source_home / "nnunet") == before
+    (row,) = json.loads((home / "nnunet_compress_totalseg.json").read_text())["models"]
+    assert row["int8"][0]["convolutions"] > 0
+    folder = home / "nnunet/results/Dataset297_TotalSegmentator_total_3mm_1559subj" / \
+        f"{FAST_TRAINER}__nnUNetPlans__3d_fullres"
+    assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]  # no f32 leftovers
+    plans = json.loads((folder / "plans.json").read_text())
+    assert plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]["engine_int8"] is True
+    info, _ = run_totalsegmentator(home, synthetic_ct, tmp_path / "seg", NNUNET_COMPRESS_CPU_ENGINE="openvino")
+    assert info["attempts"] == [] and info["engine"] == ["int8"], info
+    assert read_masks(tmp_path / "seg")
 
 
 def test_total_task_resolves_to_the_five_part_models():

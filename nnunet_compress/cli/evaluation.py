@@ -26,6 +26,7 @@ from nnunet_compress.nnunet.model_folder import (
 )
 from nnunet_compress.nnunet.plans import resolved_configuration
 from nnunet_compress.totalseg.home import compress_totalseg_home
+from nnunet_compress.workflows.quantize import QuantizeSettings
 
 
 def cmd_profile(args) -> None:
@@ -106,10 +107,19 @@ def cmd_totalseg(args) -> None:
         policy = None
     else:
         policy = rank_policy_from_args(args)
+    int8 = None
+    if args.int8:
+        if args.calibration_images is None:
+            raise CompressError("--int8 needs --calibration-images DIR: a few of your own CTs (nnU-Net naming "
+                                "CASE_0000.nii.gz) to calibrate and check every model on")
+        int8 = QuantizeSettings(calibration_images=args.calibration_images, subset_size=args.subset_size,
+                                max_dice_drop=args.max_dice_drop, max_cases=args.max_cases).validate()
+    elif args.calibration_images is not None:
+        raise CompressError("--calibration-images calibrates INT8 quantisation; add --int8 (or drop it)")
     result = compress_totalseg_home(args.output, policy, args.task, source_home=args.source_home,
                                     overwrite=args.overwrite, progress=lambda line: print(line, flush=True),
-                                    images=args.images, engine_cache=not args.no_engine_cache)
-    kind = "unchanged (CPU engine)" if policy is None else "compressed"
+                                    images=args.images, engine_cache=not args.no_engine_cache, int8=int8)
+    kind = ("unchanged (CPU engine)" if policy is None else "compressed") + (", INT8" if int8 else "")
     print(f"wrote {args.output}: {len(result['models'])} {kind} model(s). Run with\n"
           f"  TOTALSEG_HOME_DIR={args.output} TotalSegmentator -i ct.nii.gz -o seg/"
           + (" --fast" if all(t.endswith("_fast") for t in args.task) else ""))
@@ -173,4 +183,12 @@ def register(sub) -> None:
                    help="do not convert the written models for the CPU engine now (by default they are, into the "
                         "user's cache, so that TotalSegmentator's first run starts as quickly as later ones)")
     add_rank_options(p)
+    g = p.add_argument_group("INT8 (nnunet-compress quantize on every model)")
+    g.add_argument("--int8", action="store_true",
+                   help="also quantise every model to INT8 for the CPU engine, Dice checked against its f32 "
+                        "predictions on your CTs")
+    g.add_argument("--calibration-images", type=Path, help="your CTs (CASE_0000.nii.gz) that calibrate INT8")
+    g.add_argument("--subset-size", type=int, default=32, help="calibration tiles per model (32)")
+    g.add_argument("--max-dice-drop", type=float, default=0.01, help="largest mean Dice loss accepted (0.01)")
+    g.add_argument("--max-cases", type=int, default=8, help="CTs read from --calibration-images (8)")
     p.set_defaults(func=cmd_totalseg)

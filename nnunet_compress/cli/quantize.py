@@ -11,7 +11,7 @@ from nnunet_compress.workflows.quantize import PRESETS, QuantizeSettings, quanti
 def cmd_quantize(args) -> None:
     settings = QuantizeSettings(args.calibration_images, args.calibration_dataset, args.validation_labels,
                                 args.subset_size, args.validation_patches, args.foreground_share, args.max_cases,
-                                args.max_dice_drop, args.preset, args.seed).validate()
+                                args.max_dice_drop, args.nncf_preset, args.seed).validate()
     report = quantize_model_folder(args.model_folder, args.output, settings, args.folds, args.configuration,
                                    args.overwrite, args.checkpoint)
     for fold in report["folds"]:
@@ -43,7 +43,7 @@ def register(sub) -> None:
     p.add_argument("--max-cases", type=int, default=8, help="cases read from the calibration source (8)")
     p.add_argument("--max-dice-drop", type=float, default=0.01,
                    help="largest loss of mean foreground Dice accepted; layers whose INT8 costs more stay f32 (0.01)")
-    p.add_argument("--preset", choices=PRESETS, default="mixed",
+    p.add_argument("--nncf-preset", choices=PRESETS, default="mixed",
                    help="NNCF preset: mixed (asymmetric activations, default) or performance (symmetric)")
     p.add_argument("--seed", type=int, default=0, help="seed of the tiles drawn (0)")
     p.set_defaults(func=cmd_quantize)

@@ -20,6 +20,7 @@ need those helpers in the new home too: add their task (e.g. ``total_fastest``) 
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from nnunet_compress.errors import CompressError
 from nnunet_compress.nnunet.model_folder import atomic_output_folder, check_output_location, read_json, write_json
 from nnunet_compress.workflows.convert import convert_model_folder
 from nnunet_compress.workflows.engine_cache import check_engine_in_use, prepare_engine
+from nnunet_compress.workflows.quantize import QuantizeSettings, quantize_model_folder
 from nnunet_compress.workflows.tucker import compress_model_folder
 
 RESULTS = Path("nnunet") / "results"
@@ -129,15 +131,18 @@ def offline_config(source: dict) -> dict:
 
 def compress_totalseg_home(output: str | os.PathLike, policy, tasks: list[str], source_home: Path | None = None,
                            overwrite: bool = False, progress=print, images: Path | None = None,
-                           engine_cache: bool = True) -> dict:
+                           engine_cache: bool = True, int8: QuantizeSettings | None = None) -> dict:
     """Write a TotalSegmentator home with every model of `tasks` Tucker-compressed by `policy`.
 
     ``policy=None`` writes every model unchanged as a CompressedUNet folder (``--no-compression``): the original
     home, run on the CPU engine, for a fair comparison with a compressed home. `images` calibrate the budget
     policies' guard (each model preprocesses them with its own plans). `engine_cache`: convert every model for the
     CPU engine once the home is written (:mod:`nnunet_compress.workflows.engine_cache`), so that the first
-    TotalSegmentator run is as quick as the later ones.
+    TotalSegmentator run is as quick as the later ones. `int8`: quantise every written model for the engine
+    (:mod:`nnunet_compress.workflows.quantize`) on the user's own CTs; an INT8 home needs no f32 engine cache.
     """
+    if int8 is not None:
+        int8.validate()
     if policy is not None:
         policy.validate()
     output = Path(output)
@@ -157,8 +162,16 @@ def compress_totalseg_home(output: str | os.PathLike, policy, tasks: list[str], 
         for i, m in enumerate(models, 1):
             t0 = time.perf_counter()
             progress(f"[{i}/{len(models)}] {m.task}: dataset {m.dataset_id} ({m.model_folder})")
-            row = _write_model(results / m.model_folder, tmp / RESULTS / m.model_folder, policy, m,
-                               lambda line: progress("    " + line), images)
+            target = tmp / RESULTS / m.model_folder
+            written = target.with_name(target.name + ".f32") if int8 is not None else target
+            row = _write_model(results / m.model_folder, written, policy, m, lambda line: progress("    " + line),
+                               images)
+            if int8 is not None:
+                report = quantize_model_folder(written, target, int8, list(m.folds), m.configuration,
+                                               progress=lambda line: progress("    " + line))
+                shutil.rmtree(written)
+                row["int8"] = [{k: f[k] for k in ("fold", "convolutions", "f32_layers", "mean_dice_f32",
+                                                  "mean_dice_int8")} for f in report["folds"]]
             rows.append({**asdict(m), **row})
             if policy is None:
                 progress(f"    {row['params_before']:,} parameters, unchanged ({time.perf_counter() - t0:.0f} s)")
@@ -168,9 +181,11 @@ def compress_totalseg_home(output: str | os.PathLike, policy, tasks: list[str], 
                          f"({time.perf_counter() - t0:.0f} s)")
         write_json(tmp / "config.json", offline_config(source_config(results)))
         summary = {"source_results": str(results.resolve()), "tasks": list(tasks),
-                   "rank_policy": policy.to_dict() if policy is not None else None, "models": rows}
+                   "rank_policy": policy.to_dict() if policy is not None else None,
+                   "int8": ({k: str(v) if isinstance(v, Path) else v for k, v in int8.to_dict().items()}
+                            if int8 is not None else None), "models": rows}
         write_json(tmp / "nnunet_compress_totalseg.json", summary)
-    if engine_cache:
+    if engine_cache and int8 is None:
         summary["engine_cache"] = _prepare_engine(output, models, progress)
     return summary
 

@@ -78,7 +78,7 @@ class QuantizeSettings(Settings):
             raise CompressError("--subset-size, --validation-patches and --max-cases must be at least 1")
         if not 0 <= self.foreground_share <= 1:
             raise CompressError(f"--foreground-share {self.foreground_share} is outside [0, 1]")
-        check_choice("--preset", self.preset, PRESETS)
+        check_choice("--nncf-preset", self.preset, PRESETS)
         return self
 
 
