@@ -11,8 +11,11 @@ summed over the network, median over ``--runs`` inferences. From the split an Am
 convolutions the speed-up cannot exceed (original total) / (compressed non-convolution time).
 
 Compiled exactly as the product compiles (``INFERENCE_NUM_THREADS`` = torch's threads, ``PERFORMANCE_HINT``
-LATENCY, f32), plus the counters, which add a little overhead to every node alike. Output: a table per network on
-stdout, JSON under benchmarks/results/.
+LATENCY, f32), plus the counters, which add a little overhead to every node alike. ``--precision int8`` profiles
+each network quantised by NNCF as ``nnunet-compress quantize`` does (no accuracy control, calibrated on two random
+patches: the node times do not depend on the calibration values), so that the INT8 split between convolutions,
+(de)quantisation, normalisation and reorders can be read the same way. Output: a table per network on stdout,
+JSON under benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.archs import ARCHITECTURES, as_compressed_unet, build_original, flops, tucker  # noqa: E402
+from nnunet_compress.inference import int8  # noqa: E402
 from nnunet_compress.inference.openvino_engine import convert  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -36,12 +40,15 @@ RESULTS = Path(__file__).resolve().parent / "results"
 CONV_TYPES = ("Convolution", "ConvolutionBackpropData", "Deconvolution", "GroupConvolution", "FullyConnected")
 
 
-def profile(net: torch.nn.Module, shape: tuple[int, ...], runs: int) -> dict:
+def profile(net: torch.nn.Module, shape: tuple[int, ...], runs: int, precision: str = "f32") -> dict:
     """Median seconds per node type (and in all) over `runs` inferences of `net` at `shape` on OpenVINO."""
     import openvino as ov
     x = torch.randn(shape)
     core = ov.Core()
-    compiled = core.compile_model(convert(net, x), "CPU", {"INFERENCE_NUM_THREADS": torch.get_num_threads(),
+    model = convert(net, x)
+    if precision == "int8":
+        model = int8.quantize(model, [torch.randn(shape).numpy() for _ in range(2)], None, [], max_drop=None).model
+    compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": torch.get_num_threads(),
                                                           "PERFORMANCE_HINT": "LATENCY",
                                                           "INFERENCE_PRECISION_HINT": "f32", "PERF_COUNT": True})
     request = compiled.create_infer_request()
@@ -69,6 +76,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--rank-multiples", type=int, nargs="+", default=[1],
                     help="Tucker networks with ranks rounded up to each multiple (16 = the AVX-512 channel block)")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--precision", choices=("f32", "int8"), default="f32")
     ap.add_argument("--tag", default="")
     args = ap.parse_args(argv)
     arch = ARCHITECTURES[args.arch]
@@ -82,7 +90,7 @@ def main(argv=None) -> dict:
     rows = {}
     for name, net in networks.items():
         with torch.inference_mode():
-            rows[name] = {**profile(net, shape, args.runs), "gflops": flops(net, patch) / 1e9}
+            rows[name] = {**profile(net, shape, args.runs, args.precision), "gflops": flops(net, patch) / 1e9}
         r = rows[name]
         print(f"\n{name}: {r['gflops']:.1f} GFLOPs, {r['total_s']:.3f} s per patch (sum of node times), "
               f"convolutions {r['conv_s']:.3f} s, everything else {r['other_s']:.3f} s")
@@ -94,7 +102,8 @@ def main(argv=None) -> dict:
     for name, r in rows.items():
         print(f"| {name} | {r['gflops']:.1f} | {r['conv_s']:.3f} | {r['other_s']:.3f} | {r['total_s']:.3f} | "
               f"{base['total_s'] / r['total_s']:.2f} | {base['total_s'] / r['other_s']:.2f} |")
-    result = {"arch": args.arch, "patch": list(patch), "threads": torch.get_num_threads(), "rows": rows}
+    result = {"arch": args.arch, "patch": list(patch), "threads": torch.get_num_threads(), "precision": args.precision,
+              "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"engine_profile_{args.arch}{'_' + args.tag if args.tag else ''}.json"
     out.write_text(json.dumps(result, indent=2))
