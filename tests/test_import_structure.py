@@ -15,7 +15,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "nnunet_compress"
 
 # lowest first; a name is a top-level module (errors.py) or a subpackage (tucker/)
-LAYERS = ["errors", "settings", "costs",          # foundation: no nnU-Net, no method
+LAYERS = ["errors", "settings", "costs", "progress",  # foundation: no nnU-Net, no method
           "tucker", "pruning", "distillation",    # the methods' maths: pure torch (+ tensorly)
           "inference",                            # CPU engine and torch fallback
           "network",                              # CompressedUNet, the class compressed plans name

@@ -14,6 +14,7 @@ import sys
 from nnunet_compress.cli import demo, distill, evaluation, pruning, quantize, tucker
 from nnunet_compress.errors import CompressError
 from nnunet_compress.nnunet.presets import apply_preset
+from nnunet_compress.progress import set_quiet
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        set_quiet(getattr(args, "quiet", False))
         if getattr(args, "preset", None):
             apply_preset(args, args._parser)
         args.func(args)

@@ -23,6 +23,12 @@ def add_model_folder_options(p: argparse.ArgumentParser, verb: str) -> None:
     p.add_argument("-f", "--folds", nargs="+", help=f"folds to {verb} (default: all with a checkpoint)")
     p.add_argument("--checkpoint", default=CHECKPOINT_FINAL)
     p.add_argument("--overwrite", action="store_true")
+    add_quiet_option(p)
+
+
+def add_quiet_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar (bars are only drawn on a terminal; the summary lines stay)")
 
 
 def add_rank_options(p: argparse.ArgumentParser) -> None:

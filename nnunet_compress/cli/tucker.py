@@ -11,6 +11,7 @@ from nnunet_compress.cli.distill import add_distillation_options
 from nnunet_compress.cli.options import (
     add_model_folder_options,
     add_plan_common,
+    add_quiet_option,
     add_rank_options,
     add_schedule_options,
     rank_policy_from_args,
@@ -106,6 +107,7 @@ def register(sub, plan_sub) -> None:
     p.add_argument("-c", "--configuration")
     p.add_argument("-f", "--folds", nargs="+", help="folds to prepare (default: all with a checkpoint)")
     p.add_argument("--checkpoint", default=CHECKPOINT_FINAL)
+    add_quiet_option(p)
     p.set_defaults(func=cmd_prepare_engine)
 
     p = plan_sub.add_parser("tucker", help="plans for nnUNetTrainerTucker")

@@ -56,12 +56,11 @@ SUBFOLDERS = ("imagesTr", "labelsTr", "imagesTs", "labelsTs")
 MIN_TRAINING_CASES = 5  # nnU-Net's default 5-fold split needs at least one case per fold
 MAX_ATTEMPTS = 25  # anatomy draws that break a rule (e.g. kidneys fused) are redrawn; this never runs out in practice
 
-# Structure sizes in voxels ((z, y, x) ranges; fractions of the volume or body where noted). Small structures are
-# as small as a tiny U-Net (4 stages from 8 features, batch 2, patch 32x48x48, no augmentation) still finds in a
-# short CPU run: with thinner vessels (radius 2.5-3.5) or smaller lesions (in-plane radius 4-5.5) some training
-# seeds never found the class within 625 iterations; with these sizes 875+ iterations found every class (Dice
-# >= 0.8 each) for every seed tried (later fresh-clone runs did not always: see tiny.BASE_EPOCHS). The lesion is
-# thus a 2-3 cm lesion, the liver's smallest neighbour.
+# Structure sizes in voxels ((z, y, x) ranges; fractions of the volume or body where noted). The small structures
+# are as small as the tiny U-Net of demo/tiny.py (4 stages from 8 features, batch 2, patch 32x48x48, no
+# augmentation) reliably learns in a short CPU run: a thinner vessel (radius below 3.5) or a smaller lesion
+# (in-plane radius below 4.5) is a class some training seeds never find, which makes every Dice comparison on it
+# noise. The lesion is thus a 2-3 cm lesion, the liver's smallest neighbour.
 LIVER_RADII = ((0.30, 0.40), (0.50, 0.62), (0.34, 0.44))  # fractions of depth, body half-depth, body half-width
 KIDNEY_RADII = ((0.20, 0.26), (6.0, 7.5), (5.0, 6.5))  # z as a fraction of the volume's depth
 KIDNEY_LATERAL = (0.50, 0.58)  # centre's distance from the spine, as a fraction of the body's half-width

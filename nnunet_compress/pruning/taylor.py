@@ -307,9 +307,9 @@ def prune_until_target(net: nn.Module, settings: TaylorSettings, method: str, in
     A latency target (``settings.metric == "seconds"``) needs `latency` (the predicted seconds) and `measure`
     (network -> its measured fraction of the original's time): channels are ranked by importance per predicted
     second saved, and the whole network is measured after every step; pruning stops when the MEASURED fraction
-    meets the target. (Predicting the stop was tried: on OpenVINO, which pads channel counts to blocks of 8/16,
-    the tiny demo model's first step saved a sixth of the predicted time and later steps far more, so a run
-    stopped by predictions went on to 0.29 of the FLOPs where 0.46 already met the target.)
+    meets the target. The stop is measured, not predicted, because the engine's time is not smooth in the channel
+    count: OpenVINO pads channels to blocks of 8/16, so one step can save a small share of its predicted time and
+    the next far more, and a stop on predictions would prune well past the point where the target is met.
     """
     if settings.metric == "seconds" and (latency is None or measure is None):
         raise CompressError("a latency target needs the predicted seconds and a way to measure the network")

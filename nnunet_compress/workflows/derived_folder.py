@@ -26,6 +26,7 @@ from nnunet_compress.nnunet.model_folder import (
     save_checkpoint,
     write_json,
 )
+from nnunet_compress.progress import bar
 
 # (fold, parent network with its trained weights) -> (derived network, the plans it fits); the first fold's plans
 # are written, every later fold must fit them
@@ -47,7 +48,7 @@ def write_derived_model_folder(folder: ModelFolder, output: Path, configuration:
     fold_names = list(folder.folds)
     plans = None
     with atomic_output_folder(output, overwrite) as tmp:
-        for fold in fold_names:
+        for fold in bar(fold_names, f"writing {output.name}", "fold"):
             if first_fold is not None and fold == fold_names[0]:
                 parent, checkpoint = first_fold
             else:

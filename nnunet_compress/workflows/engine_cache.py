@@ -23,6 +23,7 @@ from nnunet_compress.nnunet.model_folder import (
     open_model_folder,
 )
 from nnunet_compress.nnunet.plans import resolved_configuration
+from nnunet_compress.progress import bar
 
 
 def check_engine_in_use() -> None:
@@ -41,7 +42,7 @@ def prepare_engine(model_folder: str | Path, folds: list[str] | None = None, con
     check_engine_in_use()
     folder = open_model_folder(model_folder, folds, checkpoint_name)
     rows = []
-    for fold in folder.folds:
+    for fold in bar(list(folder.folds), "preparing the engine", "fold"):
         net, _, config_name = load_fold_network(folder, fold, configuration)
         if not isinstance(net, CompressedUNet):
             raise CompressError(f"{folder.path} builds {type(net).__name__}, which nnU-Net runs on plain torch; "
