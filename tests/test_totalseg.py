@@ -143,7 +143,7 @@ def test_int8_home_runs_int8_in_totalsegmentator(fast_source_home, synthetic_ct,
     # is tested on a trained model in test_e2e_int8.py)
     proc = run_cli("totalseg", "--task", "total_fast", "--source-home", fast_source_home, "-o", home,
                    "--rank-ratio", "0.3", "--int8", "--calibration-images", calibration, "--subset-size", "2",
-                   "--max-dice-drop", "0.99", "--max-cases", "1", check=True)
+                   "--validation-patches", "2", "--max-dice-drop", "0.99", "--max-cases", "1", check=True)
     assert "INT8" in proc.stdout and tree_files(fast_source_home / "nnunet") == before
     (row,) = json.loads((home / "nnunet_compress_totalseg.json").read_text())["models"]
     assert row["int8"][0]["convolutions"] > 0

@@ -113,7 +113,8 @@ def cmd_totalseg(args) -> None:
             raise CompressError("--int8 needs --calibration-images DIR: a few of your own CTs (nnU-Net naming "
                                 "CASE_0000.nii.gz) to calibrate and check every model on")
         int8 = QuantizeSettings(calibration_images=args.calibration_images, subset_size=args.subset_size,
-                                max_dice_drop=args.max_dice_drop, max_cases=args.max_cases).validate()
+                                validation_patches=args.validation_patches, max_dice_drop=args.max_dice_drop,
+                                max_cases=args.max_cases).validate()
     elif args.calibration_images is not None:
         raise CompressError("--calibration-images calibrates INT8 quantisation; add --int8 (or drop it)")
     result = compress_totalseg_home(args.output, policy, args.task, source_home=args.source_home,
@@ -189,6 +190,7 @@ def register(sub) -> None:
                         "predictions on your CTs")
     g.add_argument("--calibration-images", type=Path, help="your CTs (CASE_0000.nii.gz) that calibrate INT8")
     g.add_argument("--subset-size", type=int, default=32, help="calibration tiles per model (32)")
+    g.add_argument("--validation-patches", type=int, default=16, help="validation tiles per model (16)")
     g.add_argument("--max-dice-drop", type=float, default=0.01, help="largest mean Dice loss accepted (0.01)")
     g.add_argument("--max-cases", type=int, default=8, help="CTs read from --calibration-images (8)")
     p.set_defaults(func=cmd_totalseg)
