@@ -485,7 +485,7 @@ class StepGuard:
         """Why a rollback's protection ends at the validation of `epoch`, or "" while it stands."""
         if self.release_epochs and epoch - rollback["checked_epoch"] >= self.release_epochs:
             return f"{epoch - rollback['checked_epoch']} epochs after the undo (--class-guard-release)"
-        if dice is None or epoch <= rollback["checked_epoch"]:
+        if dice is None or epoch <= rollback["checked_epoch"] or not rollback["classes"]:
             return ""
         recovered = []
         for c in rollback["classes"]:
