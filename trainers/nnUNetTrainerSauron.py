@@ -11,13 +11,14 @@ threshold τ — physically, with the inputs of the layers that read them — an
 continues on the smaller network, so it speeds up as it prunes.
 
 The class guard (``--class-guard``, see nnunet_compress.pruning.class_guard): an epoch's removal is judged at the next
-epoch's validation against the pseudo Dice before it; if a learned class (above ``--class-guard-floor`` and its
-noise) fell below that share, the removal is undone (network shape, weights and optimizer state, and the
-thresholds' τ steps and patience of that epoch), its filters are protected (kept for ``--class-guard-release``
-epochs, or until the class recovers), and that epoch removes nothing (its δ_prune was measured on the undone
-network). From scratch, the first epochs' classes are below the floor: reported in the log, not guarded. After the last epoch nothing is removed (no epoch would train, nor validation check, the smaller
-network), and neither in the last ``--recovery-epochs`` epochs (default: a quarter of the schedule): the saved
-network has recovered from the last removal (nnunet_compress.pruning.recovery).
+epoch's validation against the pseudo Dice before it; if a learned class (above ``--class-guard-floor`` by more
+than its noise) fell below that share, the removal is undone (network shape, weights and optimizer state, and the
+thresholds' τ steps and patience of that epoch), its filters are protected (for ``--class-guard-release`` epochs,
+or until the class recovers), and that epoch removes nothing (its δ_prune was measured on the undone network).
+From scratch, the first epochs' classes are not learned yet: their falls are reported in the log, not guarded.
+After the last epoch nothing is removed (no epoch would train, nor validation check, the smaller network), and
+neither in the last ``--recovery-epochs`` epochs (default: a quarter of the schedule): the saved network has
+recovered from the last removal (nnunet_compress.pruning.recovery).
 
 Plans made with ``--distill`` replace the segmentation term by the distillation loss against the parent
 (nnunet_compress.nnunet.distillation_trainer); the δ_opt term is added to it as before.

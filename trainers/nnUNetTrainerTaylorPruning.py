@@ -13,7 +13,7 @@ where steps of ``--step`` would not reach the target before them, the remaining 
 
 The class guard (``--class-guard``, see nnunet_compress.pruning.class_guard) records every class's pseudo Dice before a
 step and compares it at the validation that precedes the next step: if a learned class (above
-``--class-guard-floor`` and its noise) fell below that share of its value, the step is undone (network shape,
+``--class-guard-floor`` by more than its noise) fell below that share of its value, the step is undone (network shape,
 weights and optimizer state from a snapshot taken just before it), the filters it removed are protected (until the
 class recovers, or for ``--class-guard-release`` epochs), and pruning continues with other filters. Every rollback goes
 to the training log, into the checkpoint's pruning state, and into fold_X/pruning_report.json.

@@ -115,8 +115,9 @@ class ClassDrop:
 def class_noise(values: Sequence[float], epochs: int = DEFAULT_NOISE_EPOCHS) -> float | None:
     """A class's noise: NOISE_STDS standard deviations of its last `epochs` pseudo Dice values (NaN skipped).
 
-    Why a spread and not a fixed margin: pseudo Dice on a few validation batches moves by 0.01 for a settled class
-    of a trained network and by more than the value itself for a class that is just appearing. None with fewer
+    Why a spread and not a fixed margin: pseudo Dice on a few validation batches moves little for a settled class
+    of a trained network (the demo's base model, last five validations: noise 0.005-0.049 at Dice 0.83 and above)
+    and by as much as the value itself for a class that is just appearing. None with fewer
     than two values: nothing to measure a spread by (the floor alone then decides).
     """
     finite = [float(v) for v in list(values)[-epochs:] if v is not None and math.isfinite(float(v))] \
