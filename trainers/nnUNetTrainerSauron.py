@@ -11,12 +11,14 @@ threshold τ — physically, with the inputs of the layers that read them — an
 continues on the smaller network, so it speeds up as it prunes.
 
 The class guard (``--class-guard``, see nnunet_compress.pruning.class_guard): an epoch's removal is judged at the next
-epoch's validation against the pseudo Dice before it; if a class present before fell below that share, the removal
-is undone (network shape, weights and optimizer state, and the thresholds' τ steps and patience of that epoch),
-its filters are protected (always kept), and that epoch removes nothing (its δ_prune was measured on the undone
-network). After the last epoch nothing is removed (no epoch would train, nor validation check, the smaller
-network), and neither in the last ``--recovery-epochs`` epochs (default: a quarter of the schedule): the saved
-network has recovered from the last removal (nnunet_compress.pruning.recovery).
+epoch's validation against the pseudo Dice before it; if a learned class (above ``--class-guard-floor`` by more
+than its noise) fell below that share, the removal is undone (network shape, weights and optimizer state, and the
+thresholds' τ steps and patience of that epoch), its filters are protected (for ``--class-guard-release`` epochs,
+or until the class recovers), and that epoch removes nothing (its δ_prune was measured on the undone network).
+From scratch, the first epochs' classes are not learned yet: their falls are reported in the log, not guarded.
+After the last epoch nothing is removed (no epoch would train, nor validation check, the smaller network), and
+neither in the last ``--recovery-epochs`` epochs (default: a quarter of the schedule): the saved network has
+recovered from the last removal (nnunet_compress.pruning.recovery).
 
 Plans made with ``--distill`` replace the segmentation term by the distillation loss against the parent
 (nnunet_compress.nnunet.distillation_trainer); the δ_opt term is added to it as before.
@@ -33,7 +35,6 @@ from torch import autocast
 from nnunet_compress.nnunet.distillation_trainer import DistillationTrainerMixin
 from nnunet_compress.nnunet.pruning_trainer import PruningTrainerMixin, agree_across_ranks
 from nnunet_compress.nnunet.training import ScheduleFromPlansMixin, install_pretrained_weights_hook
-from nnunet_compress.pruning.class_guard import StepGuard
 from nnunet_compress.pruning.feature_maps import FeatureMapRecorder
 from nnunet_compress.pruning.recovery import may_prune, recovery_epochs
 from nnunet_compress.pruning.sauron import (
@@ -66,7 +67,7 @@ class nnUNetTrainerSauron(DistillationTrainerMixin, PruningTrainerMixin, Schedul
         self._references: dict[str, int] = {}
         seed = self.sauron.seed
         self._rng = torch.Generator().manual_seed(seed + int(fold) if str(fold).isdigit() else seed)
-        self.class_guard = StepGuard(self.sauron.class_guard, self.class_names())
+        self.class_guard = self.make_class_guard(self.sauron)
 
     # ---- feature maps of every prunable group, recorded by forward hooks ----------------------------------
     def _register_feature_hooks(self) -> None:
@@ -140,7 +141,9 @@ class nnUNetTrainerSauron(DistillationTrainerMixin, PruningTrainerMixin, Schedul
         converged = self.thresholds.record_train_loss(loss)
         removed_total = 0
         recovery = recovery_epochs(self.sauron.recovery_epochs, self.num_epochs)
-        if self.class_guard.due(self.current_epoch, 1, self.num_epochs - 1) and self.undo_pending_removal():
+        undone = self.class_guard.due(self.current_epoch, 1, self.num_epochs - 1) and self.undo_pending_removal()
+        self.class_guard_after_validation(self.current_epoch)
+        if undone:
             groups = self.prunable_groups()  # this epoch's δ_prune belongs to the undone shape: no removal now
         elif not may_prune(self.current_epoch + 1, self.num_epochs, recovery):
             # a removal now would change the network of the next epoch, one of the recovery epochs (or none)
@@ -190,8 +193,9 @@ class nnUNetTrainerSauron(DistillationTrainerMixin, PruningTrainerMixin, Schedul
         return removed_total
 
     def undo_pending_removal(self) -> bool:
-        """Judge the last epoch's removal by this epoch's validation; undo it if a class collapsed."""
+        """Judge the last epoch's removal by this epoch's validation; undo it if a learned class collapsed."""
         snapshot = self.class_guard.finish_step(self.logged_class_dice(self.current_epoch), self.current_epoch)
+        self.log_unguarded_classes()
         undo = agree_across_ranks(snapshot is not None) if self.is_ddp else snapshot is not None
         if not undo:
             return False
@@ -222,5 +226,6 @@ class nnUNetTrainerSauron(DistillationTrainerMixin, PruningTrainerMixin, Schedul
     def pruning_report(self) -> dict:
         return {"settings": self.sauron.to_dict(), "channel_history": self.channel_history,
                 "recovery_epochs": recovery_epochs(self.sauron.recovery_epochs, self.num_epochs),
-                "class_guard": self.sauron.class_guard, "rollbacks": self.class_guard.rollbacks,
+                "class_guard": self.sauron.class_guard, "class_guard_rule": self.class_guard.rule(),
+                "rollbacks": self.class_guard.rollbacks, "unguarded_drops": self.class_guard.unguarded,
                 "protected_channels": self.class_guard.protected.state()}

@@ -12,9 +12,10 @@ where steps of ``--step`` would not reach the target before them, the remaining 
 (nnunet_compress.pruning.recovery).
 
 The class guard (``--class-guard``, see nnunet_compress.pruning.class_guard) records every class's pseudo Dice before a
-step and compares it at the validation that precedes the next step: if a class present before fell below that
-share of its value, the step is undone (network shape, weights and optimizer state from a snapshot taken just
-before it), the filters it removed are protected, and pruning continues with other filters. Every rollback goes
+step and compares it at the validation that precedes the next step: if a learned class (above
+``--class-guard-floor`` by more than its noise) fell below that share of its value, the step is undone (network shape,
+weights and optimizer state from a snapshot taken just before it), the filters it removed are protected (until the
+class recovers, or for ``--class-guard-release`` epochs), and pruning continues with other filters. Every rollback goes
 to the training log, into the checkpoint's pruning state, and into fold_X/pruning_report.json.
 
 Plans made with ``--distill`` fine-tune towards the parent's soft predictions as well
@@ -30,7 +31,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunet_compress.nnunet.distillation_trainer import DistillationTrainerMixin
 from nnunet_compress.nnunet.pruning_trainer import PruningTrainerMixin, agree_across_ranks
 from nnunet_compress.nnunet.training import ScheduleFromPlansMixin, install_pretrained_weights_hook
-from nnunet_compress.pruning.class_guard import ProtectedChannels, StepGuard
+from nnunet_compress.pruning.class_guard import ProtectedChannels
 from nnunet_compress.pruning.recovery import catch_up_step, may_prune, pruning_epochs_left, recovery_epochs
 from nnunet_compress.pruning.surgery import channel_counts, compose_keeps, set_channel_counts
 from nnunet_compress.pruning.taylor import (
@@ -60,7 +61,7 @@ class nnUNetTrainerTaylorPruning(DistillationTrainerMixin, PruningTrainerMixin, 
         self.setup_distillation()
         self.target_reached = False
         self.pruning_history: list[dict] = []
-        self.class_guard = StepGuard(self.settings.class_guard, self.class_names())
+        self.class_guard = self.make_class_guard(self.settings)
 
     @property
     def recovery_epochs(self) -> int:
@@ -265,12 +266,14 @@ class nnUNetTrainerTaylorPruning(DistillationTrainerMixin, PruningTrainerMixin, 
         super().on_validation_epoch_end(val_outputs)
         if self.class_guard.due(self.current_epoch, self.settings.prune_every, self.num_epochs - 1):
             self.judge_pending_step()
+        self.class_guard_after_validation(self.current_epoch)
 
     def judge_pending_step(self) -> None:
         """Keep the pending step, or undo it if a class collapsed after it and its fine-tuning epochs."""
         after = self.logged_class_dice(self.current_epoch)
         pending = self.class_guard.pending
         snapshot = self.class_guard.finish_step(after, self.current_epoch)
+        self.log_unguarded_classes()
         undo = agree_across_ranks(snapshot is not None) if self.is_ddp else snapshot is not None
         if not undo:
             self.print_to_log_file(f"[taylor] class guard: kept the step of epoch {pending['epoch']} (pseudo Dice "
@@ -309,4 +312,5 @@ class nnUNetTrainerTaylorPruning(DistillationTrainerMixin, PruningTrainerMixin, 
         return {"settings": self.settings.to_dict(), "target_reached": self.target_reached, "latency": latency,
                 "recovery_epochs": self.recovery_epochs,
                 "history": self.pruning_history, "class_guard": self.settings.class_guard,
-                "rollbacks": self.class_guard.rollbacks, "protected_channels": self.class_guard.protected.state()}
+                "class_guard_rule": self.class_guard.rule(), "rollbacks": self.class_guard.rollbacks,
+                "unguarded_drops": self.class_guard.unguarded, "protected_channels": self.class_guard.protected.state()}

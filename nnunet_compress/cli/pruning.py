@@ -16,6 +16,7 @@ from nnunet_compress.cli.options import (
     schedule_from_args,
 )
 from nnunet_compress.nnunet.plans import pruning_plans, read_parent_plans, write_plans_beside
+from nnunet_compress.pruning.class_guard import DEFAULT_GUARD_FLOOR, DEFAULT_NOISE_EPOCHS
 from nnunet_compress.pruning.sauron import SauronConfig
 from nnunet_compress.pruning.taylor import IMPORTANCE_MODES, PRUNE_METHODS, SCOPES, TaylorSettings
 from nnunet_compress.settings import format_number_tag
@@ -47,6 +48,29 @@ def add_taylor_options(p: argparse.ArgumentParser) -> None:
                         "step, and never remove those filters again (0.5; 0 turns it off). In training: nnU-Net's "
                         "per-class pseudo Dice at the validation before the next step; one-shot: agreement with the "
                         "unpruned network on the calibration patches (-i)")
+
+
+def add_class_guard_rule_options(p: argparse.ArgumentParser, release: int) -> None:
+    """Which classes the in-training class guard judges and how long its protection lasts (`plan taylor`, `plan
+    sauron`; one-shot `prune` judges agreement with the parent, 1.0 for every class it predicts, so not there)."""
+    # checked by the settings (one error line naming the option), like --class-guard
+    p.add_argument("--class-guard-floor", type=float, default=DEFAULT_GUARD_FLOOR,
+                   help="the class guard judges a class only when its pseudo Dice before the step is above this "
+                        f"by more than its noise; the others are reported in the log, not guarded "
+                        f"({DEFAULT_GUARD_FLOOR}; 0: every class present)")
+    p.add_argument("--class-guard-noise-epochs", type=int, default=DEFAULT_NOISE_EPOCHS,
+                   help="a class's noise is twice the standard deviation of its pseudo Dice over this many recent "
+                        f"validations; its fall must exceed it too ({DEFAULT_NOISE_EPOCHS}; "
+                        f"0: no noise estimate)")
+    p.add_argument("--class-guard-release", type=int, default=release,
+                   help="release the filters protected by an undo this many epochs later; they are also released "
+                        f"when the class that triggered it rises above its value before the step by more than its "
+                        f"noise ({release}; 0: only then)")
+
+
+def class_guard_rule_from_args(args) -> dict:
+    return {"class_guard_floor": args.class_guard_floor, "class_guard_noise_epochs": args.class_guard_noise_epochs,
+            "class_guard_release": args.class_guard_release}
 
 
 def add_recovery_option(p: argparse.ArgumentParser) -> None:
@@ -84,14 +108,16 @@ def cmd_plan_taylor(args) -> None:
     settings = taylor_settings_from_args(args, importance=args.importance, prune_every=args.prune_every,
                                          accumulate_batches=args.accumulate_batches,
                                          max_accumulate_batches=args.max_accumulate_batches,
-                                         recovery_epochs=args.recovery_epochs)
+                                         recovery_epochs=args.recovery_epochs,
+                                         **class_guard_rule_from_args(args))
     write_pruning_plans(args, "taylor", settings.to_dict(), settings.tag())
 
 
 def cmd_plan_sauron(args) -> None:
     config = SauronConfig(lambda_=args.lambda_, tau_start=args.tau_start, tau_max=args.tau_max, kappa=args.kappa,
                           rho=args.rho, mu=args.mu, class_guard=args.class_guard,
-                          seed=12345 if args.seed is None else args.seed, recovery_epochs=args.recovery_epochs)
+                          seed=12345 if args.seed is None else args.seed, recovery_epochs=args.recovery_epochs,
+                          **class_guard_rule_from_args(args))
     config.validate()
     write_pruning_plans(args, "sauron", config.to_dict(), f"sauron{format_number_tag(args.tau_max)}")
 
@@ -131,6 +157,7 @@ def register(sub, plan_sub) -> None:
     p.add_argument("--max-accumulate-batches", type=positive_int,
                    help="keep scoring more batches, up to this many, until every class has appeared in one "
                         "(default: 32, or --accumulate-batches if larger)")
+    add_class_guard_rule_options(p, TaylorSettings.class_guard_release)
     add_recovery_option(p)
     add_schedule_options(p)
     add_distillation_options(p)
@@ -146,7 +173,8 @@ def register(sub, plan_sub) -> None:
     p.add_argument("--mu", type=float, default=0.02, help="convergence: fewer than this fraction removed (0.02)")
     p.add_argument("--class-guard", type=float, default=0.5,
                    help="undo an epoch's removal after which a class keeps less than this share of its validation "
-                        "pseudo Dice, and keep those filters from then on (0.5; 0 turns it off)")
+                        "pseudo Dice, and keep those filters while they are protected (0.5; 0 turns it off)")
+    add_class_guard_rule_options(p, SauronConfig.class_guard_release)
     add_recovery_option(p)
     add_schedule_options(p)  # its --seed also seeds the random reference channels (plus the fold number)
     add_distillation_options(p)

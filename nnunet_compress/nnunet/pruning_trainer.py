@@ -22,6 +22,7 @@ from nnunet_compress.nnunet.model_folder import atomic_write_file, read_json, wr
 from nnunet_compress.nnunet.plans import SECTION
 from nnunet_compress.nnunet.training import CheckpointExtrasMixin, compression_section
 from nnunet_compress.pruning.class_guard import (
+    StepGuard,
     dice_from_counts,
     foreground_class_names,
     network_snapshot,
@@ -153,6 +154,25 @@ class PruningTrainerMixin(CheckpointExtrasMixin):
         self.rebuild_after_pruning(net)
         self.optimizer.load_state_dict(snapshot["optimizer"])
 
+    def make_class_guard(self, settings) -> StepGuard:
+        """The class guard with the plans' rule (Taylor's and Sauron's settings name its options alike)."""
+        return StepGuard(settings.class_guard, self.class_names(), settings.class_guard_floor,
+                         settings.class_guard_noise_epochs, settings.class_guard_release)
+
+    def class_guard_after_validation(self, epoch: int) -> None:
+        """After `epoch`'s validation and the judgement of any step due at it: record its per-class Dice (the
+        noise of each class comes from these) and release the protections that are over, saying so in the log.
+        Every rank decides alike: nnU-Net logs the pseudo Dice of all ranks' validation batches together."""
+        dice = self.logged_class_dice(epoch)
+        self.class_guard.observe(epoch, dice)
+        for rollback in self.class_guard.release(epoch, dice):
+            self.print_to_log_file(f"[{self.method}] class guard: {StepGuard.describe_release(rollback)}")
+
+    def log_unguarded_classes(self) -> None:
+        """Say which classes fell at the last judgement without being guarded (not learned, or within noise)."""
+        if self.class_guard.last_unguarded:
+            self.print_to_log_file(f"[{self.method}] class guard: {self.class_guard.describe_unguarded()}")
+
     def class_names(self) -> list[str]:
         """Names of the classes (regions) in the order of nnU-Net's logged per-class pseudo Dice."""
         return foreground_class_names(self.dataset_json.get("labels", {}))
@@ -247,12 +267,16 @@ class PruningTrainerMixin(CheckpointExtrasMixin):
         return None
 
     def write_pruning_report(self) -> None:
-        """fold_X/pruning_report.json: the steps kept, the steps the class guard undid, the final channels."""
+        """fold_X/pruning_report.json: the steps kept, the steps the class guard undid (and when their protection
+        ended), the final channels, and the cost at the start and at the end (parameters, FLOPs per patch)."""
         report = self.pruning_report()
         if report is None:
             return
+        params, flops = self.current_cost()
+        start = getattr(self, "initial_cost", None) or (None, None)
         report = {"method": self.method, "fold": self.fold, **report,
-                  "final_channels": channel_counts(self.plain_network)}
+                  "final_channels": channel_counts(self.plain_network),
+                  "start_cost": {"params": start[0], "flops": start[1]}, "final_cost": {"params": params, "flops": flops}}
         atomic_write_file(Path(self.output_folder) / "pruning_report.json", lambda tmp: write_json(tmp, report))
 
     def write_pruned_plans(self) -> None:

@@ -37,7 +37,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from nnunet_compress.errors import CompressError
-from nnunet_compress.pruning.class_guard import check_class_guard
+from nnunet_compress.pruning.class_guard import (
+    DEFAULT_GUARD_FLOOR,
+    DEFAULT_NOISE_EPOCHS,
+    check_class_guard,
+    check_guard_floor,
+    check_noise_epochs,
+    check_release_epochs,
+)
 from nnunet_compress.pruning.recovery import check_recovery_epochs
 from nnunet_compress.settings import Settings
 
@@ -66,6 +73,11 @@ class SauronConfig(Settings):
     class_guard: an epoch's removal after which a class keeps less than this share of its validation pseudo Dice
                (measured at the next epoch's validation) is undone and its filters protected (0 turns it off);
                see nnunet_compress.pruning.class_guard.
+    class_guard_floor: the guard judges a class only when its pseudo Dice before the removal is above this (and
+               above its noise): from scratch, the first epochs' Dice of a class is noise, not a class to protect.
+    class_guard_noise_epochs: the validations whose spread is a class's noise (0: no noise estimate).
+    class_guard_release: filters protected after an undo are released this many epochs later (0: only when the
+               class recovers); training from scratch changes what each filter does, so their verdict expires.
     seed:      seed of the reference-channel draws (plus the fold number); 12345 is what runs used before.
     recovery_epochs: the last epochs of the schedule remove nothing and do not move τ, so the saved network has
                recovered from the last removal (None: a quarter of the schedule, rounded up; 0: the network may
@@ -82,6 +94,9 @@ class SauronConfig(Settings):
     mu: float = 0.02
     pool: int = 2
     class_guard: float = 0.5
+    class_guard_floor: float = DEFAULT_GUARD_FLOOR
+    class_guard_noise_epochs: int = DEFAULT_NOISE_EPOCHS
+    class_guard_release: int = 5
     seed: int = 12345
     recovery_epochs: int | None = None
 
@@ -103,6 +118,9 @@ class SauronConfig(Settings):
             raise CompressError(f"Sauron mu must lie in [0, 1) (got {self.mu}); it is a fraction of channels, "
                                 f"set e.g. mu=0.02")
         self.class_guard = check_class_guard(self.class_guard)
+        self.class_guard_floor = check_guard_floor(self.class_guard_floor)
+        self.class_guard_noise_epochs = check_noise_epochs(self.class_guard_noise_epochs)
+        self.class_guard_release = check_release_epochs(self.class_guard_release)
         self.recovery_epochs = check_recovery_epochs(self.recovery_epochs)
         if isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral) or self.seed < 0:
             raise CompressError(f"--seed {self.seed!r} must be a non-negative integer, e.g. --seed 0")

@@ -20,9 +20,14 @@ from torch import nn
 from nnunet_compress.costs import COST_MODELS, count_parameters, patch_flops
 from nnunet_compress.errors import CompressError
 from nnunet_compress.pruning.class_guard import (
+    DEFAULT_GUARD_FLOOR,
+    DEFAULT_NOISE_EPOCHS,
     ParentAgreement,
     ProtectedChannels,
     check_class_guard,
+    check_guard_floor,
+    check_noise_epochs,
+    check_release_epochs,
     collapsed_classes,
     network_snapshot,
     removed_channels,
@@ -73,6 +78,10 @@ class TaylorSettings(Settings):
     max_layer_step: float = 0.2             # no layer loses more than this share of its channels in one step
     class_guard: float = 0.5                # undo a step after which a class keeps less than this share of its
                                             # Dice (0: off) — see class_guard
+    class_guard_floor: float = DEFAULT_GUARD_FLOOR  # in training: judge only classes above this pseudo Dice
+    class_guard_noise_epochs: int = DEFAULT_NOISE_EPOCHS  # ... and above their spread over this many validations
+    class_guard_release: int = 0            # release protected filters this many epochs after the undo (0: only
+                                            # when the class recovers): a trained parent's collapse would recur
     recovery_epochs: int | None = None      # in training: the last epochs take no step (None: a quarter of the
                                             # schedule) — see recovery
 
@@ -92,6 +101,9 @@ class TaylorSettings(Settings):
             raise CompressError(f"--max-layer-step {self.max_layer_step} is outside (0, 1]; it is the largest share "
                                 f"of a layer's channels one step may remove, e.g. 0.2")
         self.class_guard = check_class_guard(self.class_guard)
+        self.class_guard_floor = check_guard_floor(self.class_guard_floor)
+        self.class_guard_noise_epochs = check_noise_epochs(self.class_guard_noise_epochs)
+        self.class_guard_release = check_release_epochs(self.class_guard_release)
         self.recovery_epochs = check_recovery_epochs(self.recovery_epochs)
         if not 0 <= self.min_keep_fraction < 1:
             raise CompressError(f"--min-keep-fraction {self.min_keep_fraction} is outside [0, 1)")
