@@ -215,7 +215,14 @@ def _ratio(v, key) -> str:
 
 
 def device_name() -> str:
-    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+    """The CPU model as /proc/cpuinfo names it (platform.processor() often says only 'x86_64')."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"CPU {model} ({torch.get_num_threads()} threads)"
 
 
 def main(argv=None) -> int:
