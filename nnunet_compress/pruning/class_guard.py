@@ -51,30 +51,29 @@ DEFAULT_NOISE_EPOCHS = 5
 NOISE_STDS = 2.0
 
 
-def check_class_guard(value: float, option: str = "--class-guard") -> float:
-    """`value` as a float in [0, 1), or CompressError naming the option (0 turns the guard off)."""
+def _share_in_unit_interval(value, option: str, what: str, example: str, meaning: str) -> float:
+    """`value` as a float in [0, 1), or CompressError naming the option, what it means and an example."""
     try:
         value = float(value)
     except (TypeError, ValueError):
-        raise CompressError(f"{option} {value!r} is not a number; give a share in [0, 1), e.g. {option} 0.5 "
-                            f"(0 turns the guard off)") from None
+        raise CompressError(f"{option} {value!r} is not a number; give {what} in [0, 1), e.g. {option} "
+                            f"{example}") from None
     if not 0 <= value < 1:
-        raise CompressError(f"{option} {value} is outside [0, 1); it is the share of a class's Dice before a pruning "
-                            f"step that must remain after it, e.g. {option} 0.5 (0 turns the guard off)")
+        raise CompressError(f"{option} {value} is outside [0, 1); it is {meaning}, e.g. {option} {example}")
     return value
+
+
+def check_class_guard(value: float, option: str = "--class-guard") -> float:
+    """`value` as a float in [0, 1), or CompressError naming the option (0 turns the guard off)."""
+    return _share_in_unit_interval(value, option, "a share", "0.5 (0 turns the guard off)",
+                                   "the share of a class's Dice before a pruning step that must remain after it")
 
 
 def check_guard_floor(value: float, option: str = "--class-guard-floor") -> float:
     """`value` as a float in [0, 1), or CompressError naming the option (0 judges every class present)."""
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise CompressError(f"{option} {value!r} is not a number; give a pseudo Dice in [0, 1), e.g. {option} "
-                            f"{DEFAULT_GUARD_FLOOR}") from None
-    if not 0 <= value < 1:
-        raise CompressError(f"{option} {value} is outside [0, 1); it is the pseudo Dice a class must exceed before a "
-                            f"pruning step for the class guard to judge it, e.g. {option} {DEFAULT_GUARD_FLOOR}")
-    return value
+    return _share_in_unit_interval(value, option, "a pseudo Dice", f"{DEFAULT_GUARD_FLOOR}",
+                                   "the pseudo Dice a class must exceed before a pruning step for the class guard "
+                                   "to judge it")
 
 
 def check_epochs(value: int, option: str, meaning: str) -> int:
