@@ -1,0 +1,113 @@
+"""Does INT8 keep the Dice? Each demo model against its INT8 twin, per class, over seeds.
+
+    python benchmarks/int8_quality.py benchmarks/work/stability/seed_*      # demo workspaces, one per seed
+    python benchmarks/int8_quality.py WORKSPACE --pair base:FOLDER:INT8_FOLDER [--pair ...] --dataset-id 501
+
+The demo (``nnunet-compress demo``) quantises the base and the fine-tuned or pruned-while-training models
+(``nnunet_compress.demo.run.int8_rows``) and grades every model on the held-out cases with nnU-Net's predictor;
+its ``demo_summary.json`` holds the per-class Dice of each model and of its ``+ INT8`` row. This script pairs them
+per seed and reports, per model, the mean foreground Dice change (INT8 − f32, mean ± std over seeds) and the
+largest loss of any class in any run, against the aims: mean within 0.005, no class more than 0.02 lower.
+
+``--pair NAME:F32_FOLDER:INT8_FOLDER`` grades model folders of one workspace directly (the INT8 folder predicted
+by nnU-Net's predictor in INT8, the f32 folder as nnU-Net runs it), for workspaces made before the demo had INT8
+rows. Writes ``benchmarks/results/int8_quality[_<tag>].{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+RESULTS = REPO / "benchmarks" / "results"
+MAX_MEAN_DROP, MAX_CLASS_DROP = 0.005, 0.02  # the aims of the INT8 issue
+SUFFIX = " + INT8"
+
+
+def pairs_from_summary(workspace: Path) -> dict[str, tuple[dict, dict]]:
+    """{model: (f32 row, INT8 row)} from a demo workspace's demo_summary.json."""
+    rows = {r["model"]: r for r in json.loads((workspace / "demo_summary.json").read_text())}
+    return {name[: -len(SUFFIX)]: (rows[name[: -len(SUFFIX)]], row) for name, row in rows.items()
+            if name.endswith(SUFFIX) and name[: -len(SUFFIX)] in rows}
+
+
+def pairs_from_folders(workspace: Path, dataset_id: int, specs: list[str]) -> dict[str, tuple[dict, dict]]:
+    """{model: (f32 row, INT8 row)} by predicting each folder's held-out cases with nnU-Net's predictor."""
+    from nnunet_compress.demo import tiny
+    ws = tiny.default_workspace(workspace, dataset_id=dataset_id)
+    os.environ.update(ws.env())
+    out = {}
+    for spec in specs:
+        name, f32_folder, int8_folder = spec.split(":")
+        rows = []
+        for tag, folder in (("f32", f32_folder), ("int8", int8_folder)):
+            pred = tiny.predict_folder(ws, Path(folder), ws.root / "int8_quality" / f"{name}_{tag}")
+            dice = tiny.dice_scores(ws, pred)
+            rows.append({"dice": dice["mean_foreground"], "dice_per_class": dice["per_class"]})
+        out[name] = (rows[0], rows[1])
+    return out
+
+
+def summarise(per_seed: list[dict[str, tuple[dict, dict]]]) -> list[dict]:
+    models = sorted({m for seed in per_seed for m in seed}, key=lambda m: (m != "base", m))
+    table = []
+    for model in models:
+        changes, worst, worst_class = [], 0.0, None
+        for seed in per_seed:
+            if model not in seed:
+                continue
+            f32, q = seed[model]
+            changes.append(q["dice"] - f32["dice"])
+            for label, value in f32["dice_per_class"].items():
+                drop = value - q["dice_per_class"][label]
+                if drop > worst:
+                    worst, worst_class = drop, label
+        table.append({"model": model, "runs": len(changes), "mean_change": statistics.mean(changes),
+                      "std_change": statistics.stdev(changes) if len(changes) > 1 else 0.0,
+                      "worst_class_drop": worst, "worst_class": worst_class,
+                      "meets_aims": abs(statistics.mean(changes)) <= MAX_MEAN_DROP and worst <= MAX_CLASS_DROP})
+    return table
+
+
+def markdown(table: list[dict], sources: list[str]) -> str:
+    lines = [f"INT8 − f32, mean foreground Dice on the held-out cases ({len(sources)} workspace(s)); aims: mean "
+             f"within {MAX_MEAN_DROP}, no class more than {MAX_CLASS_DROP} lower in any run.", "",
+             "| model | runs | Dice change, mean ± std | largest class loss (class) | aims |", "|---|---:|---:|---:|---|"]
+    for r in table:
+        lines.append(f"| {r['model']} | {r['runs']} | {r['mean_change']:+.4f} ± {r['std_change']:.4f} | "
+                     f"{r['worst_class_drop']:.4f} ({r['worst_class']}) | {'met' if r['meets_aims'] else 'MISSED'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("workspaces", type=Path, nargs="+")
+    ap.add_argument("--pair", action="append", default=[], help="NAME:F32_FOLDER:INT8_FOLDER (one workspace)")
+    ap.add_argument("--dataset-id", type=int, default=500, help="the workspace's dataset (with --pair)")
+    ap.add_argument("--tag", default="")
+    args = ap.parse_args(argv)
+    if args.pair:
+        per_seed = [pairs_from_folders(args.workspaces[0], args.dataset_id, args.pair)]
+    else:
+        per_seed = [pairs_from_summary(w) for w in args.workspaces]
+    table = summarise(per_seed)
+    text = markdown(table, [str(w) for w in args.workspaces])
+    print(text)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stem = RESULTS / f"int8_quality{'_' + args.tag if args.tag else ''}"
+    stem.with_suffix(".json").write_text(json.dumps({"workspaces": [str(w) for w in args.workspaces],
+                                                     "pairs": args.pair, "rows": table}, indent=1))
+    stem.with_suffix(".md").write_text(text)
+    print(f"wrote {stem}.json and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
