@@ -59,17 +59,19 @@ def summarise(per_seed: list[dict[str, tuple[dict, dict]]]) -> list[dict]:
     models = sorted({m for seed in per_seed for m in seed}, key=lambda m: (m != "base", m))
     table = []
     for model in models:
-        changes, worst, worst_class = [], 0.0, None
+        changes, f32_dice, worst, worst_class = [], [], 0.0, None
         for seed in per_seed:
             if model not in seed:
                 continue
             f32, q = seed[model]
             changes.append(q["dice"] - f32["dice"])
+            f32_dice.append(f32["dice"])
             for label, value in f32["dice_per_class"].items():
                 drop = value - q["dice_per_class"][label]
                 if drop > worst:
                     worst, worst_class = drop, label
-        table.append({"model": model, "runs": len(changes), "mean_change": statistics.mean(changes),
+        table.append({"model": model, "runs": len(changes), "mean_f32": statistics.mean(f32_dice),
+                      "mean_change": statistics.mean(changes),
                       "std_change": statistics.stdev(changes) if len(changes) > 1 else 0.0,
                       "worst_class_drop": worst, "worst_class": worst_class,
                       "meets_aims": abs(statistics.mean(changes)) <= MAX_MEAN_DROP and worst <= MAX_CLASS_DROP})
@@ -79,9 +81,10 @@ def summarise(per_seed: list[dict[str, tuple[dict, dict]]]) -> list[dict]:
 def markdown(table: list[dict], sources: list[str]) -> str:
     lines = [f"INT8 − f32, mean foreground Dice on the held-out cases ({len(sources)} workspace(s)); aims: mean "
              f"within {MAX_MEAN_DROP}, no class more than {MAX_CLASS_DROP} lower in any run.", "",
-             "| model | runs | Dice change, mean ± std | largest class loss (class) | aims |", "|---|---:|---:|---:|---|"]
+             "| model | runs | Dice f32 | Dice change, mean ± std | largest class loss (class) | aims |",
+             "|---|---:|---:|---:|---:|---|"]
     for r in table:
-        lines.append(f"| {r['model']} | {r['runs']} | {r['mean_change']:+.4f} ± {r['std_change']:.4f} | "
+        lines.append(f"| {r['model']} | {r['runs']} | {r['mean_f32']:.4f} | {r['mean_change']:+.4f} ± {r['std_change']:.4f} | "
                      f"{r['worst_class_drop']:.4f} ({r['worst_class']}) | {'met' if r['meets_aims'] else 'MISSED'} |")
     return "\n".join(lines) + "\n"
 
