@@ -47,3 +47,22 @@ def test_no_bar_when_quiet():
 def test_long_commands_take_quiet(command):
     assert build_parser().parse_args([*command, "--quiet"]).quiet
     assert not build_parser().parse_args(command).quiet
+
+
+def test_tucker_decomposition_shows_a_bar_per_layer(monkeypatch):
+    """The longest silent step of `tucker` and `totalseg`: one tick per factorised layer."""
+    import torch
+    from torch import nn
+
+    from nnunet_compress.tucker.decomposition import replace_convs
+    net = nn.Sequential(nn.Conv3d(8, 8, 3, padding=1), nn.Conv3d(8, 8, 3, padding=1))
+    terminal = Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    with torch.no_grad():
+        replace_convs(net, {"0": (4, 4), "1": (4, 4)})
+    assert "Tucker decomposition" in terminal.getvalue() and "0/2 [" in terminal.getvalue()  # count of total
+    pipe = io.StringIO()
+    monkeypatch.setattr("sys.stderr", pipe)
+    net = nn.Sequential(nn.Conv3d(8, 8, 3, padding=1))
+    replace_convs(net, {"0": (4, 4)})
+    assert pipe.getvalue() == ""

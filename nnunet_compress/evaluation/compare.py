@@ -45,6 +45,7 @@ from nnunet_compress.nnunet.model_folder import (
 )
 from nnunet_compress.nnunet.plans import resolved_configuration
 from nnunet_compress.nnunet.predictions import predict_cases
+from nnunet_compress.progress import bar
 from nnunet_compress.settings import Settings, check_choice
 
 SUMMARY = "summary.json"
@@ -174,7 +175,7 @@ def run_compare(settings: CompareSettings, progress=print) -> dict:
              f"{settings.output}")
 
     prediction_dirs = {}
-    for i, (folder, entry) in enumerate(zip(folders, entries), 1):
+    for i, (folder, entry) in enumerate(bar(list(zip(folders, entries)), "predicting", "model"), 1):
         out = settings.output / "predictions" / entry.name
         t0 = time.perf_counter()
         progress(f"[{i}/{len(entries)}] {entry.name}: predicting {len(cases)} cases (folds {', '.join(entry.folds)})")

@@ -29,6 +29,8 @@ from typing import Sequence
 
 import numpy as np
 
+from nnunet_compress.progress import shows_bar
+
 XML_KEY = "engine_int8_xml"
 BIN_KEY = "engine_int8_bin"
 PAYLOAD_KEYS = (XML_KEY, BIN_KEY)
@@ -115,7 +117,7 @@ def quantize(model, calibration: Sequence[np.ndarray], validation: Sequence[Vali
     operation NNCF can quantise is quantised. `max_restore_steps` caps the groups it returns to float (None: as
     many as the budget needs). The ``mixed`` preset quantises activations asymmetrically: after LeakyReLU and
     InstanceNorm they are not centred on zero, and a symmetric range wastes half the int8 codes. NNCF's own
-    progress bars show on a terminal (`show_progress` None) and nowhere else.
+    progress bars show on a terminal without ``--quiet`` (`show_progress` None) and nowhere else.
     """
     import nncf
     import openvino as ov
@@ -150,7 +152,7 @@ def _nncf_output(show_progress: bool | None):
     """NNCF's log at warnings only (its info lists every reverted node), its bars only where asked or on a tty."""
     from nncf.common.logging.logger import nncf_logger
     if show_progress is None:
-        show_progress = sys.stdout.isatty()
+        show_progress = shows_bar(sys.stdout)
     level = nncf_logger.level
     nncf_logger.setLevel(logging.WARNING)
     try:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from nnunet_compress.errors import CompressError
 from nnunet_compress.nnunet.model_folder import atomic_output_folder, check_output_location, read_json, write_json
+from nnunet_compress.progress import bar
 from nnunet_compress.workflows.convert import convert_model_folder
 from nnunet_compress.workflows.engine_cache import check_engine_in_use, prepare_engine
 from nnunet_compress.workflows.quantize import QuantizeSettings, quantize_model_folder
@@ -159,7 +160,7 @@ def compress_totalseg_home(output: str | os.PathLike, policy, tasks: list[str], 
     rows = []
     with atomic_output_folder(output, overwrite) as tmp:
         tmp.chmod(0o755)
-        for i, m in enumerate(models, 1):
+        for i, m in enumerate(bar(models, "TotalSegmentator models", "model"), 1):
             t0 = time.perf_counter()
             progress(f"[{i}/{len(models)}] {m.task}: dataset {m.dataset_id} ({m.model_folder})")
             target = tmp / RESULTS / m.model_folder

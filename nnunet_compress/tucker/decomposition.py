@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from nnunet_compress.errors import CompressError
+from nnunet_compress.progress import bar
 
 ConvLike = nn.modules.conv._ConvNd
 
@@ -239,7 +240,9 @@ def replace_convs(net: nn.Module, ranks: Mapping[str, tuple[int, int]], decompos
         _check_ranks(conv, rank_out, rank_in, name)
         targets[name] = (conv, rank_out, rank_in)
     errors: dict[str, float] = {}
-    for name, (conv, rank_out, rank_in) in targets.items():
+    # decomposing a TotalSegmentator-sized network takes minutes: a bar per layer where someone watches
+    layers = bar(targets.items(), "Tucker decomposition", "layer", total=len(targets)) if decompose else targets.items()
+    for name, (conv, rank_out, rank_in) in layers:
         if decompose:
             module, error = decompose_conv(conv, rank_out, rank_in, name=name)
         else:

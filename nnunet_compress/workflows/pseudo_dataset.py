@@ -24,6 +24,7 @@ import copy
 import os
 import re
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from nnunet_compress.nnunet.model_folder import (
     open_model_folder,
     write_json,
 )
+from nnunet_compress.progress import shows_bar
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]*")
 PROVENANCE_KEY = "nnunet_compress_pseudo_labels"
@@ -123,7 +125,7 @@ def predict_labels(folder: ModelFolder, images: Path, output: Path, request: Pse
     device = torch.device(request.device)
     predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=not request.disable_tta,
                                 perform_everything_on_device=device.type == "cuda", device=device, verbose=False,
-                                verbose_preprocessing=False, allow_tqdm=False)
+                                verbose_preprocessing=False, allow_tqdm=shows_bar(sys.stderr))
     predictor.initialize_from_trained_model_folder(str(folder.path), sorted(folder.folds), request.checkpoint)
     if predictor.configuration_manager.previous_stage_name is not None:
         raise CompressError(f"{folder.path} is a cascade stage (it needs the previous stage's segmentations); pass "
