@@ -29,6 +29,20 @@ os.environ.setdefault("NNUNET_COMPRESS_CPU_ENGINE", "torch")
 
 
 @pytest.fixture
+def fresh_openvino_engine(tmp_path, monkeypatch):
+    """The OpenVINO engine switched on, with an empty disk cache of the test's own and nothing compiled in memory;
+    yields the cache folder."""
+    from nnunet_compress.inference import openvino_engine
+    monkeypatch.setenv("NNUNET_COMPRESS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("NNUNET_COMPRESS_CPU_ENGINE", "openvino")
+    monkeypatch.delenv("NNUNET_COMPRESS_CPU_PRECISION", raising=False)
+    openvino_engine.clear()
+    openvino_engine.STATS.__init__()
+    yield tmp_path / "cache"
+    openvino_engine.clear()
+
+
+@pytest.fixture
 def torch_engine(monkeypatch):
     """Run CompressedUNet's CPU inference on torch's own paths (for the tests of those paths)."""
     monkeypatch.setenv("NNUNET_COMPRESS_CPU_ENGINE", "torch")

@@ -25,14 +25,8 @@ SHAPE = (1, 1, *PATCH)
 
 
 @pytest.fixture(autouse=True)
-def engine_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("NNUNET_COMPRESS_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("NNUNET_COMPRESS_CPU_ENGINE", "openvino")
-    monkeypatch.delenv("NNUNET_COMPRESS_CPU_PRECISION", raising=False)
-    engine.clear()
-    engine.STATS.__init__()
-    yield
-    engine.clear()
+def engine_cache(fresh_openvino_engine):
+    return fresh_openvino_engine
 
 
 def unet(engine_int8: bool = False, seed: int = 0) -> CompressedUNet:

@@ -30,15 +30,9 @@ PATCH = (16, 16, 16)
 
 
 @pytest.fixture(autouse=True)
-def engine_cache(tmp_path, monkeypatch):
+def engine_cache(fresh_openvino_engine):
     """Each test starts with an empty disk cache of its own and nothing compiled in memory."""
-    monkeypatch.setenv("NNUNET_COMPRESS_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setenv("NNUNET_COMPRESS_CPU_ENGINE", "openvino")
-    monkeypatch.delenv("NNUNET_COMPRESS_CPU_PRECISION", raising=False)
-    engine.clear()
-    engine.STATS.__init__()
-    yield tmp_path / "cache"
-    engine.clear()
+    return fresh_openvino_engine
 
 
 def unet(seed: int = 0, deep_supervision: bool = False, **compression) -> CompressedUNet:
