@@ -213,6 +213,13 @@ def test_step_guard_keeps_a_harmless_step_and_is_off_at_zero():
 
 # ---- the trainer's side: optimizer state and the target -------------------------------------------------------
 
+class LoggedNothing:
+    """nnU-Net's logger before any validation: no per-class pseudo Dice yet."""
+
+    def get_value(self, key, step=None):
+        return []
+
+
 class FakeTrainer(PruningTrainerMixin):
     """Just enough of an nnUNetTrainer for PruningTrainerMixin's snapshot/restore and the Taylor guard."""
 
@@ -220,6 +227,7 @@ class FakeTrainer(PruningTrainerMixin):
         self.network, self.device, self.is_ddp = net, torch.device("cpu"), False
         self.optimizer, self.lr_scheduler = self.configure_optimizers()
         self.log = []
+        self.logger = LoggedNothing()
 
     @property
     def plain_network(self):

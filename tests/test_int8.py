@@ -137,9 +137,10 @@ def test_engine_runs_the_int8_model_and_f32_on_request(quantised, monkeypatch):
     with torch.inference_mode():
         out_int8 = carrier(x)
     assert {k[2] for k in engine._compiled} == {"int8"}
-    import openvino as ov
-    expected = ov.Core().compile_model(result.model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})(x.numpy())[0]
-    np.testing.assert_allclose(out_int8.numpy(), expected, rtol=1e-4, atol=1e-4)
+    runtime = next(iter(engine._compiled.values())).model.get_runtime_model()  # what the CPU plugin really runs
+    int8_convolutions = [op for op in runtime.get_ops() if op.get_rt_info()["layerType"].astype(str) == "Convolution"
+                         and op.get_rt_info()["runtimePrecision"].astype(str) in ("u8", "i8")]
+    assert len(int8_convolutions) >= result.convolutions // 2
     with torch.inference_mode(), plain_inference():
         reference = net(x)
     assert not torch.allclose(out_int8, reference, atol=1e-6)  # really the quantised arithmetic
