@@ -34,7 +34,7 @@ from torch import nn
 
 from nnunet_compress.errors import first_line
 from nnunet_compress.inference import openvino_engine
-from nnunet_compress.inference.settings import from_environment
+from nnunet_compress.inference.settings import compile_properties, from_environment
 from nnunet_compress.inference.torch_paths import fast_convolutions
 
 ENGINES = ("openvino", "torch")
@@ -233,9 +233,7 @@ def _compile_openvino(net: nn.Module, x: torch.Tensor, threads: int):
     import openvino as ov
     try:
         model = openvino_engine.convert(net, x)
-        compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads,
-                                                          "PERFORMANCE_HINT": "LATENCY",
-                                                          "INFERENCE_PRECISION_HINT": "f32"})
+        compiled = ov.Core().compile_model(model, "CPU", compile_properties(threads))
     except Exception as e:  # what the engine cannot take runs on torch, as in prediction
         print(f"nnunet-compress: OpenVINO cannot run {type(net).__name__} ({first_line(e)}); timing torch's path",
               file=sys.stderr)

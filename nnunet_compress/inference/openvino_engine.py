@@ -40,7 +40,13 @@ from nnunet_compress.errors import CompressError, first_line
 from nnunet_compress.inference import int8
 from nnunet_compress.inference.decoder_fold import GRAPH_VERSION, engine_graph
 from nnunet_compress.inference.model_cache import ModelCache, model_key, weights_signature
-from nnunet_compress.inference.settings import EngineSettings, from_environment, plain_inference, plain_requested
+from nnunet_compress.inference.settings import (
+    EngineSettings,
+    compile_properties,
+    from_environment,
+    plain_inference,
+    plain_requested,
+)
 
 MODEL_FILE = "model.xml"
 MAX_COMPILED = 2  # compiled models kept in memory, least recently used dropped (each holds its own buffers)
@@ -180,8 +186,7 @@ def _prepare_int8(net: nn.Module, payload, shape: tuple[int, ...], key: str, thr
         if tuple(model.input(0).get_partial_shape().to_shape()) != shape:
             model.reshape(list(shape))  # quantised at the plans' patch size; other inputs take the same weights
         t0 = time.perf_counter()
-        compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
-                                                     "INFERENCE_PRECISION_HINT": settings.float_precision})
+        compiled = core.compile_model(model, "CPU", compile_properties(threads, settings.float_precision))
         STATS.compilations.append(time.perf_counter() - t0)
         return CompiledModel(compiled)
     except Exception as e:  # a damaged or foreign INT8 model must not fail the prediction: f32 can compute it
@@ -230,9 +235,7 @@ def _prepare(net: nn.Module, x: torch.Tensor, key: str, threads: int, settings: 
     try:
         model = _cached_or_converted(core, net, x, key, settings)
         t0 = time.perf_counter()
-        compiled = core.compile_model(model, "CPU", {"INFERENCE_NUM_THREADS": threads,
-                                                     "PERFORMANCE_HINT": "LATENCY",
-                                                     "INFERENCE_PRECISION_HINT": settings.float_precision})
+        compiled = core.compile_model(model, "CPU", compile_properties(threads, settings.float_precision))
         STATS.compilations.append(time.perf_counter() - t0)
         return CompiledModel(compiled)
     except Exception as e:  # conversion/compilation of an unsupported network: torch runs it instead
@@ -290,9 +293,7 @@ def int8_reference(net: nn.Module, calibration: list[torch.Tensor]):
         with plain_inference():
             model = convert(net.eval(), torch.zeros(shape))
         quantised = int8.quantize(model, [c.numpy() for c in calibration], None, [], max_drop=None).model
-        compiled = ov.Core().compile_model(quantised, "CPU", {"INFERENCE_NUM_THREADS": torch.get_num_threads(),
-                                                              "PERFORMANCE_HINT": "LATENCY",
-                                                              "INFERENCE_PRECISION_HINT": "f32"})
+        compiled = ov.Core().compile_model(quantised, "CPU", compile_properties(torch.get_num_threads()))
     except Exception as e:  # the frontend's and NNCF's errors have many types; the caller goes without the row
         _fallback(net, shape, f"INT8 reference failed ({first_line(e, with_type=True)})")
         return None

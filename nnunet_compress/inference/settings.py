@@ -63,6 +63,12 @@ class EngineSettings(Settings):
         return "f32" if self.precision in ("auto", "int8") else self.precision
 
 
+def compile_properties(threads: int, precision: str = "f32") -> dict:
+    """The CPU plugin's properties for every model the engine compiles (f32 folders, INT8 folders, timing references):
+    torch's thread count, latency over throughput (one patch at a time), and the float precision in force."""
+    return {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision}
+
+
 def default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "nnunet_compress"
