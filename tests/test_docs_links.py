@@ -54,3 +54,36 @@ def test_readme_is_a_guide():
     text = (REPO / "README.md").read_text()
     assert len(text.splitlines()) <= 300
     assert text.index("bash scripts/demo.sh") < text.index("## Which method when")
+
+
+RESULT = re.compile(r"benchmarks/results/([\w.\-]+(?:\{[\w.,\-]+\})?[\w.\-]*)")
+NOT_COMMITTED = "not committed"
+
+
+def cited_results(paragraph: str) -> list[str]:
+    """`benchmarks/results/` files a paragraph names, brace lists expanded (`x.{json,md}` -> x.json, x.md)."""
+    names = []
+    for cited in RESULT.findall(paragraph):
+        head, brace, tail = re.match(r"([^{]*)(?:\{([^}]*)\})?(.*)", cited).groups()
+        names += [f"{head}{alternative}{tail}".rstrip(".") for alternative in (brace.split(",") if brace else [""])]
+    return names
+
+
+def test_result_citations_are_read_with_brace_lists():
+    assert cited_results("output `benchmarks/results/speed_cpu_1.5mm.{json,md}`.") == ["speed_cpu_1.5mm.json",
+                                                                                    "speed_cpu_1.5mm.md"]
+    assert cited_results("(benchmarks/results/budgets.json).") == ["budgets.json"]
+    assert cited_results("`benchmarks/results/q_{base,tucker0.25}.md`") == ["q_base.md", "q_tucker0.25.md"]
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(REPO)))
+def test_cited_results_are_committed(page):
+    """A figure's file under benchmarks/results/ is in the clone, or its paragraph says it is not committed (the
+    figure then stands on its command and machine alone). Commands in code blocks are not citations."""
+    missing = []
+    for paragraph in re.split(r"\n\s*\n", FENCE.sub("", page.read_text())):
+        for name in cited_results(paragraph):
+            if not (REPO / "benchmarks" / "results" / name).is_file() and NOT_COMMITTED not in " ".join(paragraph.split()):
+                missing.append(name)
+    assert not missing, (f"{page.relative_to(REPO)} cites benchmarks/results/ files that are not committed, without "
+                         f"saying so: {sorted(set(missing))}")
