@@ -4,8 +4,8 @@ For each FLOPs target and calibration seed it chooses ranks the way ``nnunet-com
 (:func:`nnunet_compress.workflows.tucker.select_ranks`, synthetic-CT calibration through the model's
 preprocessing, as without ``-i``) for these variants:
 
-- ``ratio R``: the uniform ``--rank-ratio R`` (the issue's reference point);
-- ``kernel, no guard``: ``--target-flops T --no-budget-guard`` (the allocator alone: what wrecked the model);
+- ``ratio R``: the uniform ``--rank-ratio R`` (the reference point);
+- ``kernel, no guard``: ``--target-flops T --no-budget-guard`` (the allocator alone, which can wreck a model);
 - ``sensitivity, no guard``: ``--budget-error sensitivity --no-budget-guard``;
 - ``default``: ``--target-flops T`` (kernel error, guard on);
 - ``best``: ``--budget-error best`` (kernel and sensitivity allocations, guard on).

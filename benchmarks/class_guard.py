@@ -8,7 +8,7 @@ seed and guard rule, and compares what each run ends with:
 - ``off``: ``--class-guard 0``;
 - ``every class present``: ``--class-guard-floor 0 --class-guard-noise-epochs 0 --class-guard-release 0`` (a class
   counts when its pseudo Dice before the step is above 0; protection only ends if the class recovers past its
-  noise, and without a noise estimate it never does: the guard as it was before classes had to be learned);
+  noise, and without a noise estimate it never does: every class present is judged, learned or not);
 - ``learned classes``: the defaults (floor 0.3, noise over 5 validations, release after 5 epochs or on recovery).
 
 Each seed ``s`` has its own workspace (``WORKDIR/seed_s``: the demo's synthetic cases of seed ``s``, nnU-Net's
@@ -22,7 +22,7 @@ until their networks differ. A run that already has its final checkpoint is not 
 Per run: the final FLOPs per patch as a share of the unpruned network's, the mean foreground Dice and the lowest
 class Dice on the dataset's held-out cases (nnU-Net's predictor and evaluation), the number of removals the guard
 undid, and the class falls it reported without judging them. Writes ``benchmarks/results/class_guard[_<tag>].json``
-/ ``.md`` after every run. The default schedule (8 epochs of 5 iterations) is the issue's scale: about 47 minutes
+/ ``.md`` after every run. The default schedule (8 epochs of 5 iterations) is the aims' scale: about 47 minutes
 for 5 seeds × 3 rules on 2 shared cores, too short for any class to be learned from random weights, so it measures
 what each rule lets Sauron prune, not how well the result segments; pass ``--epochs`` and
 ``--iterations-per-epoch`` for a schedule that learns the classes.
@@ -51,7 +51,7 @@ RULES = {
     "learned classes": [],
 }
 
-# the issue's aims: from scratch, the new rule ends within this share of the FLOPs of the guard off...
+# the aims: from scratch, the learned-class rule ends within this share of the FLOPs of the guard off...
 MAX_FLOPS_GAP = 0.03
 # ...and no class of a run ends below this Dice
 MIN_CLASS_DICE = 0.5
@@ -68,7 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=1e-2, help="from scratch: nnU-Net's own initial learning rate")
     p.add_argument("--sauron", nargs=argparse.REMAINDER, default=["--tau-start", "0.5", "--tau-max", "0.6",
                                                                   "--kappa", "2", "--rho", "1"],
-                   help="Sauron's options (last on the command line; default: the issue's thresholds)")
+                   help="Sauron's options (last on the command line; default: the thresholds the aims were set for)")
     p.add_argument("--tag", default="")
     p.add_argument("--from-json", type=Path, help="rewrite the table from this JSON (nothing is trained)")
     return p.parse_args(argv)

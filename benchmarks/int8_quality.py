@@ -10,8 +10,8 @@ per seed and reports, per model, the mean foreground Dice change (INT8 − f32, 
 largest loss of any class in any run, against the aims: mean within 0.005, no class more than 0.02 lower.
 
 ``--pair NAME:F32_FOLDER:INT8_FOLDER`` grades model folders of one workspace directly (the INT8 folder predicted
-by nnU-Net's predictor in INT8, the f32 folder as nnU-Net runs it), for workspaces made before the demo had INT8
-rows. Writes ``benchmarks/results/int8_quality[_<tag>].{json,md}``.
+by nnU-Net's predictor in INT8, the f32 folder as nnU-Net runs it), for workspaces whose demo_summary.json has no
+INT8 rows. Writes ``benchmarks/results/int8_quality[_<tag>].{json,md}``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 RESULTS = REPO / "benchmarks" / "results"
-MAX_MEAN_DROP, MAX_CLASS_DROP = 0.005, 0.02  # the aims of the INT8 issue
+MAX_MEAN_DROP, MAX_CLASS_DROP = 0.005, 0.02  # aims: mean Dice change, largest class loss
 SUFFIX = " + INT8"
 
 

@@ -40,7 +40,7 @@ sys.path.insert(0, str(REPO))
 
 RESULTS = REPO / "benchmarks" / "results"
 
-# the aims of the stability issue, checked and printed for the fine-tuned rows
+# the aims (spread over seeds, worst class), checked and printed for the fine-tuned rows
 MIN_CLASS_DICE = 0.5
 MAX_STD = 0.03
 
@@ -237,8 +237,8 @@ def run_record(row, graded: dict | None) -> dict:
 
 
 def demo_rows_again(seed_root: Path, seed: int, methods: list[str], fast: bool) -> list:
-    """The demo rows of `methods` with models trained anew by the current code (the old ones deleted first; they
-    live in this benchmark's own workspace, never in a user's folders)."""
+    """The demo rows of `methods` with models trained anew by the checked-out code (existing ones deleted first;
+    they live in this benchmark's own workspace, never in a user's folders)."""
     from nnunet_compress.demo import run as demo
     from nnunet_compress.demo import tiny
     ws = tiny.default_workspace(seed_root)

@@ -54,3 +54,56 @@ def test_readme_is_a_guide():
     text = (REPO / "README.md").read_text()
     assert len(text.splitlines()) <= 300
     assert text.index("bash scripts/demo.sh") < text.index("## Which method when")
+
+
+RESULT = re.compile(r"benchmarks/results/([\w.\-]+(?:\{[\w.,\-]+\})?[\w.\-]*)")
+NOT_COMMITTED = "not committed"
+
+
+def cited_results(paragraph: str) -> list[str]:
+    """`benchmarks/results/` files a paragraph names, brace lists expanded (`x.{json,md}` -> x.json, x.md)."""
+    names = []
+    for cited in RESULT.findall(paragraph):
+        head, brace, tail = re.match(r"([^{]*)(?:\{([^}]*)\})?(.*)", cited).groups()
+        names += [f"{head}{alternative}{tail}".rstrip(".") for alternative in (brace.split(",") if brace else [""])]
+    return names
+
+
+def test_result_citations_are_read_with_brace_lists():
+    assert cited_results("output `benchmarks/results/speed_cpu_1.5mm.{json,md}`.") == ["speed_cpu_1.5mm.json",
+                                                                                    "speed_cpu_1.5mm.md"]
+    assert cited_results("(benchmarks/results/budgets.json).") == ["budgets.json"]
+    assert cited_results("`benchmarks/results/q_{base,tucker0.25}.md`") == ["q_base.md", "q_tucker0.25.md"]
+
+
+def unmarked_missing_results(text: str) -> list[str]:
+    """Cited `benchmarks/results/` files that are not in the clone, in paragraphs that do not say they are not
+    committed. Commands in code blocks are not citations."""
+    missing = []
+    for paragraph in re.split(r"\n\s*\n", FENCE.sub("", text)):
+        marked = NOT_COMMITTED in " ".join(paragraph.split())  # the marker may be broken across lines
+        missing += [name for name in cited_results(paragraph)
+                    if not marked and not (REPO / "benchmarks" / "results" / name).is_file()]
+    return missing
+
+
+def test_the_rule_flags_an_unmarked_missing_file():
+    committed = sorted(p.name for p in (REPO / "benchmarks" / "results").glob("*.json"))[0]
+    text = (f"A figure (`benchmarks/results/{committed}`).\n\nAnother (`benchmarks/results/no_such.json`).\n\n"
+            "A third (`benchmarks/results/gone.{json,md}`, not\ncommitted).\n\n```\nbenchmarks/results/cmd.json\n```\n")
+    assert unmarked_missing_results(text) == ["no_such.json"]
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(REPO)))
+def test_cited_results_are_committed(page):
+    """A figure's file under benchmarks/results/ is in the clone, or its paragraph says it is not committed (the
+    figure then stands on its command and machine alone)."""
+    missing = unmarked_missing_results(page.read_text())
+    assert not missing, (f"{page.relative_to(REPO)} cites benchmarks/results/ files that are not committed, without "
+                         f"saying so: {sorted(set(missing))}")
+
+
+def test_committed_results_stay_small():
+    """Only the summaries behind the docs' figures are committed (Markdown, JSON, plots), a few hundred kB in all."""
+    files = [p for p in (REPO / "benchmarks" / "results").iterdir() if p.suffix in (".md", ".json", ".png")]
+    assert sum(p.stat().st_size for p in files) < 400_000

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import io
+import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from nnunet_compress import progress
@@ -65,4 +68,73 @@ def test_tucker_decomposition_shows_a_bar_per_layer(monkeypatch):
     monkeypatch.setattr("sys.stderr", pipe)
     net = nn.Sequential(nn.Conv3d(8, 8, 3, padding=1))
     replace_convs(net, {"0": (4, 4)})
+    assert pipe.getvalue() == ""
+
+
+LEGACY = Path(__file__).resolve().parent / "data" / "legacy_folders"
+
+
+def _legacy_plans() -> tuple[dict, dict]:
+    folder = LEGACY / "converted"
+    return json.loads((folder / "plans.json").read_text()), json.loads((folder / "dataset.json").read_text())
+
+
+@pytest.mark.parametrize("reader", ["tucker", "quantize"])
+def test_calibration_cases_show_a_bar_per_case(monkeypatch, reader):
+    """Preprocessing the calibration images (Tucker/budget guard and INT8 calibration): one tick per case, through
+    nnU-Net's own preprocessor; nothing on a pipe."""
+    from nnunet_compress.nnunet.calibration import preprocessed_cases
+    from nnunet_compress.nnunet.quantization_data import cases_from_images
+
+    plans, dataset_json = _legacy_plans()
+
+    def read():
+        if reader == "tucker":
+            return preprocessed_cases(LEGACY / "images", plans, dataset_json, "3d_fullres")
+        return [c.image for c in cases_from_images(LEGACY / "images", plans, dataset_json, "3d_fullres")]
+
+    terminal = Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    on_terminal = read()
+    assert "preprocessing calibration cases" in terminal.getvalue() and "0/1 [" in terminal.getvalue()  # count of total
+    pipe = io.StringIO()
+    monkeypatch.setattr("sys.stderr", pipe)
+    piped = read()
+    assert pipe.getvalue() == ""
+    assert len(on_terminal) == 1 and np.array_equal(on_terminal[0], piped[0])  # the bar changes nothing else
+
+
+def test_calibration_phantoms_show_a_bar_unless_quiet(monkeypatch):
+    """`tucker` without images calibrates on synthetic phantoms: one tick per phantom, none with --quiet."""
+    from nnunet_compress.nnunet.calibration import synthetic_ct_cases
+
+    terminal = Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    assert len(synthetic_ct_cases(None, None, None, 1, count=2)) == 2
+    assert "calibration phantoms" in terminal.getvalue() and "0/2 [" in terminal.getvalue()
+    progress.set_quiet(True)
+    quiet = Terminal()
+    monkeypatch.setattr("sys.stderr", quiet)
+    assert len(synthetic_ct_cases(None, None, None, 1, count=2)) == 2
+    assert quiet.getvalue() == ""
+
+
+def test_label_free_tile_search_shows_a_bar(monkeypatch):
+    """INT8 calibration without labels predicts each tile it looks at with the f32 network: one tick per tile."""
+    from nnunet_compress.nnunet.quantization_data import Case, draw_patches
+
+    case = Case("c", np.random.default_rng(0).normal(size=(1, 40, 40, 40)).astype(np.float32))
+    calls = []
+
+    def predict(image):
+        calls.append(1)
+        return (image[0, 0] > 2.5).astype(np.int64)
+
+    terminal = Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    assert len(draw_patches([case], (16, 16, 16), count=4, foreground_share=1.0, seed=0, predict=predict)) == 4
+    assert "foreground tiles" in terminal.getvalue() and f"/{max(3 * 4, 4 + 8)} [" in terminal.getvalue()
+    pipe = io.StringIO()
+    monkeypatch.setattr("sys.stderr", pipe)
+    draw_patches([case], (16, 16, 16), count=4, foreground_share=1.0, seed=0, predict=predict)
     assert pipe.getvalue() == ""

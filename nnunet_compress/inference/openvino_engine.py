@@ -1,9 +1,9 @@
 """OpenVINO as the CPU engine of nnU-Net networks, behind an ordinary ``forward`` call.
 
-Why OpenVINO: measured side by side (README, "Performance"), it ran TotalSegmentator's original 1.5 mm network
-about 2× faster than torch on the CPU and the Tucker-compressed one faster than our hand-written torch paths. It
-fuses convolution, InstanceNorm and LeakyReLU into few passes over memory and picks kernels per layer shape — the
-work those paths did by hand for factorised layers only.
+Why OpenVINO: measured side by side (docs/performance.md), it runs TotalSegmentator's original 1.5 mm network
+about 2× faster than torch on the CPU, and the Tucker-compressed one faster than the torch paths of
+:mod:`.torch_paths`. It fuses convolution, InstanceNorm and LeakyReLU into few passes over memory and picks kernels
+per layer shape, for every layer, where the torch paths fuse the factorised layers only.
 
 How: :func:`run` converts the network with OpenVINO's PyTorch frontend (it traces torch's plain forward pass, so
 the graph is the module's computation; the decoder's concatenations are folded away first, an exact rewrite that

@@ -2,8 +2,8 @@
 
 CompressedUNet runs on OpenVINO on the CPU (:mod:`nnunet_compress.inference`); these paths serve where the engine
 is switched off (``NNUNET_COMPRESS_CPU_ENGINE=torch``) or cannot take a network. Why they are needed: a Tucker-
-factorised network does ~9× fewer FLOPs at channel ratio 0.25, yet ran only ~1.9× faster on plain torch. Profiling
-showed where the time goes: torch's CPU convolution dispatch chooses oneDNN only when ``N·C·D·H > 20480`` (a
+factorised network does ~9× fewer FLOPs at channel ratio 0.25, yet runs only ~1.9× faster on plain torch. Profiling
+shows where the time goes: torch's CPU convolution dispatch chooses oneDNN only when ``N·C·D·H > 20480`` (a
 heuristic written for 2-d images that ignores the last spatial axis). Thin 3-d convolutions — a Tucker core with 16
 channels at 32³, 32 at 16³ — fail it and fall onto the generic vol2col + GEMM kernel (``slow_conv3d_forward``),
 which runs at 1–2 GMAC/s instead of oneDNN's 15–40; 1×1×1 convolutions pay for a generic conv path although they

@@ -19,6 +19,7 @@ import torch
 from nnunet_compress.errors import CompressError
 from nnunet_compress.nnunet.model_folder import input_channels_of
 from nnunet_compress.nnunet.synthetic import generate_case
+from nnunet_compress.progress import bar
 
 
 def image_cases(folder: Path, file_ending: str, num_channels: int) -> list[list[str]]:
@@ -51,7 +52,8 @@ def preprocessed_cases(folder: Path, plans: dict, dataset_json: dict, configurat
     cases = image_cases(folder, dataset_json["file_ending"], input_channels_of(plans, dataset_json, configuration))
     pre = DefaultPreprocessor(verbose=False)
     out = []
-    for files in cases[:max_cases]:
+    # resampling a CT to the plans' spacing takes seconds to a minute per case: one tick per case
+    for files in bar(cases[:max_cases], "preprocessing calibration cases", "case"):
         result = pre.run_case(files, None, pm, cm, dataset_json)
         out.append(np.asarray(result[0], dtype=np.float32))
     return out
@@ -70,9 +72,9 @@ def synthetic_ct_cases(plans: dict | None, dataset_json: dict | None, configurat
     network), the HU image is z-scored over the body, which is what nnU-Net's CT normalisation approximately
     does. A multi-channel model gets the phantom in every channel.
     """
-    cases = [generate_case(seed, PHANTOM_INDEX_OFFSET + i) for i in range(count)]
+    cases = (generate_case(seed, PHANTOM_INDEX_OFFSET + i) for i in range(count))
     out = []
-    for case in cases:
+    for case in bar(cases, "preparing calibration phantoms", "case", total=count):
         data = np.repeat(case.image_hu[None].astype(np.float32), num_channels, axis=0)
         if plans is None:
             body = data[data > -500]

@@ -29,6 +29,7 @@ from nnunet_compress.errors import CompressError
 from nnunet_compress.nnunet.calibration import image_cases
 from nnunet_compress.nnunet.model_folder import input_channels_of
 from nnunet_compress.nnunet.plans import preprocessed_dataset_folder
+from nnunet_compress.progress import bar
 
 TILE_STEP = 0.5  # nnU-Net's predictor default (tile_step_size)
 
@@ -68,7 +69,8 @@ def cases_from_images(images: Path, plans: dict, dataset_json: dict, configurati
     cm = pm.get_configuration(configuration)
     preprocessor = DefaultPreprocessor(verbose=False)
     out = []
-    for files in grouped[:max_cases]:
+    # resampling a CT to the plans' spacing takes seconds to a minute per case: one tick per case
+    for files in bar(grouped[:max_cases], "preprocessing calibration cases", "case"):
         name = Path(files[0]).name[: -len(file_ending) - 5]
         label_file = None
         if labels is not None:
@@ -107,7 +109,7 @@ def cases_from_dataset(dataset: str | int, plans: dict, configuration: str, max_
     if not names:
         raise CompressError(f"{folder} holds no preprocessed cases; run nnUNetv2_preprocess first")
     out = []
-    for name in names:
+    for name in bar(names, "reading calibration cases", "case"):
         image, seg, _, _ = data.load_case(name)
         out.append(Case(name, np.asarray(image[:], dtype=np.float32), np.maximum(np.asarray(seg[0]), 0)))
     return out
@@ -152,7 +154,9 @@ def draw_patches(cases: list[Case], patch: tuple[int, ...], count: int, foregrou
     foreground, background = [], []
     wanted_foreground = int(round(count * foreground_share))
     budget = max(3 * count, count + 8)  # tiles looked at: predicting every tile of a CT would take minutes
-    for index in order[:budget] if predict is not None else order:
+    # label-free, each tile looked at is one f32 prediction: one tick per tile, up to the budget
+    looked_at = bar(order[:budget], "looking for foreground tiles", "tile") if predict is not None else order
+    for index in looked_at:
         case, start = tiles[index]
         p = cut(case, start, patch)
         if p.labels is None and predict is not None:

@@ -152,7 +152,7 @@ def judge_classes(before: Sequence[float], after: Sequence[float], share: float,
     A class present before (Dice > 0, not NaN) and measured after (not NaN) fell when after < share × before. It
     collapsed when, in addition, its Dice before was above `floor` by more than its `noise`, and the fall exceeds
     that noise (see :func:`why_unguarded`). `share` 0 turns the guard off; `floor` 0 with no noise judges every class
-    present, as the guard did before classes had to be learned.
+    present, learned or not (the rule benchmarks/class_guard.py compares with this one).
     """
     share = check_class_guard(share, "class guard")
     if len(before) != len(after):

@@ -1,11 +1,11 @@
 """The end of a pruning schedule: epochs in which nothing is removed, so the network recovers before it is saved.
 
-Why: pruning inside a short fine-tuning schedule used to go on until the target was met or the schedule ended. A
-step taken one epoch before the end left no time to recover from it. On the tiny demo, a Taylor step at epoch 7 of
-8 left two classes at 0.77 and 0.69 pseudo Dice in the saved model. A Sauron run that kept removing filters until
-its last epoch lost 0.106 mean Dice against its base, while runs that stopped earlier lost 0.02-0.05. The spread
-over seeds came mostly from how late and how far the last removals went. So the last ``recovery`` epochs of the
-schedule train the network as it is: ``--recovery-epochs`` (default: a quarter of the schedule, rounded up).
+Why: without such epochs, pruning inside a short fine-tuning schedule goes on until the target is met or the
+schedule ends, and a step taken one epoch before the end leaves no time to recover from it. On the tiny demo, a
+Taylor step at epoch 7 of 8 leaves two classes at 0.77 and 0.69 pseudo Dice in the saved model, and a Sauron run
+that removes filters until its last epoch loses 0.106 mean Dice against its base where runs that stop sooner lose
+0.02-0.05; the spread over seeds comes mostly from how late and how far the last removals go. So the last
+``recovery`` epochs of the schedule train the network as it is: ``--recovery-epochs`` (default: a quarter of the schedule, rounded up).
 
 Taylor pruning must still reach its target in the epochs that remain for pruning. When steps of the user's
 ``--step`` would not get there in time, :func:`catch_up_step` makes the remaining steps larger, so that they all

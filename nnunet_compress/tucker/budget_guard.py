@@ -3,9 +3,9 @@ uniform rank ratio of the same cost would.
 
 The budget allocator (:func:`nnunet_compress.tucker.ranks.ranks_for_budget`) trades an *estimate* of error against cost,
 layer by layer; the estimate is a kernel's reconstruction error, which says nothing about how much the network's
-output moves when that layer changes. On a trained nnU-Net it once chose ranks that kept 0.002 foreground Dice
-where the uniform ratio at the same FLOPs kept 0.92. So after the allocator has spoken we measure, on a few
-calibration patches, the relative change of the whole network's output logits
+output moves when that layer changes. On a trained nnU-Net it can choose ranks that keep 0.002 foreground Dice
+where the uniform ratio at the same FLOPs keeps 0.92. So after the allocator has chosen, the guard measures, on a
+few calibration patches, the relative change of the whole network's output logits
 
     ||f_compressed(x) - f(x)|| / ||f(x)||  (summed over the patches)
 

@@ -15,8 +15,8 @@ Policies:
 
 Every policy honours the same rank floor: no mode gets a rank below ``min(min_rank, channels)`` rounded up to
 the rank multiple (:func:`rank_floor`). A rank of 1 or 2 lets a layer see one or two linear combinations of its
-inputs; on trained nnU-Nets the budget allocator, left without a floor, chose such ranks and wrecked the
-segmentation (foreground Dice 0.92 -> 0.002 at the FLOPs where a uniform ratio kept 0.92). The fixed-rank policy
+inputs; on a trained nnU-Net the budget allocator, left without a floor, can choose such ranks and wreck the
+segmentation (foreground Dice 0.92 -> 0.002 at the FLOPs where a uniform ratio keeps 0.92). The fixed-rank policy
 refuses a rank below the floor instead of raising it silently: the user asked for that rank, and should lower
 ``min_rank`` explicitly if they mean it.
 
