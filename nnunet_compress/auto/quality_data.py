@@ -162,10 +162,9 @@ def link_cases(files: dict[str, list[Path]], labels: Path | None, cases: list[st
     return CaseSet(images_dir, labels_dir, list(cases))
 
 
-def prepare_quality_data(folder: ModelFolder, channels: int, work: Path, dataset: str | None,
-                         images: Path | None, labels: Path | None, held_out_fraction: float, seed: int,
-                         max_cases: int | None = None) -> QualityData:
-    """Check the user's quality data and lay out its two parts under `work`."""
+def check_quality_options(dataset: str | None, images: Path | None, labels: Path | None,
+                          held_out_fraction: float) -> None:
+    """The options' own consistency, checked before anything is read or written."""
     if dataset is not None and images is not None:
         raise CompressError("pass one source of quality data: --dataset ID, or --images DIR [--labels DIR]")
     if dataset is None and images is None:
@@ -175,6 +174,13 @@ def prepare_quality_data(folder: ModelFolder, channels: int, work: Path, dataset
         raise CompressError("--labels goes with --images (they are the labels of those images)")
     if not 0 < held_out_fraction < 1:
         raise CompressError(f"--held-out-fraction {held_out_fraction} is outside (0, 1); e.g. 0.5")
+
+
+def prepare_quality_data(folder: ModelFolder, channels: int, work: Path, dataset: str | None,
+                         images: Path | None, labels: Path | None, held_out_fraction: float, seed: int,
+                         max_cases: int | None = None) -> QualityData:
+    """Check the user's quality data and lay out its two parts under `work`."""
+    check_quality_options(dataset, images, labels, held_out_fraction)
     file_ending = folder.dataset_json["file_ending"]
     if dataset is not None:
         images, labels, wanted = validation_cases(folder, dataset)

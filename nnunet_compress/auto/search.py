@@ -30,7 +30,13 @@ from nnunet_compress.auto import report as R
 from nnunet_compress.auto.build import BuildContext, ensure_built
 from nnunet_compress.auto.candidates import Candidate, parse_candidates
 from nnunet_compress.auto.grading import ParentTimer, Speed, mean_foreground_dice, predict
-from nnunet_compress.auto.quality_data import CHOOSE, HELD_OUT, QualityData, prepare_quality_data
+from nnunet_compress.auto.quality_data import (
+    CHOOSE,
+    HELD_OUT,
+    QualityData,
+    check_quality_options,
+    prepare_quality_data,
+)
 from nnunet_compress.errors import CompressError, first_line
 from nnunet_compress.nnunet.model_folder import (
     CHECKPOINT_FINAL,
@@ -83,6 +89,7 @@ class AutoSettings(Settings):
             raise CompressError(f"--time-budget {self.time_budget} must be a positive number of minutes")
         if self.timing_runs < 1:
             raise CompressError("--timing-runs must be at least 1")
+        check_quality_options(self.dataset, self.images, self.labels, self.held_out_fraction)
         if self.max_cases is not None and self.max_cases < 2:
             raise CompressError("--max-cases must be at least 2 (one case to choose on, one held out)")
         return self
