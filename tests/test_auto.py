@@ -22,7 +22,7 @@ from test_e2e_tucker import tree_checksums
 from conftest import run_cli
 from nnunet_compress.auto.candidates import parse_candidate, parse_candidates
 from nnunet_compress.auto.quality_data import split_cases
-from nnunet_compress.auto.search import AutoSettings, Search
+from nnunet_compress.auto.search import AutoSettings, Row, Search, choose_winner
 from nnunet_compress.demo import tiny
 from nnunet_compress.errors import CompressError
 
@@ -92,7 +92,7 @@ def test_winner_meets_the_budget_on_held_out_cases(tiny_ws, tiny_base, killed_th
     assert report["verdict"] == "winner" and report["labelled"]
     assert set(report["choosing_cases"]).isdisjoint(report["held_out_cases"])
     winner = report["winner"]
-    chosen = min((m for m in report["models"][1:] if m["within_budget"]), key=lambda m: m["seconds_per_patch"])
+    chosen = max((m for m in report["models"][1:] if m["within_budget"]), key=lambda m: m["speedup_same_engine"])
     assert winner["name"] == chosen["name"]  # the fastest within the budget on the choosing cases
     # independent grading: the output folder and the parent predicted by nnU-Net's CLI on the held-out cases
     held = r["work"] / "quality" / "held_out" / "images"
@@ -213,3 +213,15 @@ def test_default_candidates_are_cheapest_first_and_rebuildable(tmp_path):
                                                     "subset_size": "16", "validation_patches": "8"})
     assert [c.split()[1] for c in commands] == ["prune", "tucker", "quantize"]
     assert "-o l1_flops0.5 " in commands[0] and commands[1].startswith("nnunet-compress tucker l1_flops0.5 ")
+
+
+def test_winner_is_ranked_by_side_by_side_speedup_not_raw_seconds():
+    """Raw seconds of candidates timed at different loads mislead; the ratio to the parent beside them does not."""
+    def row(name, seconds, speedup, dice):
+        return Row(name, name, "graded", speed={"seconds": seconds, "speedup_same_engine": speedup},
+                   choose={"mean_dice": dice})
+    parent = row("parent", 0.5, None, 0.90)
+    rows = [row("loaded", 0.02, 1.5, 0.895), row("quiet_but_faster", 0.05, 3.0, 0.891), row("over", 0.01, 9.0, 0.5),
+            Row("broken", "broken", "failed")]
+    assert choose_winner(parent, rows, 0.01).name == "quiet_but_faster"
+    assert choose_winner(parent, rows, 0.001) is None

@@ -1,6 +1,7 @@
 """The report of ``nnunet-compress auto``: ``auto_report.json`` (everything), ``.csv`` (one row per model),
 ``.md`` (the answer, then the table with the command that rebuilds each candidate) and ``auto_pareto.png``
-(seconds per patch against Dice on the choosing cases, every candidate, the budget line, the winner marked).
+(seconds per patch against Dice on the choosing cases, every candidate, the budget line, the winner marked;
+candidates' seconds are the parent's engine seconds divided by their side-by-side speed-up, one time scale).
 
 Every file is drawn from the summary dict alone, so the four always agree.
 """
@@ -27,6 +28,13 @@ def summary(settings, data, parent, rows, winner, verdict: str, stopped: int | N
     # the parent is the reference of the speed-ups, not a model to rank by them
     reference = {**_model(parent, parent, budget), "speedup_same_engine": None, "speedup_vs_torch": None}
     models = [reference] + [_model(r, parent, budget) for r in rows]
+    # one time scale for every candidate: the parent's engine seconds of the parent's own timing divided by the
+    # candidate's side-by-side speed-up (raw seconds of candidates timed minutes apart carry the machine's load)
+    parent_engine = (parent.speed or {}).get("parent_engine_seconds") or (parent.speed or {}).get("seconds")
+    for m in models:
+        m["seconds_normalised"] = (m["seconds_per_patch"] if m["name"] == "parent" else
+                                   parent_engine / m["speedup_same_engine"]
+                                   if parent_engine and m["speedup_same_engine"] else None)
     out = {"parent": str(Path(settings.model_folder).resolve()), "output": str(settings.output),
            "max_dice_drop": budget, "verdict": verdict, "quality_data": data.source,
            "graded_against": data.graded_against, "labelled": data.labelled,
@@ -101,7 +109,9 @@ def markdown(s: dict) -> str:
              "Seconds per patch are medians of side-by-side runs on this machine's CPU: each model as nnU-Net's "
              "predictor runs it here, beside the parent on the CPU engine in f32 (\"same engine\": what "
              "`nnunet-compress convert` gives without compression, so INT8 counts as the candidate's gain) and on "
-             "plain torch.", "",
+             "plain torch. The winner is the candidate with the largest same-engine speed-up within the budget: "
+             "ratios measured side by side cancel the shared machine's load, raw seconds of candidates timed "
+             "minutes apart do not.", "",
              f"Search time: {s['search_seconds'] / 60:.1f} min; {s['candidates_graded']} of "
              f"{s['candidates_total']} candidates graded.", "",
              f"![Pareto plot]({PLOT})", "",
@@ -121,7 +131,7 @@ def markdown(s: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-CSV_FIELDS = ("name", "spec", "status", "error", "runs_on", "seconds_per_patch", "parent_engine_seconds",
+CSV_FIELDS = ("name", "spec", "status", "error", "runs_on", "seconds_per_patch", "seconds_normalised", "parent_engine_seconds",
               "parent_torch_seconds", "speedup_same_engine", "speedup_vs_torch", "dice_choose", "dice_drop_choose",
               "within_budget", "dice_held_out", "build_seconds", "commands")
 
@@ -141,9 +151,9 @@ def plot(s: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = [m for m in s["models"] if m["seconds_per_patch"] is not None and m["dice_choose"] is not None]
+    models = [m for m in s["models"] if m.get("seconds_normalised") is not None and m["dice_choose"] is not None]
     fig, ax = plt.subplots(figsize=(7.5, 5))
-    points = [(m["seconds_per_patch"] * 1e3, m["dice_choose"]) for m in models]
+    points = [(m["seconds_normalised"] * 1e3, m["dice_choose"]) for m in models]
     for m, (x, y) in zip(models, points):
         parent = m["name"] == "parent"
         ax.scatter([x], [y], s=50, marker="s" if parent else "o", zorder=3,
@@ -157,9 +167,10 @@ def plot(s: dict, path: Path) -> None:
                label=f"budget: parent − {s['max_dice_drop']:g}")
     if s["winner"] and s["verdict"] == WINNER:
         w = next(m for m in models if m["name"] == s["winner"]["name"])
-        ax.scatter([w["seconds_per_patch"] * 1e3], [w["dice_choose"]], s=260, marker="*", color="tab:green",
+        ax.scatter([w["seconds_normalised"] * 1e3], [w["dice_choose"]], s=260, marker="*", color="tab:green",
                    zorder=4, label=f"winner: {w['spec']}")
-    ax.set_xlabel("milliseconds per patch on this machine's CPU (as nnU-Net's predictor runs each model)")
+    ax.set_xlabel("ms per patch on this machine's CPU (parent: as nnU-Net runs it; candidates: the parent's "
+                  "engine time / side-by-side speed-up)", fontsize=8)
     ax.set_ylabel("mean foreground Dice, choosing cases")
     ax.set_title("auto: speed vs Dice of every candidate")
     ax.grid(alpha=0.3)

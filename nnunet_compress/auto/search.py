@@ -11,8 +11,8 @@ Work area (``OUT_auto_work`` beside OUT, kept so that ``--resume`` can continue 
 - ``auto.log``: the steps' own progress lines.
 
 A candidate whose ``result.json`` exists is finished: ``--resume`` reads it instead of building it again. The
-winner is the candidate with the fewest seconds per patch whose mean foreground Dice on the choosing cases is
-within ``--max-dice-drop`` of the parent's. It is then graded once on the held-out cases; where it exceeds the
+winner is the candidate with the largest speed-up per patch over the parent (timed side by side) whose mean
+foreground Dice on the choosing cases is within ``--max-dice-drop`` of the parent's. It is then graded once on the held-out cases; where it exceeds the
 budget there, the parent stays the answer (the held-out cases veto, they never rank: ranking on them would make
 the reported drop a chosen one).
 """
@@ -292,10 +292,19 @@ class Search:
 
 def choose_winner(parent: Row, rows: list[Row], budget: float) -> Row | None:
     """The fastest graded candidate within `budget` of the parent's Dice on the choosing cases (ties: the higher
-    Dice); None where none is."""
-    eligible = [r for r in rows if r.status == OK and r.seconds is not None and r.dice is not None
+    Dice); None where none is.
+
+    Fastest by the speed-up over the parent timed beside it, not by raw seconds: candidates are timed minutes
+    apart, and on a shared machine the load between them moves raw seconds more than the compression does, while
+    a ratio measured round-robin in one process cancels it.
+    """
+    eligible = [r for r in rows if r.status == OK and r.dice is not None and speedup(r) is not None
                 and parent.dice - r.dice <= budget + 1e-9]
-    return min(eligible, key=lambda r: (r.seconds, -r.dice), default=None)
+    return max(eligible, key=lambda r: (speedup(r), r.dice), default=None)
+
+
+def speedup(row: Row) -> float | None:
+    return (row.speed or {}).get("speedup_same_engine")
 
 
 def eta(durations: list[float], remaining: int) -> float | None:
