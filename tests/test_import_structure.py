@@ -22,6 +22,7 @@ LAYERS = ["errors", "settings", "costs", "progress",  # foundation: no nnU-Net, 
           "nnunet",                               # every nnU-Net-facing adapter
           "evaluation",                           # metrics, statistics, reports, profiles
           "workflows",                            # model folder in -> model folder out
+          "auto",                                 # the search over workflows (nnunet-compress auto)
           "totalseg",                             # TotalSegmentator homes
           "demo",                                 # the synthetic pipeline
           "cli"]                                  # the command line

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nnunet_compress.cli import demo, distill, evaluation, pruning, quantize, tucker
+from nnunet_compress.cli import auto, demo, distill, evaluation, pruning, quantize, tucker
 from nnunet_compress.errors import CompressError
 from nnunet_compress.nnunet.presets import apply_preset
 from nnunet_compress.progress import set_quiet
@@ -29,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.register(sub)
     distill.register(sub)
     quantize.register(sub)
+    auto.register(sub)
     return parser
 
 

@@ -1,0 +1,48 @@
+"""Sub-command ``nnunet-compress auto``: the fastest model within a Dice budget, in one command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nnunet_compress.auto.candidates import DEFAULT_SPECS
+from nnunet_compress.auto.search import AutoSettings, run_auto
+from nnunet_compress.cli.options import add_model_folder_options
+
+
+def cmd_auto(args) -> None:
+    settings = AutoSettings(args.model_folder, args.output, args.max_dice_drop, args.dataset, args.images,
+                            args.labels, args.candidates, args.time_budget, args.resume, args.overwrite, args.folds,
+                            args.configuration, args.checkpoint, args.held_out_fraction, args.max_cases, args.seed,
+                            args.timing_runs, args.work_dir)
+    summary = run_auto(settings)
+    print(f"report: {Path(args.output) / 'auto_report.md'}")
+    print(summary["final_line"])
+
+
+def register(sub) -> None:
+    p = sub.add_parser("auto", help="the fastest model within a Dice budget: build, time and grade compressed "
+                                    "candidates, keep the fastest one that loses at most --max-dice-drop")
+    add_model_folder_options(p, "compress")
+    p.add_argument("--max-dice-drop", type=float, default=0.01,
+                   help="largest loss of mean foreground Dice accepted, on nnU-Net's predictions (0.01)")
+    g = p.add_argument_group("quality data (choose one)")
+    g.add_argument("--dataset", help="dataset ID or name: the validation cases of the model's fold in nnU-Net's "
+                                     "splits_final.json (never trained on), with their labels")
+    g.add_argument("--images", type=Path, help="images of your own (nnU-Net naming CASE_0000.nii.gz)")
+    g.add_argument("--labels", type=Path, help="labels of --images (CASE.nii.gz); without them the parent's own "
+                                               "predictions are the reference (label-free)")
+    p.add_argument("--held-out-fraction", type=float, default=0.5,
+                   help="share of the quality cases held out from the choice to grade the winner on (0.5)")
+    p.add_argument("--max-cases", type=int, help="use at most this many quality cases (default: all)")
+    p.add_argument("--candidates", nargs="+", metavar="SPEC",
+                   help="candidates to try instead of the default search, e.g. tucker:ratio=0.5 l1:flops=0.3+int8 "
+                        "(methods tucker, l1, taylor with ratio=, latency=, flops=, params=; '+' chains steps; "
+                        f"int8 last). Default: {' '.join(DEFAULT_SPECS)}")
+    p.add_argument("--time-budget", type=float, metavar="MIN",
+                   help="stop starting new candidates after this many minutes and keep the best so far")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the search in the work area: finished candidates are read, not rebuilt")
+    p.add_argument("--work-dir", type=Path, help="work area of the search (default: OUT_auto_work beside OUT)")
+    p.add_argument("--timing-runs", type=int, default=5, help="timed runs per model, median kept (5)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the choosing / held-out split (0)")
+    p.set_defaults(func=cmd_auto)

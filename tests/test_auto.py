@@ -1,0 +1,227 @@
+"""``nnunet-compress auto`` on the trained tiny model: the search, its answer and its bad inputs.
+
+The search runs as a user runs it (a subprocess of the CLI, the CPU engine on); its answer is checked against an
+independent grading (the winner folder predicted by ``nnUNetv2_predict_from_modelfolder`` and scored by nnU-Net's
+evaluation here). A search killed after its first finished candidate must resume without rebuilding it; the same
+work area re-chosen under a budget no candidate meets must return the parent; a time budget must stop the search;
+bad input gets one-line errors; the source folder stays byte-identical. Two cheap candidates keep it to minutes.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from test_e2e_tucker import tree_checksums
+
+from conftest import run_cli
+from nnunet_compress.auto.candidates import parse_candidate, parse_candidates
+from nnunet_compress.auto.quality_data import split_cases
+from nnunet_compress.auto.search import AutoSettings, Row, Search, choose_winner
+from nnunet_compress.demo import tiny
+from nnunet_compress.errors import CompressError
+
+pytestmark = pytest.mark.e2e
+
+SPECS = ["tucker:ratio=0.5", "l1:flops=0.5"]
+BUDGET = 0.2
+
+
+def engine_env(ws) -> dict:
+    return {**ws.env(), "NNUNET_COMPRESS_CPU_ENGINE": "openvino"}
+
+
+def auto_args(base, out, work, *extra) -> list[str]:
+    return ["auto", str(base), "-o", str(out), "--work-dir", str(work), "--candidates", *SPECS, "--timing-runs",
+            "2", *map(str, extra)]
+
+
+@pytest.fixture(scope="module")
+def source_checksums(tiny_base):
+    return tree_checksums(tiny_base)
+
+
+@pytest.fixture(scope="module")
+def killed_then_resumed(tiny_ws, tiny_base, source_checksums, tmp_path_factory):
+    """A search killed (SIGKILL, whole process group) once its first candidate is finished, then resumed."""
+    root = tmp_path_factory.mktemp("auto")
+    out, work = root / "best", root / "work"
+    first = parse_candidates(SPECS)[0]
+    result = work / "candidates" / first.name / "result.json"
+    args = [sys.executable, "-m", "nnunet_compress.cli",
+            *auto_args(tiny_base, out, work, "--dataset", tiny_ws.dataset_id, "--max-dice-drop", BUDGET)]
+    proc = subprocess.Popen(args, env=engine_env(tiny_ws), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    deadline = time.time() + 1200
+    while not result.is_file():
+        if proc.poll() is not None:
+            raise AssertionError(f"auto ended before it was killed:\n{proc.stdout.read()}")
+        assert time.time() < deadline, "the first candidate did not finish in 20 minutes"
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not out.exists(), "a killed search left an output folder"
+    finished = {"result": result.stat().st_mtime_ns,
+                "checkpoint": tiny.checkpoint_path(work / "candidates" / first.name / "model").stat().st_mtime_ns}
+    resumed = run_cli(*auto_args(tiny_base, out, work, "--dataset", tiny_ws.dataset_id, "--max-dice-drop", BUDGET,
+                                 "--resume"), env=engine_env(tiny_ws), check=True)
+    return {"out": out, "work": work, "first": first, "finished": finished, "proc": resumed,
+            "report": json.loads((out / "auto_report.json").read_text())}
+
+
+def test_resume_after_kill_does_not_rebuild_finished_candidates(killed_then_resumed):
+    r = killed_then_resumed
+    first, work = r["first"], r["work"]
+    assert (work / "candidates" / first.name / "result.json").stat().st_mtime_ns == r["finished"]["result"]
+    checkpoint = tiny.checkpoint_path(work / "candidates" / first.name / "model")
+    assert checkpoint.stat().st_mtime_ns == r["finished"]["checkpoint"]
+    assert f"candidate 1/2 {first.spec}" in r["proc"].stdout and "finished in an earlier run" in r["proc"].stdout
+    log = (work / "auto.log").read_text()
+    assert log.count(f"{first.spec}: building from") == 1
+    assert all(m["status"] == "graded" for m in r["report"]["models"]), r["report"]["models"]
+
+
+def test_winner_meets_the_budget_on_held_out_cases(tiny_ws, tiny_base, killed_then_resumed):
+    r = killed_then_resumed
+    report, out = r["report"], r["out"]
+    assert report["verdict"] == "winner" and report["labelled"]
+    assert set(report["choosing_cases"]).isdisjoint(report["held_out_cases"])
+    winner = report["winner"]
+    chosen = max((m for m in report["models"][1:] if m["within_budget"]), key=lambda m: m["speedup_same_engine"])
+    assert winner["name"] == chosen["name"]  # the fastest within the budget on the choosing cases
+    # independent grading: the output folder and the parent predicted by nnU-Net's CLI on the held-out cases
+    held = r["work"] / "quality" / "held_out" / "images"
+    labels = tiny_ws.raw_dataset / "labelsTr"
+    mine = tiny.dice_scores(tiny_ws, tiny.predict_folder(tiny_ws, out, tiny_ws.root / "auto_winner_pred",
+                                                         input_folder=held), labels)["mean_foreground"]
+    parent = tiny.dice_scores(tiny_ws, tiny.predict_folder(tiny_ws, tiny_base, tiny_ws.root / "auto_parent_pred",
+                                                           input_folder=held), labels)["mean_foreground"]
+    assert parent - mine <= BUDGET
+    assert abs((parent - mine) - winner["dice_drop_held_out"]) < 0.02  # engine vs torch predictions may differ
+    for name in ("auto_report.md", "auto_report.csv", "auto_pareto.png", "plans.json", "dataset.json"):
+        assert (out / name).is_file(), name
+    assert "nnunet-compress tucker" in (out / "auto_report.md").read_text() or "nnunet-compress prune" in \
+        (out / "auto_report.md").read_text()
+    last = r["proc"].stdout.strip().splitlines()[-1]
+    assert last.startswith(f"winner {winner['spec']}:") and "held-out" in last and "plain torch" in last
+
+
+def test_parent_is_the_answer_when_no_candidate_meets_the_budget(tiny_ws, tiny_base, killed_then_resumed,
+                                                                 tmp_path):
+    r = killed_then_resumed
+    graded = [m for m in r["report"]["models"][1:] if m["status"] == "graded"]
+    budget = 0.001
+    assert all(m["dice_drop_choose"] > budget for m in graded)  # precondition: nothing meets it
+    out = tmp_path / "none"
+    proc = run_cli(*auto_args(tiny_base, out, r["work"], "--dataset", tiny_ws.dataset_id, "--max-dice-drop", budget,
+                              "--resume"), env=engine_env(tiny_ws), check=True)
+    report = json.loads((out / "auto_report.json").read_text())
+    assert report["verdict"] == "no candidate within the budget" and report["winner"] is None
+    assert not (out / "plans.json").exists() and not list(out.glob("fold_*")), "a model folder was written"
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("no winner") and "stays the answer" in last
+
+
+def test_time_budget_stops_the_search_label_free(tiny_ws, tiny_base, source_checksums, tmp_path):
+    out, work = tmp_path / "best", tmp_path / "work"
+    proc = run_cli(*auto_args(tiny_base, out, work, "--images", tiny_ws.raw_dataset / "imagesTs", "--time-budget",
+                              0.001), env=engine_env(tiny_ws), check=True)
+    report = json.loads((out / "auto_report.json").read_text())
+    assert report["stopped_by_time_budget_after"] == 0 and report["winner"] is None
+    assert [m["status"] for m in report["models"][1:]] == ["not tried (time budget)"] * 2
+    assert not (work / "candidates").exists()
+    assert not report["labelled"] and "parent's own predictions" in report["graded_against"]
+    assert report["parent_dice_choose"] == pytest.approx(1.0)  # the parent against its own predictions
+    assert "time budget" in proc.stdout.strip().splitlines()[-1]
+
+
+def test_source_folder_is_byte_identical(tiny_base, source_checksums, killed_then_resumed):
+    assert tree_checksums(tiny_base) == source_checksums
+
+
+# ---- bad input ---------------------------------------------------------------------------------------------------
+
+
+def settings(base, tmp_path, **kw) -> AutoSettings:
+    return AutoSettings(base, tmp_path / "out", **kw)
+
+
+@pytest.mark.parametrize("budget", [0.0, 1.0, -0.1, 1.5])
+def test_budget_outside_0_1_is_refused(tiny_base, tmp_path, budget):
+    with pytest.raises(CompressError, match=r"--max-dice-drop .* is outside \(0, 1\)"):
+        Search(settings(tiny_base, tmp_path, max_dice_drop=budget, images=tmp_path))
+
+
+def test_no_quality_data_is_refused_in_one_line(tiny_ws, tiny_base, tmp_path):
+    proc = run_cli("auto", tiny_base, "-o", tmp_path / "out", env=tiny_ws.env())
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: no quality data: pass --dataset ID")
+    assert not (tmp_path / "out").exists()
+
+
+def test_not_a_model_folder_is_refused(tiny_ws, tmp_path):
+    with pytest.raises(CompressError, match="is not an nnU-Net model folder: plans.json is missing"):
+        Search(settings(tmp_path, tmp_path, images=tiny_ws.raw_dataset / "imagesTs"))
+
+
+def test_labels_that_do_not_match_the_images_are_refused(tiny_ws, tiny_base, tmp_path):
+    images, labels = tiny_ws.raw_dataset / "imagesTs", tmp_path / "labels"
+    labels.mkdir()
+    files = sorted((tiny_ws.raw_dataset / "labelsTs").glob("*.nii.gz"))
+    for f in files[1:]:
+        (labels / f.name).symlink_to(f)
+    with pytest.raises(CompressError, match=f"the labels do not match the images: .* has no {files[0].name}"):
+        Search(settings(tiny_base, tmp_path, images=images, labels=labels))
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 4, 4), np.uint8)), str(labels / files[0].name))
+    with pytest.raises(CompressError, match="the labels do not match the images: case .* voxels in the image"):
+        Search(settings(tiny_base, tmp_path, images=images, labels=labels))
+
+
+def test_both_quality_sources_and_bad_candidates_are_refused(tiny_ws, tiny_base, tmp_path):
+    with pytest.raises(CompressError, match="pass one source of quality data"):
+        Search(settings(tiny_base, tmp_path, dataset=str(tiny_ws.dataset_id), images=tmp_path))
+    with pytest.raises(CompressError, match="int8 can only be the last step"):
+        parse_candidate("int8+tucker:ratio=0.5")
+    with pytest.raises(CompressError, match="outside \\(0, 1\\)"):
+        parse_candidate("l1:flops=2")
+    with pytest.raises(CompressError, match="unknown method 'svd'"):
+        parse_candidate("svd:ratio=0.5")
+
+
+def test_case_split_keeps_a_held_out_part_and_is_seeded():
+    cases = [f"c{i}" for i in range(7)]
+    choose, held = split_cases(cases, 0.5, seed=0)
+    assert sorted(choose + held) == cases and not set(choose) & set(held) and len(held) == 3
+    assert split_cases(cases, 0.5, seed=0) == (choose, held)
+    with pytest.raises(CompressError, match="at least 2"):
+        split_cases(["c0"], 0.5, 0)
+
+
+def test_default_candidates_are_cheapest_first_and_rebuildable(tmp_path):
+    candidates = parse_candidates(None)
+    costs = [c.cost for c in candidates]
+    assert costs == sorted(costs) and len(candidates) == 20
+    assert sum(c.spec.endswith("+int8") for c in candidates) == 10
+    chain = parse_candidate("l1:flops=0.5+tucker:ratio=0.5+int8")
+    commands = chain.commands(tmp_path / "parent", {"images": "IMG", "labels": "LAB", "max_dice_drop": "0.01",
+                                                    "subset_size": "16", "validation_patches": "8"})
+    assert [c.split()[1] for c in commands] == ["prune", "tucker", "quantize"]
+    assert "-o l1_flops0.5 " in commands[0] and commands[1].startswith("nnunet-compress tucker l1_flops0.5 ")
+
+
+def test_winner_is_ranked_by_side_by_side_speedup_not_raw_seconds():
+    """Raw seconds of candidates timed at different loads mislead; the ratio to the parent beside them does not."""
+    def row(name, seconds, speedup, dice):
+        return Row(name, name, "graded", speed={"seconds": seconds, "speedup_same_engine": speedup},
+                   choose={"mean_dice": dice})
+    parent = row("parent", 0.5, None, 0.90)
+    rows = [row("loaded", 0.02, 1.5, 0.895), row("quiet_but_faster", 0.05, 3.0, 0.891), row("over", 0.01, 9.0, 0.5),
+            Row("broken", "broken", "failed")]
+    assert choose_winner(parent, rows, 0.01).name == "quiet_but_faster"
+    assert choose_winner(parent, rows, 0.001) is None
