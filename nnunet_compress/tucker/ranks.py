@@ -367,7 +367,7 @@ def rank_ladder(full: int, multiple: int, min_rank: int) -> list[int]:
 
 
 def ranks_for_budget(layers: Mapping[str, nn.Module], io_shapes: IOShapes, base_params: int, base_macs: int,
-                     target: float, metric: str = "params", multiple: int = 1, min_rank: int = 8,
+                     target: float, *, metric: str = "params", multiple: int = 1, min_rank: int = 8,
                      weights: Mapping[str, float] | None = None, base_seconds: float | None = None,
                      layer_cost: LayerCost | None = None) -> Ranks:
     """Ranks that bring the WHOLE network to `target` × its parameters, MACs or seconds, losing as little as
@@ -423,7 +423,7 @@ def ranks_for_budget(layers: Mapping[str, nn.Module], io_shapes: IOShapes, base_
 
 
 def check_budget_reachable(layers: Mapping[str, nn.Module], io_shapes: IOShapes, base_params: int,
-                           base_macs: int, target: float, metric: str = "params", multiple: int = 1,
+                           base_macs: int, target: float, *, metric: str = "params", multiple: int = 1,
                            min_rank: int = 8, base_seconds: float | None = None,
                            layer_cost: LayerCost | None = None) -> None:
     """Refuse bad budget input and budgets the rank floor cannot meet, before anything costly is measured."""

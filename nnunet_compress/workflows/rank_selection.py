@@ -187,8 +187,8 @@ def _budget_candidates(net: nn.Module, policy: RankPolicy, patch_size, patches: 
                                   base_seconds=terms.base, layer_cost=terms.layer_cost)
 
     if terms.metric != "seconds":  # fail before measuring anything (seconds: judged on the measured network)
-        R.check_budget_reachable(layers, io_shapes, params, macs, terms.target, terms.metric, policy.multiple,
-                                 policy.min_rank)
+        R.check_budget_reachable(layers, io_shapes, params, macs, terms.target, metric=terms.metric,
+                                 multiple=policy.multiple, min_rank=policy.min_rank)
     kinds = ("kernel", "sensitivity") if policy.budget_error == "best" else (policy.budget_error,)
     if terms.latency is None:
         return {kind: allocate(kind, terms.target) for kind in kinds}, terms.target
