@@ -25,7 +25,9 @@ ROUNDS = 4  # allocations tried at corrected goals before settling for the best 
 
 @dataclass
 class LatencyTerms:
-    """What a latency budget is spent in: the engine, the original's measured seconds, the per-layer model."""
+    """What a latency budget is spent in: the engine, the original's measured seconds, the per-layer model; and
+    the record of what was measured (calibration rounds, every timed allocation, the kept one's fraction), which
+    the calibration loop and the callers' measurements add to and the reports and plans show."""
 
     engine: str
     threads: int

@@ -82,7 +82,6 @@ class ConvSite:
         return cls(c_in, c_out, self.kernel, stride=self.stride, padding=self.padding, bias=False)
 
 
-
 @dataclass
 class SiteFit:
     """The measured (c_in, c_out, seconds) samples of one site and the fitted coefficients (a, b, c, d)."""
@@ -133,8 +132,6 @@ def add_requirement(needed: dict[ConvSite, ChannelRange], site: ConvSite, c_in: 
                     c_out: tuple[int, int]) -> None:
     wanted = ChannelRange(c_in, c_out)
     needed[site] = needed[site].merged(wanted) if site in needed else wanted
-
-
 
 
 @dataclass

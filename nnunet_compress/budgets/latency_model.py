@@ -28,7 +28,6 @@ from nnunet_compress.inference.settings import from_environment
 FORMAT = 1
 
 
-
 def machine_id() -> str:
     """What makes timings of one machine invalid on another: CPU model, core count, architecture."""
     cpu = platform.processor() or ""

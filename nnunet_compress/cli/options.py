@@ -10,6 +10,12 @@ import argparse
 from pathlib import Path
 
 from nnunet_compress.cli.distill import distillation_settings_from_args
+from nnunet_compress.cli.rank_options import (  # noqa: F401  (re-exported: commands that import them from here)
+    add_cost_model_option,
+    add_rank_options,
+    given_rank_options,
+    rank_policy_from_args,
+)
 from nnunet_compress.errors import CompressError
 from nnunet_compress.nnunet.model_folder import CHECKPOINT_FINAL
 from nnunet_compress.workflows.plans import PlanRequest
