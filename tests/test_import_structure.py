@@ -186,3 +186,13 @@ def test_cli_modules_parse_validate_and_call_a_workflow():
             problems += [f"{path.name} imports {name}" for name in names
                          if any(name == f or name.startswith(f + ".") for f in CLI_FORBIDDEN)]
     assert not problems, "CLI modules doing a workflow's work:\n" + "\n".join(problems)
+
+
+def test_every_subpackage_ships_in_the_wheel():
+    """pyproject.toml lists the packages explicitly: a subpackage missing there imports in a checkout and fails
+    after `pip install .`."""
+    import tomllib
+    listed = set(tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    missing = sorted(f"nnunet_compress.{init.parent.name}" for init in PACKAGE.glob("*/__init__.py")
+                     if f"nnunet_compress.{init.parent.name}" not in listed)
+    assert not missing, f"add {missing} to [tool.setuptools] packages in pyproject.toml"
