@@ -35,9 +35,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from nnunet_compress.budgets.timing import engine_in_use, patch_seconds  # noqa: E402
 from nnunet_compress.costs import layer_io_shapes, patch_flops, total_macs  # noqa: E402
 from nnunet_compress.demo import tiny  # noqa: E402
-from nnunet_compress.inference.conv_timing import engine_in_use, patch_seconds  # noqa: E402
 from nnunet_compress.nnunet.model_folder import load_fold_network, open_model_folder, read_json  # noqa: E402
 from nnunet_compress.tucker.ranks import RankPolicy  # noqa: E402
 from nnunet_compress.workflows.tucker import compress_model_folder, factorised_copy, select_ranks  # noqa: E402

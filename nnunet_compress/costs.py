@@ -22,7 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from nnunet_compress.errors import CompressError
 
 # how a latency budget (--target-latency) predicts a layer's seconds: timings of this machine's engine, fitted
-# (nnunet_compress.inference.latency_model), or its MACs times the network's measured seconds per MAC
+# (nnunet_compress.budgets.cost_model), or its MACs times the network's measured seconds per MAC
 COST_MODELS = ("measured", "flops")
 
 

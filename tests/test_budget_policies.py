@@ -182,6 +182,9 @@ def _saved_macs(conv, sizes, ranks) -> int:
 # ---- the guard: budget ranks vs the uniform ratio of no greater cost -------------------------------------------
 
 from nnunet_compress.tucker.budget_guard import (  # noqa: E402
+    BudgetSpace,
+    CalibrationPatches,
+    GuardSettings,
     guard_budget_ranks,
     layer_sensitivities,
     network_fraction,
@@ -239,10 +242,17 @@ def conv_costs_of(conv, sizes, ranks=None):
     return conv_costs(conv, *sizes, ranks=ranks)
 
 
+def guard(net, layers, candidates, io, base, target, batches, compare_uniform=True):
+    """The guard on a FLOP budget with rank floor 4, multiple 1 and patches labelled "test"."""
+    return guard_budget_ranks(net, candidates, BudgetSpace(layers, io, base, "flops"),
+                              GuardSettings(target, min_rank=4, multiple=1, compare_uniform=compare_uniform),
+                              CalibrationPatches(batches, "test"))
+
+
 def test_uniform_ratio_is_the_largest_within_the_budget(two_convs):
     net, layers, io, base, _ = two_convs
     target = 0.45
-    ratio, ranks, cost = uniform_ratio_within(layers, io, base, "flops", target, min_rank=4, multiple=1)
+    ratio, ranks, cost = uniform_ratio_within(BudgetSpace(layers, io, base, "flops"), target, min_rank=4, multiple=1)
     assert cost <= target
     assert cost == pytest.approx(network_fraction(layers, ranks, io, base, "flops"))
     # hand check: both layers 16 -> 16 at the same rank r, cost per layer 16r + 27r² + 16r MACs per voxel of
@@ -251,7 +261,7 @@ def test_uniform_ratio_is_the_largest_within_the_budget(two_convs):
     assert ranks == {"first": (10, 10), "second": (10, 10)}
     assert ratio == pytest.approx(10 / 16, abs=1e-8)  # the largest ratio with ceil(16·ratio) = 10
     # no ratio fits a budget below the floor's cost
-    assert uniform_ratio_within(layers, io, base, "flops", 0.05, min_rank=4, multiple=1) is None
+    assert uniform_ratio_within(BudgetSpace(layers, io, base, "flops"), 0.05, min_rank=4, multiple=1) is None
 
 
 def test_output_change_is_zero_for_lossless_ranks_and_grows_with_the_cut(two_convs):
@@ -271,8 +281,7 @@ def test_guard_falls_back_when_the_budget_ranks_hurt_the_output_more(two_convs):
     budget = {"first": (4, 4)}
     target = network_fraction(layers, budget, io, base, "flops")
     assert target == pytest.approx((64 + 432 + 64 + 6912) / 13824)
-    ranks, decision = guard_budget_ranks(net, layers, {"budget": budget}, io, base, "flops", target, 4, 1, batches,
-                                         "test")
+    ranks, decision = guard(net, layers, {"budget": budget}, io, base, target, batches)
     assert decision.chosen == "uniform" and ranks == {"first": (11, 11), "second": (11, 11)}
     assert decision.uniform_output_change < decision.budget_output_change
     assert decision.uniform_cost <= target and decision.budget_cost == pytest.approx(target)
@@ -282,8 +291,7 @@ def test_guard_falls_back_when_the_budget_ranks_hurt_the_output_more(two_convs):
     assert record["candidates"]["uniform"]["output_change"] == record["uniform_output_change"]
     assert record["candidates"]["budget"]["output_change"] == record["budget_output_change"]
     # without the uniform comparison (--no-budget-guard) the budget ranks stay, however bad
-    kept, alone = guard_budget_ranks(net, layers, {"budget": budget}, io, base, "flops", target, 4, 1, batches,
-                                     "test", compare_uniform=False)
+    kept, alone = guard(net, layers, {"budget": budget}, io, base, target, batches, compare_uniform=False)
     assert kept == budget and alone.chosen == "budget" and alone.uniform_output_change is None
 
 
@@ -291,8 +299,7 @@ def test_guard_keeps_budget_ranks_that_hurt_less(two_convs):
     net, layers, io, base, batches = two_convs
     budget = {"second": (4, 4)}  # lossless: output change ~0, the uniform ratio must cut the first layer too
     target = network_fraction(layers, budget, io, base, "flops")
-    ranks, decision = guard_budget_ranks(net, layers, {"budget": budget}, io, base, "flops", target, 4, 1, batches,
-                                         "test")
+    ranks, decision = guard(net, layers, {"budget": budget}, io, base, target, batches)
     assert decision.chosen == "budget" and ranks == budget
     assert decision.budget_output_change < 1e-5 < decision.uniform_output_change
 
@@ -316,8 +323,7 @@ def test_guard_picks_the_best_of_several_budget_allocations(two_convs):
     net, layers, io, base, batches = two_convs
     bad, good = {"first": (4, 4)}, {"second": (4, 4)}
     target = max(network_fraction(layers, r, io, base, "flops") for r in (bad, good))
-    ranks, decision = guard_budget_ranks(net, layers, {"kernel": bad, "sensitivity": good}, io, base, "flops",
-                                         target, 4, 1, batches, "test")
+    ranks, decision = guard(net, layers, {"kernel": bad, "sensitivity": good}, io, base, target, batches)
     assert decision.chosen == "sensitivity" and ranks == good
     assert set(decision.candidates) == {"kernel", "sensitivity", "uniform"}
     assert decision.budget_output_change == decision.candidates["sensitivity"]["output_change"]

@@ -18,6 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "nnunet_compress"
 LAYERS = ["errors", "settings", "costs", "progress",  # foundation: no nnU-Net, no method
           "tucker", "pruning", "distillation",    # the methods' maths: pure torch (+ tensorly)
           "inference",                            # CPU engine and torch fallback
+          "budgets",                              # budgets in seconds: cost model, timings, calibration
           "network",                              # CompressedUNet, the class compressed plans name
           "nnunet",                               # every nnU-Net-facing adapter
           "evaluation",                           # metrics, statistics, reports, profiles
@@ -150,3 +151,49 @@ def test_every_benchmark_script_imports():
     failed = failures_in_a_fresh_interpreter(f"sys.path.insert(0, {str(bench)!r})",
                                              f"sorted(pathlib.Path({str(bench)!r}).glob('*.py'))", load)
     assert not failed, f"benchmark scripts that fail to import:\n{failed}"
+
+
+# ---- outside the layers: the trainers, and the CLI's own rule ---------------------------------------------------
+
+TRAINERS = PACKAGE.parent / "trainers"
+TRAINER_CEILING = "nnunet"  # trainers are nnU-Net glue: they import the adapters and every layer below, no workflow
+
+
+def test_trainers_import_only_the_nnunet_glue_and_below():
+    known, rank = modules(), {u: i for i, u in enumerate(LAYERS)}
+    upward = [f"trainers/{path.name} -> {dst}" for path in sorted(TRAINERS.glob("*.py"))
+              for dst in sorted(imported_modules(f"trainers.{path.stem}", path, known))
+              if unit(dst) and rank[unit(dst)] > rank[TRAINER_CEILING]]
+    assert not upward, f"trainers import above {TRAINER_CEILING!r} (move what they need down):\n" + "\n".join(upward)
+
+
+CLI_MAX_LINES = 120
+# nnU-Net, the engines and the tensor maths are called by the workflows a command calls, never by the command itself
+CLI_FORBIDDEN = ("torch", "nnunetv2", "openvino", "nncf", "tensorly", "numpy",
+                 "nnunet_compress.inference", "nnunet_compress.budgets", "nnunet_compress.network")
+
+
+def test_cli_modules_parse_validate_and_call_a_workflow():
+    """Every CLI module is short and imports no framework or engine: a command parses, validates and calls one
+    workflow function, so its logic can be used (and tested) without the command line."""
+    problems = []
+    for path in sorted((PACKAGE / "cli").glob("*.py")):
+        source = path.read_text()
+        if len(source.splitlines()) > CLI_MAX_LINES:
+            problems.append(f"{path.name}: {len(source.splitlines())} lines (at most {CLI_MAX_LINES})")
+        for node in ast.walk(ast.parse(source)):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+            problems += [f"{path.name} imports {name}" for name in names
+                         if any(name == f or name.startswith(f + ".") for f in CLI_FORBIDDEN)]
+    assert not problems, "CLI modules doing a workflow's work:\n" + "\n".join(problems)
+
+
+def test_every_subpackage_ships_in_the_wheel():
+    """pyproject.toml lists the packages explicitly: a subpackage missing there imports in a checkout and fails
+    after `pip install .`."""
+    import tomllib
+    listed = set(tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    missing = sorted(f"nnunet_compress.{init.parent.name}" for init in PACKAGE.glob("*/__init__.py")
+                     if f"nnunet_compress.{init.parent.name}" not in listed)
+    assert not missing, f"add {missing} to [tool.setuptools] packages in pyproject.toml"

@@ -11,27 +11,26 @@ import torch
 from test_budget_policies import plain_unet_3d  # the same small 3-stage U-Net
 from torch import nn
 
-from nnunet_compress.costs import conv_costs, count_parameters, layer_io_shapes, total_macs
-from nnunet_compress.errors import CompressError
-from nnunet_compress.inference.conv_timing import ConvSite, patch_seconds, time_conv
-from nnunet_compress.inference.latency_model import (
+from nnunet_compress.budgets.calibration import LatencyTerms, calibrated_allocation
+from nnunet_compress.budgets.channels import PredictedSeconds
+from nnunet_compress.budgets.cost_model import (
     ChannelRange,
+    ConvSite,
     FlopsCostModel,
-    LatencyModel,
     SiteFit,
-    cache_file,
     grid,
-    load_latency_model,
-    save_latency_model,
     tucker_requirements,
 )
+from nnunet_compress.budgets.latency_model import LatencyModel, cache_file, load_latency_model, save_latency_model
+from nnunet_compress.budgets.timing import patch_seconds, time_conv
+from nnunet_compress.costs import conv_costs, count_parameters, layer_io_shapes, total_macs
+from nnunet_compress.errors import CompressError
 from nnunet_compress.pruning.dependency import prunable_groups
-from nnunet_compress.pruning.latency import PredictedSeconds, cost_weighted_scores
+from nnunet_compress.pruning.importance import cost_weighted_scores
 from nnunet_compress.pruning.surgery import prune_channels
 from nnunet_compress.pruning.taylor import TaylorSettings, prune_until_target
 from nnunet_compress.tucker.budget_guard import network_fraction
 from nnunet_compress.tucker.ranks import RankPolicy, decomposable_layers, rank_floor, ranks_for_budget
-from nnunet_compress.workflows.latency_budget import LatencyTerms, calibrated_allocation
 
 torch.set_num_threads(1)
 PATCH = (16, 16, 16)
@@ -236,7 +235,7 @@ def test_calibration_keeps_the_closest_allocation_under_the_target():
 
 def test_uniform_fallback_finds_the_largest_ratio_the_measurement_allows():
     """When the per-layer model cannot reach a target, the uniform family is bisected on MEASURED time."""
-    from nnunet_compress.workflows.latency_budget import measured_uniform
+    from nnunet_compress.budgets.calibration import measured_uniform
 
     terms = _terms()
     ranks, ratio = measured_uniform(0.7, lambda r: r, lambda r: 0.5 + 0.5 * r, terms, progress=lambda m: None)

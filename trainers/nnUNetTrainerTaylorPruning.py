@@ -28,6 +28,7 @@ import dataclasses
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from nnunet_compress.budgets.measured import pruned_layer_seconds, pruning_latency
 from nnunet_compress.nnunet.distillation_trainer import DistillationTrainerMixin
 from nnunet_compress.nnunet.pruning_trainer import PruningTrainerMixin, agree_across_ranks
 from nnunet_compress.nnunet.training import ScheduleFromPlansMixin, install_pretrained_weights_hook
@@ -42,7 +43,6 @@ from nnunet_compress.pruning.taylor import (
     target_check,
     taylor_scores,
 )
-from nnunet_compress.workflows.latency_budget import pruned_layer_seconds, pruning_latency
 
 install_pretrained_weights_hook()
 

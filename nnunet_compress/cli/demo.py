@@ -1,4 +1,4 @@
-"""Sub-commands of ``nnunet-compress`` for getting started: ``trainers-path``, ``demo-data`` and ``demo``."""
+"""Sub-commands of ``nnunet-compress`` for trying it on synthetic data: ``demo-data`` and ``demo``."""
 
 from __future__ import annotations
 
@@ -7,12 +7,7 @@ from pathlib import Path
 
 from nnunet_compress.demo.run import run_demo
 from nnunet_compress.errors import CompressError
-from nnunet_compress.nnunet.env import trainers_path
 from nnunet_compress.nnunet.synthetic import write_synthetic_dataset
-
-
-def cmd_trainers_path(args) -> None:
-    print(trainers_path())
 
 
 def cmd_demo_data(args) -> None:
@@ -28,11 +23,7 @@ def cmd_demo(args) -> None:
     run_demo(Path(args.workdir), fast=args.fast, seed=args.seed)
 
 
-
 def register(sub) -> None:
-    p = sub.add_parser("trainers-path", help="print the folder to put in nnUNet_extTrainer")
-    p.set_defaults(func=cmd_trainers_path)
-
     p = sub.add_parser("demo-data", help="write a synthetic CT-like nnU-Net raw dataset")
     p.add_argument("-d", "--dataset-id", type=int, required=True)
     p.add_argument("-o", "--output", help="raw data root (default: $nnUNet_raw)")

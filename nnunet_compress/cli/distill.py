@@ -1,9 +1,9 @@
 """The command line of distillation: ``plan tucker|taylor|sauron ... --distill`` and ``pseudo-dataset``.
 
 ``--distill [--alpha A] [--temperature T] [--teacher CHECKPOINT]`` become a ``distillation`` entry in the plans'
-compression section, so the trainer finds them where it finds the rest of the method's settings. Everything that can be checked before training is checked here, with
-nothing written on failure: α and T, and a ``--teacher`` checkpoint (readable, trained for this dataset's labels,
-with its classes, input channels and architecture those of the parent plans).
+compression section, so the trainer finds them where it finds the rest of the method's settings. α and T are
+checked here; a ``--teacher`` checkpoint is checked against the parent plans where the plans are written
+(:mod:`nnunet_compress.workflows.plans`), with nothing written on failure.
 
 ``pseudo-dataset`` writes the label-free training data (:mod:`nnunet_compress.workflows.pseudo_dataset`).
 """
@@ -15,13 +15,8 @@ from pathlib import Path
 
 from nnunet_compress.distillation.loss import DistillationSettings
 from nnunet_compress.errors import CompressError
-from nnunet_compress.network import NETWORK_CLASS_NAME
-from nnunet_compress.nnunet.model_folder import CHECKPOINT_FINAL, input_channels_of
-from nnunet_compress.nnunet.plans import SECTION, resolved_configuration
-from nnunet_compress.nnunet.teacher import load_teacher, parent_architecture
+from nnunet_compress.nnunet.model_folder import CHECKPOINT_FINAL
 from nnunet_compress.workflows.pseudo_dataset import PseudoDatasetRequest, write_pseudo_dataset
-
-PLANS_SUFFIX = "_distill"
 
 
 def add_distillation_options(p: argparse.ArgumentParser) -> None:
@@ -50,30 +45,6 @@ def distillation_settings_from_args(args):
     return DistillationSettings(alpha=defaults.alpha if args.alpha is None else args.alpha,
                                 temperature=defaults.temperature if args.temperature is None else args.temperature,
                                 teacher=None if args.teacher is None else str(args.teacher.resolve())).validate()
-
-
-def plans_name_suffix(args) -> str:
-    return PLANS_SUFFIX if args.distill else ""
-
-
-def check_parent_is_uncompressed(parent_plans: dict, configuration: str) -> None:
-    arch = resolved_configuration(parent_plans, configuration)["architecture"]
-    if arch["network_class_name"] == NETWORK_CLASS_NAME:
-        raise CompressError(f"--distill teaches with the uncompressed parent, but plans "
-                            f"{parent_plans.get('plans_name')!r} are already compressed; derive the plans from the "
-                            f"uncompressed parent's plans (-p)")
-
-
-def add_distillation(plans: dict, configuration: str, settings, dataset_json: dict) -> dict:
-    """Record `settings` in the derived `plans` (in place) after checking a --teacher against them."""
-    cfg = plans["configurations"][configuration]
-    if settings.teacher is not None:
-        from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-        num_classes = PlansManager(plans).get_label_manager(dataset_json).num_segmentation_heads
-        load_teacher(settings.teacher, parent_architecture(cfg), input_channels_of(plans, dataset_json, configuration),
-                     num_classes, dataset_json["labels"], deep_supervision=False)
-    cfg[SECTION]["distillation"] = settings.to_dict()
-    return plans
 
 
 def cmd_pseudo_dataset(args) -> None:

@@ -11,7 +11,18 @@ from __future__ import annotations
 import argparse
 import sys
 
-from nnunet_compress.cli import auto, demo, distill, evaluation, pruning, quantize, tucker
+from nnunet_compress.cli import (
+    auto,
+    demo,
+    distill,
+    engine,
+    environment,
+    evaluation,
+    pruning,
+    quantize,
+    totalseg,
+    tucker,
+)
 from nnunet_compress.errors import CompressError
 from nnunet_compress.nnunet.presets import apply_preset
 from nnunet_compress.progress import set_quiet
@@ -23,10 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     plan = sub.add_parser("plan", help="write compressed plans beside the parent plans")
     plan_sub = plan.add_subparsers(dest="method", required=True)
+    environment.register(sub)
     demo.register(sub)
     tucker.register(sub, plan_sub)
+    engine.register(sub)
     pruning.register(sub, plan_sub)
     evaluation.register(sub)
+    totalseg.register(sub)
     distill.register(sub)
     quantize.register(sub)
     auto.register(sub)

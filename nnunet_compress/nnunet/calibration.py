@@ -11,7 +11,9 @@ Gaussian noise patch does not (its output change says little about real cases).
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -112,3 +114,38 @@ def random_patches(volumes: list[np.ndarray], patch_size, num_batches: int, batc
             items.append(vol[sl])
         batches.append(torch.from_numpy(np.stack(items)))
     return batches
+
+
+# a source of calibration batches: called only when a budget policy needs them (they cost a preprocessing run)
+CalibrationSource = Callable[[], tuple[list[torch.Tensor], str]]
+
+
+def calibration_source(images, plans: dict, dataset_json: dict, configuration: str, channels: int, patch_size,
+                       count: int, seed: int = 0) -> CalibrationSource:
+    """The calibration of a model: the user's images when given (-i), else synthetic CT phantoms; both through
+    nnU-Net's preprocessing with the model's plans."""
+    if images is not None:
+        return image_calibration(images, plans, dataset_json, configuration, patch_size, count, seed)
+    return synthetic_calibration(plans, dataset_json, configuration, channels, patch_size, count, seed)
+
+
+def synthetic_calibration(plans: dict | None, dataset_json: dict | None, configuration: str | None,
+                          channels: int, patch_size, count: int, seed: int = 0) -> CalibrationSource:
+    """A calibration source of `count` single-patch batches cut from synthetic CT phantoms, made on its first
+    call and kept for the next (one source serves the sensitivities, the guard and repeated selections)."""
+    @functools.cache
+    def make():
+        volumes = synthetic_ct_cases(plans, dataset_json, configuration, channels, count=2, seed=seed)
+        return random_patches(volumes, patch_size, count, batch_size=1, seed=seed), "synthetic CT"
+    return make
+
+
+def image_calibration(images, plans: dict, dataset_json: dict, configuration: str, patch_size, count: int,
+                      seed: int = 0) -> CalibrationSource:
+    """A calibration source of `count` single-patch batches cut from the user's images (-i), preprocessed, made
+    on its first call and kept for the next."""
+    @functools.cache
+    def make():
+        volumes = preprocessed_cases(Path(images), plans, dataset_json, configuration)
+        return random_patches(volumes, patch_size, count, batch_size=1, seed=seed), "image"
+    return make

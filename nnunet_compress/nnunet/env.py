@@ -34,7 +34,7 @@ def trainers_path() -> str:
     another checkout is installed in editable mode, `nnunet_compress.trainers` resolves to the *other*
     checkout's folder, and nnU-Net would train with trainers that do not match this library.
     """
-    beside = Path(__file__).resolve().parent.parent / "trainers"
+    beside = Path(__file__).resolve().parents[2] / "trainers"  # nnunet_compress/nnunet/env.py -> the checkout
     if (beside / "nnUNetTrainerTaylorPruning.py").is_file():
         return str(beside)
     return str(Path(trainers.__file__).resolve().parent)

@@ -217,6 +217,18 @@ def normalize_per_layer(scores: Mapping[str, torch.Tensor]) -> dict[str, torch.T
     return normalized
 
 
+def cost_weighted_scores(scores: Mapping, channel_seconds: Mapping[str, float]) -> dict:
+    """Importance per second saved: each group's scores divided by its per-channel saving relative to the mean
+    saving, so that the global ranking removes first the channels that lose the least importance per second.
+    Groups the cost model says save nothing are left unweighted (a tiny floor keeps the division finite)."""
+    positive = [v for v in channel_seconds.values() if v > 0]
+    if not positive:
+        return dict(scores)
+    mean = sum(positive) / len(positive)
+    return {name: values / (max(channel_seconds.get(name, mean), 1e-3 * mean) / mean)
+            for name, values in scores.items()}
+
+
 def select_channels_to_keep(scores: Mapping[str, torch.Tensor], n_remove: int,
                             min_channels: int | Mapping[str, int] = 1,
                             scope: str = "global",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Protocol
 
 import torch
 from torch import nn
@@ -36,12 +36,12 @@ from nnunet_compress.pruning.class_guard import (
 from nnunet_compress.pruning.dependency import ChannelGroup, prunable_groups
 from nnunet_compress.pruning.importance import (
     TaylorImportance,
+    cost_weighted_scores,
     l1_importance,
     normalize_per_layer,
     output_normalized_backward,
     select_channels_to_keep,
 )
-from nnunet_compress.pruning.latency import PredictedSeconds, cost_weighted_scores
 from nnunet_compress.pruning.recovery import check_recovery_epochs
 from nnunet_compress.pruning.step_size import SIZED_METRICS, CostAfterStep, fewest_channels_reaching
 from nnunet_compress.pruning.surgery import channel_counts, prune_channels
@@ -51,6 +51,18 @@ from nnunet_compress.settings import Settings, check_choice, format_number_tag
 IMPORTANCE_MODES = ("output_normalized", "loss")  # see pruning.importance
 SCOPES = ("global", "layer")  # one ranking over all layers, or each layer ranked on its own
 PRUNE_METHODS = ("taylor", "l1")  # what the one-shot `nnunet-compress prune --method` scores with
+
+
+class SecondsPrediction(Protocol):
+    """What a latency target needs of the predicted seconds (:class:`nnunet_compress.budgets.channels.
+    PredictedSeconds`, built on the engine's timings above this layer): the network's predicted fraction of the
+    original's time, the seconds one channel of each group saves, and the correction by a measurement."""
+
+    def fraction(self, net: nn.Module) -> float: ...
+
+    def channel_seconds(self, net: nn.Module, groups: list[ChannelGroup]) -> dict[str, float]: ...
+
+    def calibrate(self, net: nn.Module, measured_fraction: float) -> None: ...
 
 
 @dataclass
@@ -233,7 +245,7 @@ def choose_channels_to_keep(net: nn.Module, settings: TaylorSettings, scores: di
     `protected` (a class_guard.ProtectedChannels) names channels whose removal once made a class collapse: they
     rank above every other channel and the floors leave room for them, so they are never chosen.
     `channel_seconds` (group -> predicted seconds saved per channel; latency targets) turns the ranking into
-    importance lost per second saved (:func:`nnunet_compress.pruning.latency.cost_weighted_scores`).
+    importance lost per second saved (:func:`nnunet_compress.pruning.importance.cost_weighted_scores`).
     `groups`: the net's prunable groups where the caller has already found them (else found here).
     """
     groups = prunable_groups(net) if groups is None else groups
@@ -270,7 +282,7 @@ class PruningStep:
 
 def plan_step(net: nn.Module, settings: TaylorSettings, score: Callable[[list[ChannelGroup]], dict[str, torch.Tensor]],
               initial_counts: dict[str, int] | None, protected=None,
-              latency: PredictedSeconds | None = None,
+              latency: SecondsPrediction | None = None,
               reaches: Callable[[dict[str, list[int]]], bool] | None = None) -> PruningStep:
     """One pruning step's choice, shared by one-shot pruning and nnUNetTrainerTaylorPruning: score the prunable
     channels with `score(groups)` (Taylor over some batches, or L1), then keep all but the `settings.step` share
@@ -307,7 +319,7 @@ def target_check(net: nn.Module, settings: TaylorSettings, reference: float, inp
 def prune_until_target(net: nn.Module, settings: TaylorSettings, method: str, input_channels: int, patch_size,
                        calibration: list[torch.Tensor] | None = None, progress=print,
                        class_names: list[str] | None = None, rollbacks: list | None = None,
-                       latency: PredictedSeconds | None = None,
+                       latency: SecondsPrediction | None = None,
                        measure: Callable[[nn.Module], float] | None = None) -> list[dict]:
     """One-shot pruning without fine-tuning: score, remove a step, re-score ... until the target is met.
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import asdict, dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -48,9 +48,43 @@ def network_fraction(layers: Mapping[str, nn.Module], ranks: Mapping[str, tuple[
     return (base - saved) / base
 
 
-def uniform_ratio_within(layers: Mapping[str, nn.Module], io_shapes: IOShapes, base: float, metric: str,
-                         target: float, min_rank: int, multiple: int, iterations: int = 40,
-                         layer_cost: LayerCost | None = None) -> tuple[float, Ranks, float] | None:
+@dataclass(frozen=True)
+class BudgetSpace:
+    """What a budget's cost is counted in: the layers it may factorise, every layer's input/output size, the whole
+    network's total (`base`) in `metric` ("params", "flops" or "seconds") and, for seconds, the per-layer cost."""
+
+    layers: Mapping[str, nn.Module]
+    io_shapes: IOShapes
+    base: float
+    metric: str
+    layer_cost: LayerCost | None = None
+
+    def fraction(self, ranks: Mapping[str, tuple[int, int]]) -> float:
+        """The network's cost left after factorising `ranks`, as a fraction of `base`."""
+        return network_fraction(self.layers, ranks, self.io_shapes, self.base, self.metric, self.layer_cost)
+
+
+@dataclass(frozen=True)
+class GuardSettings:
+    """How the guard compares: the cost fraction the uniform ratio may reach, the rank floor and multiple it obeys,
+    and whether it competes at all (off: --no-budget-guard, only the budget candidates are compared)."""
+
+    target: float
+    min_rank: int
+    multiple: int
+    compare_uniform: bool = True
+
+
+@dataclass(frozen=True)
+class CalibrationPatches:
+    """The patches the output change is measured on, and where they came from (recorded in the reports)."""
+
+    batches: Sequence[torch.Tensor]
+    source: str
+
+
+def uniform_ratio_within(space: BudgetSpace, target: float, min_rank: int, multiple: int,
+                         iterations: int = 40) -> tuple[float, Ranks, float] | None:
     """(ratio, ranks, cost fraction) of the largest uniform rank ratio whose cost does not exceed `target`.
 
     Bisection is valid because the cost only grows with the ratio: every rank grows, and a layer whose
@@ -58,8 +92,8 @@ def uniform_ratio_within(layers: Mapping[str, nn.Module], io_shapes: IOShapes, b
     one). None when even the smallest ratio (every mode at the floor) costs more than the target.
     """
     def cost(ratio: float) -> tuple[Ranks, float]:
-        ranks = ranks_by_ratio(layers, ratio, min_rank=min_rank, multiple=multiple, io_shapes=io_shapes)
-        return ranks, network_fraction(layers, ranks, io_shapes, base, metric, layer_cost)
+        ranks = ranks_by_ratio(space.layers, ratio, min_rank=min_rank, multiple=multiple, io_shapes=space.io_shapes)
+        return ranks, space.fraction(ranks)
 
     lo, hi = 1e-9, 1.0
     lo_ranks, lo_cost = cost(lo)
@@ -152,16 +186,15 @@ def _uniform_label(entry: dict) -> str:
     return f" (--rank-ratio {entry['ratio']:.4f}, {entry['cost']:.4f} of the cost)" if "ratio" in entry else ""
 
 
-def guard_budget_ranks(net: nn.Module, layers: Mapping[str, nn.Module], candidates: Mapping[str, Ranks],
-                       io_shapes: IOShapes, base: float, metric: str, target: float, min_rank: int, multiple: int,
-                       batches: Sequence[torch.Tensor], calibration: str, compare_uniform: bool = True,
-                       layer_cost: LayerCost | None = None) -> tuple[Ranks, GuardDecision]:
-    """Of the budget allocations in `candidates` (and, with compare_uniform, the uniform-ratio ranks of no greater
-    cost), the one that changes the network's output least on `batches`.
+def guard_budget_ranks(net: nn.Module, candidates: Mapping[str, Ranks], space: BudgetSpace, settings: GuardSettings,
+                       patches: CalibrationPatches) -> tuple[Ranks, GuardDecision]:
+    """Of the budget allocations in `candidates` (and, with settings.compare_uniform, the uniform-ratio ranks of no
+    greater cost than settings.target), the one that changes the network's output least on the patches.
 
     Ties keep the earlier candidate, budget ranks before the uniform ones (they spend the budget as asked). The
     uniform ranks compete only if their cost is within the target, so falling back never breaks the budget.
     """
+    batches = patches.batches
     if not batches:
         raise CompressError("the budget guard needs calibration patches; pass -i IMAGES or --calibration-patches 1+")
     references = reference_outputs(net, batches)
@@ -170,14 +203,14 @@ def guard_budget_ranks(net: nn.Module, layers: Mapping[str, nn.Module], candidat
     for name, ranks in candidates.items():
         same = next((other for other, r in ranks_of.items() if r == dict(ranks)), None)
         entries[name] = dict(entries[same]) if same is not None else \
-            {"cost": network_fraction(layers, ranks, io_shapes, base, metric, layer_cost),
+            {"cost": space.fraction(ranks),
              "output_change": output_change(net, ranks, batches, references)}
         ranks_of[name] = dict(ranks)
     best_budget = min(entries, key=lambda n: entries[n]["output_change"])
-    decision = GuardDecision(best_budget, metric, target, entries, calibration, len(batches),
+    decision = GuardDecision(best_budget, space.metric, settings.target, entries, patches.source, len(batches),
                              entries[best_budget]["cost"], entries[best_budget]["output_change"])
-    uniform = uniform_ratio_within(layers, io_shapes, base, metric, target, min_rank, multiple,
-                                   layer_cost=layer_cost) if compare_uniform else None
+    uniform = uniform_ratio_within(space, settings.target, settings.min_rank, settings.multiple) \
+        if settings.compare_uniform else None
     if uniform is not None and uniform[1]:
         ratio, uniform_ranks, uniform_cost = uniform
         change = output_change(net, uniform_ranks, batches, references)
@@ -243,4 +276,3 @@ def layer_sensitivities(net: nn.Module, layers: Mapping[str, nn.Module], batches
     return {name: total / max(len(batches), 1) for name, total in totals.items()}
 
 
-CalibrationSource = Callable[[], tuple[list[torch.Tensor], str]]

@@ -297,7 +297,7 @@ LayerCost = Callable[[nn.Module, tuple, tuple, "tuple[int, int] | None"], float]
 
 def metric_cost(metric: str, layer_cost: LayerCost | None = None) -> LayerCost:
     """The per-layer cost of a budget metric: parameters or MACs counted, or seconds from `layer_cost` (a
-    latency model's ``layer_seconds``, see :mod:`nnunet_compress.inference.latency_model`)."""
+    latency model's ``layer_seconds``, see :mod:`nnunet_compress.budgets.cost_model`)."""
     if metric == "seconds":
         if layer_cost is None:
             raise CompressError("a latency budget needs a cost model (the layers' predicted seconds)")
@@ -367,7 +367,7 @@ def rank_ladder(full: int, multiple: int, min_rank: int) -> list[int]:
 
 
 def ranks_for_budget(layers: Mapping[str, nn.Module], io_shapes: IOShapes, base_params: int, base_macs: int,
-                     target: float, metric: str = "params", multiple: int = 1, min_rank: int = 8,
+                     target: float, *, metric: str = "params", multiple: int = 1, min_rank: int = 8,
                      weights: Mapping[str, float] | None = None, base_seconds: float | None = None,
                      layer_cost: LayerCost | None = None) -> Ranks:
     """Ranks that bring the WHOLE network to `target` × its parameters, MACs or seconds, losing as little as
@@ -423,7 +423,7 @@ def ranks_for_budget(layers: Mapping[str, nn.Module], io_shapes: IOShapes, base_
 
 
 def check_budget_reachable(layers: Mapping[str, nn.Module], io_shapes: IOShapes, base_params: int,
-                           base_macs: int, target: float, metric: str = "params", multiple: int = 1,
+                           base_macs: int, target: float, *, metric: str = "params", multiple: int = 1,
                            min_rank: int = 8, base_seconds: float | None = None,
                            layer_cost: LayerCost | None = None) -> None:
     """Refuse bad budget input and budgets the rank floor cannot meet, before anything costly is measured."""
@@ -453,7 +453,7 @@ def _budget_states(layers: Mapping[str, nn.Module], io_shapes: IOShapes, base_pa
     states = [_budget_layer(name, conv, io_shapes, cost, multiple, min_rank, 1e-9 if metric == "seconds" else 1.0)
               for name, conv in layers.items() if name in io_shapes]
     goal = target * base
-    if metric != "seconds":  # predicted seconds are corrected by measurement afterwards (workflows.latency_budget),
+    if metric != "seconds":  # predicted seconds are corrected by measurement afterwards (budgets.calibration),
         _check_reachable(states, base, goal, target, metric, min_rank, multiple)  # which judges reachability
     return states, base, goal
 
@@ -517,7 +517,7 @@ class RankPolicy(Settings):
     calibration_patches: int = 4  # patches the guard and the sensitivities are measured on
     calibration_seed: int = 0  # which patches (and which synthetic phantoms) are cut, and the sensitivity probes
     # target_latency only: how a layer's seconds are predicted, "measured" (timings of this machine's engine, see
-    # nnunet_compress.inference.latency_model) or "flops" (its MACs x the network's seconds per MAC)
+    # nnunet_compress.budgets.cost_model) or "flops" (its MACs x the network's seconds per MAC)
     cost_model: str = "measured"
 
     def kind(self) -> str:

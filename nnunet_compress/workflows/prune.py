@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from nnunet_compress.budgets.measured import pruned_layer_seconds, pruning_latency
 from nnunet_compress.errors import CompressError
 from nnunet_compress.network import CompressedUNet, compressed_arch_kwargs
 from nnunet_compress.nnunet.calibration import preprocessed_cases, random_patches
@@ -29,7 +30,6 @@ from nnunet_compress.pruning.surgery import channel_counts
 from nnunet_compress.pruning.taylor import PRUNE_METHODS, TaylorSettings, prune_until_target
 from nnunet_compress.settings import check_choice
 from nnunet_compress.workflows.derived_folder import write_derived_model_folder
-from nnunet_compress.workflows.latency_budget import pruned_layer_seconds, pruning_latency
 
 
 def prune_model_folder(source: str | Path, output: str | Path, method: str, settings: TaylorSettings,

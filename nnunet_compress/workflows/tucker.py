@@ -1,14 +1,13 @@
 """Tucker compression of nnU-Net models: rank policy -> compressed plans -> compressed model folder.
 
-This is the nnU-Net side of :mod:`nnunet_compress.tucker.decomposition` (the maths) and :mod:`nnunet_compress.tucker.ranks` (rank
-choice): it decides the ranks once per model (one plans.json describes one architecture, so every fold shares the
-ranks chosen on the first fold's weights), writes the plans, decomposes every fold's weights and reports what each
-layer cost before and after.
+This is the nnU-Net side of :mod:`nnunet_compress.tucker.decomposition` (the maths): the ranks are chosen once
+per model by :mod:`.rank_selection` (one plans.json describes one architecture, so every fold shares the ranks
+chosen on the first fold's weights); here the plans are written, every fold's weights decomposed and what each
+layer cost before and after reported.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -16,11 +15,17 @@ from pathlib import Path
 
 from torch import nn
 
-from nnunet_compress.costs import conv_costs, count_parameters, input_channels, layer_io_shapes, total_macs
+from nnunet_compress.budgets.calibration import LatencyTerms
+from nnunet_compress.budgets.cost_model import tucker_requirements
+from nnunet_compress.budgets.measured import latency_terms, layer_seconds, measured_fraction
+from nnunet_compress.costs import conv_costs, count_parameters, layer_io_shapes, total_macs
 from nnunet_compress.errors import CompressError
-from nnunet_compress.inference.latency_model import tucker_requirements
 from nnunet_compress.network import CompressedUNet
-from nnunet_compress.nnunet.calibration import preprocessed_cases, random_patches, synthetic_ct_cases
+from nnunet_compress.nnunet.calibration import (  # noqa: F401  (re-exported: the calibration of a model)
+    calibration_source,
+    image_calibration,
+    synthetic_calibration,
+)
 from nnunet_compress.nnunet.model_folder import (
     CHECKPOINT_FINAL,
     check_output_location,
@@ -30,247 +35,22 @@ from nnunet_compress.nnunet.model_folder import (
     write_json,
 )
 from nnunet_compress.nnunet.plans import resolved_configuration, tucker_plans
-from nnunet_compress.tucker import ranks as R
-from nnunet_compress.tucker.budget_guard import UNIFORM, guard_budget_ranks, layer_sensitivities, network_fraction
-from nnunet_compress.tucker.decomposition import replace_convs
 from nnunet_compress.tucker.ranks import RankPolicy, rank_floor
 from nnunet_compress.workflows.derived_folder import rebuilt_from_plans, write_derived_model_folder
-from nnunet_compress.workflows.latency_budget import (
-    LatencyTerms,
-    calibrated_allocation,
-    latency_terms,
-    layer_seconds,
-    measured_fraction,
-    measured_uniform,
+from nnunet_compress.workflows.rank_selection import (  # noqa: F401  (re-exported for the callers of this module)
+    BudgetTerms,
+    RankSelection,
+    factorised_copy,
+    network_input_shape,
+    rank_floors,
+    select_ranks,
 )
-
-
-@dataclass
-class RankSelection:
-    """The chosen ranks, and for budget policies what the guard compared (None otherwise or when it is off) and,
-    for --target-latency, what the latency calibration measured."""
-
-    ranks: dict[str, tuple[int, int]]
-    guard: dict | None = None
-    latency: LatencyTerms | None = None
-
-
-@dataclass
-class BudgetTerms:
-    """What a budget policy spends: metric, target fraction of `base` (for seconds: the predicted goal that the
-    measured calibration settled on), the per-layer cost (seconds only) and the latency measurements."""
-
-    metric: str
-    target: float
-    base: float
-    layer_cost: R.LayerCost | None = None
-    latency: LatencyTerms | None = None
 
 
 def choose_ranks(net: nn.Module, policy: RankPolicy, patch_size: tuple[int, ...],
                  calibration=None, progress=print) -> dict[str, tuple[int, int]]:
-    """Ranks for every layer to factorise; layers where factorising would not be cheaper are left out."""
+    """The ranks alone of :func:`~nnunet_compress.workflows.rank_selection.select_ranks`."""
     return select_ranks(net, policy, patch_size, calibration, progress).ranks
-
-
-def select_ranks(net: nn.Module, policy: RankPolicy, patch_size: tuple[int, ...], calibration=None,
-                 progress=print) -> RankSelection:
-    """Ranks by `policy`; budget policies are checked against the uniform ratio of the same cost.
-
-    calibration: a callable returning (list of input batches, description) for the budget policies' guard and
-    sensitivities, called only when they need it (the patches cost a preprocessing run); None uses synthetic CT
-    phantoms without plans (a bare network: z-scored HU). A latency budget also times the network on the CPU
-    engine (:mod:`nnunet_compress.workflows.latency_budget`).
-    """
-    policy.validate()
-    layers, io_shapes = _layers_and_shapes(net, policy, patch_size)
-    if not policy.is_budget:
-        return RankSelection(_policy_ranks(net, policy, layers, io_shapes))
-    terms = _budget_terms(net, policy, layers, io_shapes, patch_size, progress)
-    candidates = _budget_candidates(net, policy, patch_size, calibration, layers, io_shapes, terms, progress)
-    if len(candidates) == 1 and not policy.guard:
-        ranks, guard = next(iter(candidates.values())), None
-    else:
-        batches, source = _calibration_batches(net, patch_size, policy, calibration)
-        ranks, decision = guard_budget_ranks(net, layers, candidates, io_shapes, terms.base, terms.metric,
-                                             _guard_target(terms, layers, io_shapes, candidates), policy.min_rank, policy.multiple, batches, source,
-                                             compare_uniform=policy.guard, layer_cost=terms.layer_cost)
-        progress(decision.line())
-        guard = decision.to_dict()
-    if terms.latency is not None and ranks not in [r for r, _ in terms.latency.measured]:
-        fraction = measured_fraction(net, factorised_copy(net, ranks), _input_shape(net, patch_size), terms.latency)
-        terms.latency.measured.append((ranks, fraction))
-        terms.latency.measured_fraction = fraction
-        progress(f"latency budget: the kept ranks measured {fraction:.3f} of the original's time")
-    return RankSelection(ranks, guard, terms.latency)
-
-
-def _guard_target(terms: BudgetTerms, layers: dict, io_shapes: dict, candidates: dict) -> float:
-    """The cost the uniform ratio may reach in the guard's comparison: the budget's target, or for seconds the
-    budget ranks' own predicted cost where that is higher (a goal the floors stopped short of)."""
-    if terms.metric != "seconds":
-        return terms.target
-    return max([terms.target] + [network_fraction(layers, r, io_shapes, terms.base, "seconds", terms.layer_cost)
-                                 for r in candidates.values()])
-
-
-def _layers_and_shapes(net: nn.Module, policy: RankPolicy, patch_size) -> tuple[dict, dict]:
-    """The layers the policy may factorise (every conv for a ranks file) and every layer's input/output size."""
-    if policy.kind() == "ranks":
-        layers = R.decomposable_layers(net, include_stem=True, include_pointwise=True)
-    else:
-        layers = R.decomposable_layers(net, include_stem=policy.include_stem,
-                                       include_pointwise=policy.include_pointwise)
-    return layers, layer_io_shapes(net, tuple(patch_size))
-
-
-def _input_shape(net: nn.Module, patch_size) -> tuple[int, ...]:
-    return (input_channels(net), *tuple(int(s) for s in patch_size))
-
-
-def factorised_copy(net: nn.Module, ranks: dict) -> nn.Module:
-    """A copy of `net` with the factorised structure of `ranks` (default weights: timing depends on shapes only)."""
-    compressed = copy.deepcopy(net)
-    replace_convs(compressed, ranks, decompose=False)
-    return compressed
-
-
-def _rank_floors(layers: dict, policy: RankPolicy) -> dict[str, tuple[int, int]]:
-    """Each layer's lowest allowed (rank_out, rank_in): where the latency model's timings must start."""
-    return {n: (rank_floor(c.out_channels, policy.min_rank, policy.multiple),
-                rank_floor(c.in_channels, policy.min_rank, policy.multiple)) for n, c in layers.items()}
-
-
-def _budget_terms(net: nn.Module, policy: RankPolicy, layers: dict, io_shapes: dict, patch_size,
-                  progress) -> BudgetTerms:
-    """The budget's metric, target and base; for --target-latency the engine's timings of the original and the
-    cost model (measured now, or read from this machine's cache)."""
-    metric, target = policy.budget
-    if metric == "params":
-        return BudgetTerms(metric, target, count_parameters(net))
-    if metric == "flops":
-        return BudgetTerms(metric, target, total_macs(net, io_shapes))
-    latency = latency_terms(net, _input_shape(net, patch_size), policy.cost_model,
-                            lambda: tucker_requirements(layers, io_shapes, _rank_floors(layers, policy)), progress)
-    return BudgetTerms(metric, target, latency.base_seconds, latency.layer_cost, latency)
-
-
-_CALIBRATION_CACHE_ATTR = "_nnunet_compress_calibration"
-
-
-def _calibration_batches(net: nn.Module, patch_size, policy: RankPolicy, calibration) -> tuple[list, str]:
-    """The calibration batches, made once per selection (the sensitivities and the guard share them)."""
-    if calibration is None:
-        calibration = synthetic_calibration(None, None, None, input_channels(net), patch_size,
-                                            policy.calibration_patches, policy.calibration_seed)
-    cached = getattr(calibration, _CALIBRATION_CACHE_ATTR, None)
-    if cached is None:
-        cached = calibration()
-        try:
-            setattr(calibration, _CALIBRATION_CACHE_ATTR, cached)
-        except AttributeError:  # e.g. a bound method: no cache, the caller's source is called again
-            pass
-    return cached
-
-
-def calibration_source(images, plans: dict, dataset_json: dict, configuration: str, channels: int, patch_size,
-                       count: int, seed: int = 0):
-    """The calibration of a model: the user's images when given (-i), else synthetic CT phantoms; both through
-    nnU-Net's preprocessing with the model's plans."""
-    if images is not None:
-        return image_calibration(images, plans, dataset_json, configuration, patch_size, count, seed)
-    return synthetic_calibration(plans, dataset_json, configuration, channels, patch_size, count, seed)
-
-
-def synthetic_calibration(plans: dict | None, dataset_json: dict | None, configuration: str | None,
-                          channels: int, patch_size, count: int, seed: int = 0):
-    """A calibration source of `count` single-patch batches cut from synthetic CT phantoms."""
-    def make():
-        volumes = synthetic_ct_cases(plans, dataset_json, configuration, channels, count=2, seed=seed)
-        return random_patches(volumes, patch_size, count, batch_size=1, seed=seed), "synthetic CT"
-    return make
-
-
-def image_calibration(images, plans: dict, dataset_json: dict, configuration: str, patch_size, count: int,
-                      seed: int = 0):
-    """A calibration source of `count` single-patch batches cut from the user's images (-i), preprocessed."""
-    def make():
-        from pathlib import Path as _Path
-
-        volumes = preprocessed_cases(_Path(images), plans, dataset_json, configuration)
-        return random_patches(volumes, patch_size, count, batch_size=1, seed=seed), "image"
-    return make
-
-
-def _policy_ranks(net: nn.Module, policy: RankPolicy, layers: dict, io_shapes: dict) -> dict:
-    """Ranks of the non-budget policies (ratio, energy, ranks file)."""
-    kind = policy.kind()
-    only_cheaper = not policy.replace_all
-    if kind == "ranks":
-        return R.ranks_fixed(layers, policy.ranks, io_shapes=io_shapes, only_cheaper=only_cheaper,
-                             min_rank=policy.min_rank, multiple=policy.multiple)
-    if kind == "ratio":
-        return R.ranks_by_ratio(layers, policy.ratio, min_rank=policy.min_rank, multiple=policy.multiple,
-                                io_shapes=io_shapes, only_cheaper=only_cheaper)
-    return R.ranks_by_energy(layers, policy.energy, multiple=policy.multiple, io_shapes=io_shapes,
-                             only_cheaper=only_cheaper, min_rank=policy.min_rank)
-
-
-def _budget_candidates(net: nn.Module, policy: RankPolicy, patch_size, calibration, layers: dict,
-                       io_shapes: dict, terms: BudgetTerms, progress=print) -> dict[str, dict]:
-    """The budget allocations `policy.budget_error` asks for, by name ("kernel", "sensitivity" or both).
-
-    A latency budget first finds, with the first of them, the predicted goal at which the whole network's
-    MEASURED time meets the target (``terms.target`` becomes that goal), and allocates the others at it.
-    """
-    params, macs = count_parameters(net), total_macs(net, io_shapes)
-
-    def allocate(kind: str, target: float) -> dict:
-        weights = None
-        if kind == "sensitivity":
-            batches, _ = _calibration_batches(net, patch_size, policy, calibration)
-            weights = layer_sensitivities(net, {n: c for n, c in layers.items() if n in io_shapes}, batches,
-                                          seed=policy.calibration_seed)
-        return R.ranks_for_budget(layers, io_shapes, params, macs, target, metric=terms.metric,
-                                  multiple=policy.multiple, min_rank=policy.min_rank, weights=weights,
-                                  base_seconds=terms.base, layer_cost=terms.layer_cost)
-
-    if terms.metric != "seconds":  # fail before measuring anything (seconds: judged on the measured network)
-        R.check_budget_reachable(layers, io_shapes, params, macs, terms.target, terms.metric, policy.multiple,
-                                 policy.min_rank)
-    kinds = ("kernel", "sensitivity") if policy.budget_error == "best" else (policy.budget_error,)
-    candidates = {}
-    if terms.latency is not None:
-        input_shape = _input_shape(net, patch_size)
-
-        def measure(ranks: dict) -> float:
-            if not ranks:  # nothing factorised: the original itself (timing it would only measure noise)
-                return 1.0
-            fraction = measured_fraction(net, factorised_copy(net, ranks), input_shape, terms.latency)
-            terms.latency.measured.append((ranks, fraction))
-            return fraction
-
-        def predicted(ranks: dict) -> float:
-            return network_fraction(layers, ranks, io_shapes, terms.base, "seconds", terms.layer_cost)
-
-        floor = f" (every decomposable layer at the rank floor --min-rank {policy.min_rank})"
-        try:
-            candidates[kinds[0]], terms.target = calibrated_allocation(
-                terms.target, lambda goal: allocate(kinds[0], goal), predicted, measure, terms.latency, progress)
-        except CompressError as e:
-            # the per-layer model left out layers the network runs faster factorised: measure the uniform family
-            progress(f"latency budget: {e}; trying uniform rank ratios, measured")
-
-            def uniform(ratio: float) -> dict:
-                return R.ranks_by_ratio(layers, ratio, min_rank=policy.min_rank, multiple=policy.multiple,
-                                        io_shapes=io_shapes)
-            ranks, _ = measured_uniform(terms.target, uniform, measure, terms.latency, progress, floor_hint=floor)
-            terms.target = predicted(ranks)
-            return {UNIFORM: ranks}
-    for kind in kinds:
-        if kind not in candidates:
-            candidates[kind] = allocate(kind, terms.target)
-    return candidates
 
 
 @dataclass
@@ -424,11 +204,10 @@ def budget_seconds(net: nn.Module, ranks: dict, patch_size, policy: RankPolicy, 
     io_shapes = layer_io_shapes(net, tuple(patch_size))
     layers = {name: net.get_submodule(name) for name in ranks if name in io_shapes}
     if latency is None:
-        latency = latency_terms(net, _input_shape(net, patch_size), "measured",
-                                lambda: tucker_requirements(layers, io_shapes, _rank_floors(layers, policy)),
-                                progress)
-        latency.measured_fraction = measured_fraction(net, factorised_copy(net, ranks), _input_shape(net, patch_size),
-                                                      latency)
+        input_shape = network_input_shape(net, patch_size)
+        latency = latency_terms(net, input_shape, "measured",
+                                lambda: tucker_requirements(layers, io_shapes, rank_floors(layers, policy)), progress)
+        latency.measured_fraction = measured_fraction(net, factorised_copy(net, ranks), input_shape, latency)
     progress(f"timing the {len(layers)} factorised layers on {latency.engine} for the report")
     seconds = {name: layer_seconds(conv, *io_shapes[name], ranks[name], latency) for name, conv in layers.items()}
     return seconds, latency.to_dict()

@@ -5,7 +5,7 @@ channel of each group would save (:meth:`PredictedSeconds.channel_seconds`). Whe
 by timing the whole network after every step (the callers do that); the prediction of the whole network —
 the original's MEASURED seconds minus what each convolution's predicted time fell by since the start
 (``layer_seconds(conv, in_spatial, out_spatial, channels=(c_in, c_out))``, e.g.
-:meth:`nnunet_compress.inference.latency_model.LatencyModel.layer_seconds`), its saving scaled by ``k`` = measured
+:meth:`.latency_model.LatencyModel.layer_seconds`), its saving scaled by ``k`` = measured
 saving / predicted saving (:meth:`calibrate`) — is recorded beside each measurement in the reports.
 
 Pure torch + a cost callable: nothing here runs an engine.
@@ -77,15 +77,3 @@ class PredictedSeconds:
                     total += self.seconds_of(name, conv) - self.seconds_of(name, conv, c_in=conv.in_channels - 1)
             saved[group.name] = self.k * total
         return saved
-
-
-def cost_weighted_scores(scores: Mapping, channel_seconds: Mapping[str, float]) -> dict:
-    """Importance per second saved: each group's scores divided by its per-channel saving relative to the mean
-    saving, so that the global ranking removes first the channels that lose the least importance per second.
-    Groups the cost model says save nothing are left unweighted (a tiny floor keeps the division finite)."""
-    positive = [v for v in channel_seconds.values() if v > 0]
-    if not positive:
-        return dict(scores)
-    mean = sum(positive) / len(positive)
-    return {name: values / (max(channel_seconds.get(name, mean), 1e-3 * mean) / mean)
-            for name, values in scores.items()}

@@ -3,16 +3,16 @@
 Why measure at all: FLOPs are not what a user buys. A 1×1 factor at 128³ moves more bytes than it computes and a
 3×3×3 core with 8 channels runs at a fraction of the engine's peak, so two allocations with the same FLOPs can
 differ by 2× in time (issue: ``--target-flops 0.11`` cut FLOPs 9× but a patch only 2.8×). The latency budget
-(:mod:`nnunet_compress.inference.latency_model`) therefore asks the engine itself.
+(:mod:`.latency_model`) therefore asks the engine itself.
 
 How one convolution is timed:
 
 * **OpenVINO**: a one-node model (Parameter → Convolution / ConvolutionBackpropData with constant weights) built
   with OpenVINO's opset — milliseconds to build and compile, where tracing a torch module through the PyTorch
-  frontend takes a second — compiled as :mod:`.openvino_engine` compiles networks (threads, LATENCY, f32), and
+  frontend takes a second — compiled as :mod:`nnunet_compress.inference.openvino_engine` compiles networks (threads, LATENCY, f32), and
   timed with the plugin's own per-node counters (``PERF_COUNT``): only the convolution node's ``real_time``
   counts, not the layout reorders at the model's edges that a one-node model adds and a whole network does not.
-* **torch**: the convolution module under :func:`.torch_paths.fast_convolutions` (what the torch path of
+* **torch**: the convolution module under :func:`nnunet_compress.inference.torch_paths.fast_convolutions` (what the torch path of
   ``CompressedUNet`` runs), wall time.
 
 Each is the median of a few runs after one warm-up. :func:`patch_seconds` times whole networks the way
@@ -26,12 +26,12 @@ import math
 import statistics
 import sys
 import time
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch import nn
 
+from nnunet_compress.budgets.cost_model import ConvSite
 from nnunet_compress.errors import first_line
 from nnunet_compress.inference import openvino_engine
 from nnunet_compress.inference.settings import compile_properties, from_environment
@@ -55,55 +55,6 @@ def engine_version(engine: str) -> str:
         import openvino as ov
         return f"openvino {ov.__version__}"
     return f"torch {torch.__version__}"
-
-
-@dataclass(frozen=True)
-class ConvSite:
-    """Everything that fixes a convolution's time except its channel counts: kind, geometry, input size.
-
-    Tucker factors and pruned layers differ from the original only in channels, so one site covers every
-    candidate of a layer (and the 1×1 factors of all layers at one resolution share a site).
-    """
-
-    transposed: bool
-    kernel: tuple[int, ...]
-    stride: tuple[int, ...]
-    padding: tuple[int, ...]
-    in_spatial: tuple[int, ...]
-
-    @classmethod
-    def of(cls, conv: nn.Module, in_spatial: Sequence[int]) -> "ConvSite":
-        return cls(bool(getattr(conv, "transposed", False)), tuple(int(k) for k in conv.kernel_size),
-                   tuple(int(s) for s in conv.stride), tuple(int(p) for p in conv.padding),
-                   tuple(int(s) for s in in_spatial))
-
-    @classmethod
-    def pointwise(cls, in_spatial: Sequence[int]) -> "ConvSite":
-        """The site of a 1×1(×1) stride-1 convolution (a Tucker factor) at `in_spatial`."""
-        dims = len(in_spatial)
-        return cls(False, (1,) * dims, (1,) * dims, (0,) * dims, tuple(int(s) for s in in_spatial))
-
-    def key(self) -> str:
-        def j(values):
-            return "x".join(map(str, values))
-        kind = "tconv" if self.transposed else "conv"
-        return f"{kind} k{j(self.kernel)} s{j(self.stride)} p{j(self.padding)} @ {j(self.in_spatial)}"
-
-    @classmethod
-    def from_key(cls, key: str) -> "ConvSite":
-        kind, kernel, stride, padding, _, spatial = key.split(" ")
-
-        def ints(text: str) -> tuple[int, ...]:
-            return tuple(int(v) for v in text.split("x"))
-        return cls(kind == "tconv", ints(kernel[1:]), ints(stride[1:]), ints(padding[1:]), ints(spatial))
-
-    def module(self, c_in: int, c_out: int) -> nn.Module:
-        dims = len(self.kernel)
-        if self.transposed:
-            cls = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[dims]
-        else:
-            cls = {2: nn.Conv2d, 3: nn.Conv3d}[dims]
-        return cls(c_in, c_out, self.kernel, stride=self.stride, padding=self.padding, bias=False)
 
 
 def time_conv(site: ConvSite, c_in: int, c_out: int, engine: str, threads: int, runs: int = 3) -> float:

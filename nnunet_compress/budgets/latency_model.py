@@ -1,24 +1,9 @@
-"""Predicted seconds of a convolution at any channel count on this machine's CPU engine, from a few measurements.
-
-Why a fitted model and not one timing per candidate: a budget search weighs every rank pair of every layer (a
-320-channel layer alone has 320² pairs), and pruning every channel count; timing each would take hours. Per
-:class:`~nnunet_compress.inference.conv_timing.ConvSite` (kind, kernel, stride, input size) we time a 3×3 grid of
-channel counts spanning what the search may choose and fit
-
-    t(c_in, c_out) = a + b·c_in·c_out + c·c_in + d·c_out
-
-with non-negative least squares: fixed cost per call, arithmetic (∝ c_in·c_out at a fixed site), reading the
-input and writing the output. Non-negative coefficients make the prediction grow with every channel count, which
-the greedy allocators rely on (a lower rank is never predicted slower). A Tucker layer is predicted as its three
-convolutions: 1×1 at the input size, the core at the layer's site, 1×1 at the output size.
+"""The measured cost model of this machine: per-site fits (:mod:`.cost_model`) grown by timing the CPU engine
+(:mod:`.timing`), and their cache.
 
 The model is kept per machine, engine (and its version) and thread count in the user's cache directory
 (``$NNUNET_COMPRESS_CACHE_DIR/latency``, next to the converted models), grown by the sites a new network needs. A
 cache file that cannot be read, or that was measured elsewhere, is rebuilt with one notice line.
-
-:class:`FlopsCostModel` is the ``--cost-model flops`` alternative: every layer's seconds taken as its MACs times
-the measured network's seconds per MAC, i.e. FLOPs as the currency, for comparison and for machines where
-measuring is not wanted.
 """
 
 from __future__ import annotations
@@ -32,18 +17,15 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
-import numpy as np
-from scipy.optimize import nnls
 from torch import nn
 
-from nnunet_compress.costs import conv_costs
-from nnunet_compress.inference.conv_timing import ConvSite, engine_version, time_conv
+from nnunet_compress.budgets.cost_model import ChannelRange, ConvSite, SiteFit
+from nnunet_compress.budgets.timing import engine_version, time_conv
 from nnunet_compress.inference.settings import from_environment
 
 FORMAT = 1
-GRID_POINTS = 3  # per channel axis; 3×3 timings per site
 
 
 def machine_id() -> str:
@@ -55,58 +37,6 @@ def machine_id() -> str:
     except OSError:
         pass
     return f"{cpu} | {os.cpu_count()} cpus | {platform.machine()}"
-
-
-@dataclass
-class SiteFit:
-    """The measured (c_in, c_out, seconds) samples of one site and the fitted coefficients (a, b, c, d)."""
-
-    samples: list[tuple[int, int, float]] = field(default_factory=list)
-    coefficients: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
-
-    def seconds(self, c_in: int, c_out: int) -> float:
-        a, b, c, d = self.coefficients
-        return a + b * c_in * c_out + c * c_in + d * c_out
-
-    def refit(self) -> None:
-        design = np.array([[1.0, ci * co, ci, co] for ci, co, _ in self.samples])
-        seconds = np.array([s for _, _, s in self.samples])
-        scale = np.maximum(np.abs(design).max(axis=0), 1e-12)  # columns of very different size: NNLS on scaled
-        solution, _ = nnls(design / scale, seconds)
-        self.coefficients = tuple(float(v) for v in solution / scale)
-
-    def sampled(self) -> set[tuple[int, int]]:
-        return {(ci, co) for ci, co, _ in self.samples}
-
-
-def grid(lo: int, hi: int, points: int = GRID_POINTS) -> list[int]:
-    """`points` channel counts from lo to hi, geometrically spaced (time varies most at few channels)."""
-    lo, hi = max(1, int(lo)), max(1, int(hi))
-    if hi <= lo:
-        return [hi]
-    values = {int(round(lo * (hi / lo) ** (i / (points - 1)))) for i in range(points)}
-    return sorted(values | {lo, hi})
-
-
-@dataclass
-class ChannelRange:
-    """Channel counts the search may give a site: [c_in_lo, c_in_hi] × [c_out_lo, c_out_hi]."""
-
-    c_in: tuple[int, int]
-    c_out: tuple[int, int]
-
-    def merged(self, other: "ChannelRange") -> "ChannelRange":
-        return ChannelRange((min(self.c_in[0], other.c_in[0]), max(self.c_in[1], other.c_in[1])),
-                            (min(self.c_out[0], other.c_out[0]), max(self.c_out[1], other.c_out[1])))
-
-    def points(self) -> list[tuple[int, int]]:
-        return [(ci, co) for ci in grid(*self.c_in) for co in grid(*self.c_out)]
-
-
-def add_requirement(needed: dict[ConvSite, ChannelRange], site: ConvSite, c_in: tuple[int, int],
-                    c_out: tuple[int, int]) -> None:
-    wanted = ChannelRange(c_in, c_out)
-    needed[site] = needed[site].merged(wanted) if site in needed else wanted
 
 
 @dataclass
@@ -231,46 +161,3 @@ def measured_model(needed: Mapping[ConvSite, ChannelRange], engine: str, threads
         save_latency_model(model, cache_dir)
     return model
 
-
-@dataclass
-class FlopsCostModel:
-    """``--cost-model flops``: a layer's seconds = its MACs × (the network's measured seconds / its MACs)."""
-
-    seconds_per_mac: float
-    engine: str = "flops"
-    kind = "flops"
-
-    def layer_seconds(self, conv: nn.Module, in_spatial: Sequence[int], out_spatial: Sequence[int],
-                      ranks: tuple[int, int] | None = None, channels: tuple[int, int] | None = None) -> float:
-        if channels is not None:
-            c_in, c_out = channels
-            macs = conv_costs(conv, in_spatial, out_spatial)[1] * c_in * c_out / (conv.in_channels * conv.out_channels)
-        else:
-            macs = conv_costs(conv, in_spatial, out_spatial, ranks=ranks)[1]
-        return macs * self.seconds_per_mac
-
-
-def tucker_requirements(layers: Mapping[str, nn.Module], io_shapes: Mapping, floors: Mapping[str, tuple[int, int]]
-                        ) -> dict[ConvSite, ChannelRange]:
-    """Sites and channel ranges a Tucker rank search may visit: each layer's own site (ranks from the floors to
-    full, and the full layer itself) and the 1×1 factors at its input and output sizes."""
-    needed: dict[ConvSite, ChannelRange] = {}
-    for name, conv in layers.items():
-        if name not in io_shapes:
-            continue
-        in_spatial, out_spatial = io_shapes[name]
-        floor_out, floor_in = floors[name]
-        c_in, c_out = conv.in_channels, conv.out_channels
-        add_requirement(needed, ConvSite.of(conv, in_spatial), (floor_in, c_in), (floor_out, c_out))
-        add_requirement(needed, ConvSite.pointwise(in_spatial), (c_in, c_in), (floor_in, c_in))
-        add_requirement(needed, ConvSite.pointwise(out_spatial), (floor_out, c_out), (c_out, c_out))
-    return needed
-
-
-def channel_requirements(convs: Iterable[tuple[nn.Module, Sequence[int], tuple[int, int], tuple[int, int]]]
-                         ) -> dict[ConvSite, ChannelRange]:
-    """Sites and ranges for pruning: (conv, input size, c_in range, c_out range) per convolution."""
-    needed: dict[ConvSite, ChannelRange] = {}
-    for conv, in_spatial, c_in, c_out in convs:
-        add_requirement(needed, ConvSite.of(conv, in_spatial), c_in, c_out)
-    return needed
