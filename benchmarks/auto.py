@@ -11,9 +11,9 @@ same engine and on plain torch, its Dice drop on the held-out cases and the sear
 ± standard deviation (a parent answer counts as speed-up 1 and drop 0). A seed whose search already finished is
 read again from its report, so an interrupted benchmark resumes where it stopped.
 
-    python benchmarks/auto.py                            # 5 seeds, the default search
-    python benchmarks/auto.py --seeds 0 --tag smoke      # one seed
-    python benchmarks/auto.py --candidates tucker:ratio=0.5 l1:flops=0.3 --seeds 0 --tag two
+    python -m benchmarks.auto                            # 5 seeds, the default search
+    python -m benchmarks.auto --seeds 0 --tag smoke      # one seed
+    python -m benchmarks.auto --candidates tucker:ratio=0.5 l1:flops=0.3 --seeds 0 --tag two
 
 Writes ``benchmarks/results/auto[_<tag>].json`` / ``.md``.
 """

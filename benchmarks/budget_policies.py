@@ -17,7 +17,7 @@ per distinct set of ranks, for the variants named by ``--dice`` (the model folde
 ``compress_model_folder`` with those ranks; the decomposition is deterministic, so it is the folder the budget
 command writes). Usage (a workspace made by ``nnunet_compress.demo.tiny``, base model trained)::
 
-    python benchmarks/budget_policies.py WORKSPACE_ROOT [--targets 0.18] [--seeds 0 1] [--min-rank 4]
+    python -m benchmarks.budget_policies WORKSPACE_ROOT [--targets 0.18] [--seeds 0 1] [--min-rank 4]
         [--ratio 0.25] [--dice ratio "kernel, no guard" default] [-o budget_policies.json]
 """
 
@@ -25,18 +25,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from nnunet_compress.demo import tiny  # noqa: E402
-from nnunet_compress.nnunet.calibration import preprocessed_cases, random_patches  # noqa: E402
-from nnunet_compress.nnunet.model_folder import input_channels_of, load_fold_network, open_model_folder  # noqa: E402
-from nnunet_compress.tucker.budget_guard import output_change, reference_outputs  # noqa: E402
+from nnunet_compress.demo import tiny
+from nnunet_compress.nnunet.calibration import preprocessed_cases, random_patches
+from nnunet_compress.nnunet.model_folder import input_channels_of, load_fold_network, open_model_folder
+from nnunet_compress.tucker.budget_guard import output_change, reference_outputs
 from nnunet_compress.tucker.ranks import RankPolicy
 from nnunet_compress.workflows.tucker import build_report, calibration_source, compress_model_folder, select_ranks
 

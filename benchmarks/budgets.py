@@ -19,7 +19,7 @@ against measured time) beside it:
 
 Usage (a workspace made by the demo, base model trained; ``benchmarks/work/stability/seed_N`` are such)::
 
-    python benchmarks/budgets.py WORKSPACE [--parts tucker taylor totalseg] [--ratios 0.75 0.5 0.25]
+    python -m benchmarks.budgets WORKSPACE [--parts tucker taylor totalseg] [--ratios 0.75 0.5 0.25]
         [-o benchmarks/results/budgets.json]
 """
 
@@ -27,20 +27,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from nnunet_compress.budgets.timing import engine_in_use, patch_seconds  # noqa: E402
-from nnunet_compress.costs import layer_io_shapes, patch_flops, total_macs  # noqa: E402
-from nnunet_compress.demo import tiny  # noqa: E402
-from nnunet_compress.nnunet.model_folder import load_fold_network, open_model_folder, read_json  # noqa: E402
-from nnunet_compress.tucker.ranks import RankPolicy  # noqa: E402
-from nnunet_compress.workflows.tucker import compress_model_folder, factorised_copy, select_ranks  # noqa: E402
+from nnunet_compress.budgets.timing import engine_in_use, patch_seconds
+from nnunet_compress.costs import layer_io_shapes, patch_flops, total_macs
+from nnunet_compress.demo import tiny
+from nnunet_compress.nnunet.model_folder import load_fold_network, open_model_folder, read_json
+from nnunet_compress.tucker.ranks import RankPolicy
+from nnunet_compress.workflows.tucker import compress_model_folder, factorised_copy, select_ranks
 
 MIN_RANK = 4  # the demo's --min-rank (the tiny network has 8-channel layers)
 

@@ -16,8 +16,8 @@ planning and preprocessing, the tiny plans), and every run is seeded (``--seed 1
 loading in the training process), so a run repeats exactly and the three rules of a seed see the same batches
 until their networks differ. A run that already has its final checkpoint is not trained again.
 
-    python benchmarks/class_guard.py                      # 5 seeds × 3 rules
-    python benchmarks/class_guard.py --seeds 0 --tag smoke
+    python -m benchmarks.class_guard                      # 5 seeds × 3 rules
+    python -m benchmarks.class_guard --seeds 0 --tag smoke
 
 Per run: the final FLOPs per patch as a share of the unpruned network's, the mean foreground Dice and the lowest
 class Dice on the dataset's held-out cases (nnU-Net's predictor and evaluation), the number of removals the guard
@@ -34,14 +34,10 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-RESULTS = REPO / "benchmarks" / "results"
+from benchmarks.common import RESULTS, WORK
 
 # the rules compared: name -> `plan sauron` options
 RULES = {
@@ -59,7 +55,7 @@ MIN_CLASS_DICE = 0.5
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workdir", type=Path, default=REPO / "benchmarks" / "work" / "class_guard")
+    p.add_argument("--workdir", type=Path, default=WORK / "class_guard")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--rules", nargs="+", choices=list(RULES), default=list(RULES))
     p.add_argument("--epochs", type=int, default=8)

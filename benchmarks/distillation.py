@@ -19,9 +19,9 @@ two rows is the size of the spread between draws, so ``--seeds`` repeats the who
 aims per seed. A workspace of ``benchmarks/stability.py`` (same layout, the demo's base model of that seed) can be
 reused as it is: ``--workdir benchmarks/work/stability``.
 
-    python benchmarks/distillation.py                      # the README's table (about an hour per seed on 2 cores)
-    python benchmarks/distillation.py --methods taylor --seeds 0 1 2 --workdir benchmarks/work/stability
-    python benchmarks/distillation.py --methods tucker --epochs 2 --iterations 10 --tag smoke
+    python -m benchmarks.distillation                      # the README's table (about an hour per seed on 2 cores)
+    python -m benchmarks.distillation --methods taylor --seeds 0 1 2 --workdir benchmarks/work/stability
+    python -m benchmarks.distillation --methods tucker --epochs 2 --iterations 10 --tag smoke
 
 Writes ``benchmarks/results/distillation_<tag>.json`` / ``.md`` and a bar plot ``distillation_<tag>.png``; the
 workspaces keep every model, so a re-run only trains what is missing.
@@ -33,16 +33,12 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from benchmarks.common import RESULTS, WORK
+from nnunet_compress.demo import tiny
 
-from nnunet_compress.demo import tiny  # noqa: E402
-
-RESULTS = REPO / "benchmarks" / "results"
 PSEUDO_ID, PSEUDO_NAME = 503, "SyntheticUnlabelled"  # not the end-to-end test's 502, should they share a workspace
 METHODS = ("tucker", "taylor", "sauron")
 
@@ -64,7 +60,7 @@ def cli(*args) -> None:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workdir", type=Path, default=REPO / "benchmarks" / "work" / "distillation",
+    p.add_argument("--workdir", type=Path, default=WORK / "distillation",
                    help="one workspace per seed under it, WORKDIR/seed_<s>")
     p.add_argument("--seeds", type=int, nargs="+", default=[0],
                    help="repeat the benchmark once per seed: cases, base training, pruning and fine-tuning (0)")

@@ -1,6 +1,6 @@
 """Where OpenVINO spends a patch: per-operation time of the original and the Tucker network, from its own profiler.
 
-    python benchmarks/engine_profile.py --arch 1.5mm --patch 96 96 96 --ratios 0.25 0.125 --runs 3
+    python -m benchmarks.engine_profile --arch 1.5mm --patch 96 96 96 --ratios 0.25 0.125 --runs 3
 
 Why: a Tucker network at channel ratio 0.25 does ~9x fewer convolution FLOPs, yet runs ~3.9x faster than the
 original on the engine. The convolutions shrink; the operations around them (InstanceNorm as MVN, LeakyReLU,
@@ -23,19 +23,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.archs import ARCHITECTURES, as_compressed_unet, build_original, flops, tucker
+from benchmarks.common import RESULTS
+from nnunet_compress.inference import int8
+from nnunet_compress.inference.openvino_engine import convert
 
-from benchmarks.archs import ARCHITECTURES, as_compressed_unet, build_original, flops, tucker  # noqa: E402
-from nnunet_compress.inference import int8  # noqa: E402
-from nnunet_compress.inference.openvino_engine import convert  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
 # OpenVINO's node types of convolutions (ConvolutionBackpropData = the transposed 2x2x2 upsampling convs)
 CONV_TYPES = ("Convolution", "ConvolutionBackpropData", "Deconvolution", "GroupConvolution", "FullyConnected")
 

@@ -1,7 +1,7 @@
 """Does INT8 keep the Dice? Each demo model against its INT8 twin, per class, over seeds.
 
-    python benchmarks/int8_quality.py benchmarks/work/stability/seed_*      # demo workspaces, one per seed
-    python benchmarks/int8_quality.py WORKSPACE --pair base:FOLDER:INT8_FOLDER [--pair ...] --dataset-id 501
+    python -m benchmarks.int8_quality benchmarks/work/stability/seed_*      # demo workspaces, one per seed
+    python -m benchmarks.int8_quality WORKSPACE --pair base:FOLDER:INT8_FOLDER [--pair ...] --dataset-id 501
 
 The demo (``nnunet-compress demo``) quantises the base and the fine-tuned or pruned-while-training models
 (``nnunet_compress.demo.run.int8_rows``) and grades every model on the held-out cases with nnU-Net's predictor;
@@ -20,13 +20,10 @@ import argparse
 import json
 import os
 import statistics
-import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from benchmarks.common import RESULTS
 
-RESULTS = REPO / "benchmarks" / "results"
 MAX_MEAN_DROP, MAX_CLASS_DROP = 0.005, 0.02  # aims: mean Dice change, largest class loss
 SUFFIX = " + INT8"
 

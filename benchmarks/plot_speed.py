@@ -1,6 +1,6 @@
 """FLOPs vs time plot (PNG) from the JSON that benchmarks/speed.py writes.
 
-    python benchmarks/plot_speed.py benchmarks/results/speed_cpu_*.json
+    python -m benchmarks.plot_speed benchmarks/results/speed_cpu_*.json
 
 Whole-CT times (compressed 1.5 mm vs the 3 mm --fast model) are measured directly by benchmarks/whole_ct.py.
 """
@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
+
+from benchmarks.common import RESULTS
 
 MARKERS = {"torch": "x", "torch+paths": "o", "openvino": "s", "onnxruntime": "^"}
 
@@ -46,7 +47,7 @@ def plot(reports: list[dict], out: Path) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("json", nargs="+", type=Path)
-    ap.add_argument("-o", type=Path, default=Path(__file__).resolve().parent / "results" / "speed_flops_vs_time.png")
+    ap.add_argument("-o", type=Path, default=RESULTS / "speed_flops_vs_time.png")
     args = ap.parse_args(argv)
     reports = [json.loads(p.read_text()) for p in args.json]
     plot(reports, args.o)
@@ -54,5 +55,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     raise SystemExit(main())

@@ -9,9 +9,9 @@ cases, base training seeded with ``tiny.TRAINING_SEED + s``, fine-tuning and pru
 reference channels with ``12345 + s``), data loading in the training process, so every seed repeats exactly. A
 workspace that already holds a model is reused, so an interrupted run resumes where it stopped.
 
-    python benchmarks/stability.py                         # 5 seeds, about 17 min per seed on 2 idle cores
-    python benchmarks/stability.py --seeds 0 1 --tag smoke  # a quick look
-    python benchmarks/stability.py --rerun sauron           # Sauron retrained with the current code, every other
+    python -m benchmarks.stability                         # 5 seeds, about 17 min per seed on 2 idle cores
+    python -m benchmarks.stability --seeds 0 1 --tag smoke  # a quick look
+    python -m benchmarks.stability --rerun sauron           # Sauron retrained with the current code, every other
                                                             # row taken from the last stability.json
 
 The demo grades its models on the dataset's 4 held-out cases, so part of the spread over seeds is the luck of
@@ -31,14 +31,10 @@ import os
 import re
 import shutil
 import statistics
-import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-RESULTS = REPO / "benchmarks" / "results"
+from benchmarks.common import RESULTS, WORK
 
 # the aims (spread over seeds, worst class), checked and printed for the fine-tuned rows
 MIN_CLASS_DICE = 0.5
@@ -56,7 +52,7 @@ RERUNNABLE = {"taylor": ("nnUNetTrainerTaylorPruning", "nnUNetPlans_tiny_taylorF
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workdir", type=Path, default=REPO / "benchmarks" / "work" / "stability")
+    p.add_argument("--workdir", type=Path, default=WORK / "stability")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--fast", action="store_true", help="the demo's --fast (shorter training)")
     p.add_argument("--tag", default="")
@@ -244,7 +240,7 @@ def demo_rows_again(seed_root: Path, seed: int, methods: list[str], fast: bool) 
     ws = tiny.default_workspace(seed_root)
     if not tiny.checkpoint_path(ws.model_folder()).exists():
         raise SystemExit(f"error: {seed_root} has no trained base model; run the whole demo for seed {seed} first "
-                         f"(python benchmarks/stability.py --seeds {seed})")
+                         f"(python -m benchmarks.stability --seeds {seed})")
     os.environ.update(ws.env())  # the in-process steps read nnU-Net's folders from the environment like the CLI
     epochs = 20 if fast else tiny.BASE_EPOCHS
     rows = []

@@ -1,6 +1,6 @@
 """Parameters and GFLOPs of TotalSegmentator's networks at each Tucker rank factor, beside the paper's figures.
 
-    .venv/bin/python benchmarks/totalseg_architecture_table.py [--json out.json] [--check-patch 32]
+    .venv/bin/python -m benchmarks.totalseg_architecture_table [--json out.json] [--check-patch 32]
 
 So that anyone can check our counts against Weber et al.'s published ones (docs/totalsegmentator_architecture.md),
 this builds the 1.5 mm part model (6 stages 32-64-128-256-320-320, 25 outputs: organs) and the 3 mm ``--fast`` model

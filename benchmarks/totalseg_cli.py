@@ -1,7 +1,7 @@
 """What a TotalSegmentator user sees: its own CLI end to end on the CPU, original home vs compressed home.
 
-    python benchmarks/totalseg_cli.py --task total_fast --runs 3            # example CT, 3 mm --fast model
-    python benchmarks/totalseg_cli.py --task total --runs 1 --synthetic-ct 512 512 400 --spacing 0.8 \
+    python -m benchmarks.totalseg_cli --task total_fast --runs 3            # example CT, 3 mm --fast model
+    python -m benchmarks.totalseg_cli --task total --runs 1 --synthetic-ct 512 512 400 --spacing 0.8 \
         --homes original_engine compressed --warmup-size 170 170 170 --breakdown-runs 1 --tag total_wholebody
 
 Per-patch speed-ups (benchmarks/speed.py) are not what a user gets: a TotalSegmentator run also starts Python,
@@ -56,12 +56,9 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from benchmarks.common import REPO, RESULTS, WORK
+from nnunet_compress.totalseg.home import RESULTS as HOME_RESULTS
 
-from nnunet_compress.totalseg.home import RESULTS as HOME_RESULTS  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
 HOME_KEYS = ("original_torch", "original_engine", "compressed")
 STAGES_DRIVER = Path(__file__).resolve().parent / "totalseg_stages.py"
 EXAMPLE_CT = REPO / "tests" / "data" / "totalsegmentator" / "example_ct.nii.gz"
@@ -91,7 +88,7 @@ def main(argv=None) -> int:
     ap.add_argument("--engine", default="openvino", help="NNUNET_COMPRESS_CPU_ENGINE of the nnunet-compress homes")
     ap.add_argument("--source-home", type=Path, help="a TotalSegmentator home with real weights (default: build "
                                                      "a stand-in with random weights)")
-    ap.add_argument("--work", type=Path, default=REPO / "benchmarks" / "work",
+    ap.add_argument("--work", type=Path, default=WORK,
                     help="homes, engine cache, outputs and logs (reused homes are kept between invocations)")
     ap.add_argument("--rebuild", action="store_true", help="rebuild the homes under --work")
     ap.add_argument("--no-prepare", action="store_true",

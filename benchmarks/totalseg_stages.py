@@ -1,6 +1,6 @@
 """TotalSegmentator's CLI with stage timers: run instead of the ``TotalSegmentator`` entry point.
 
-    python benchmarks/totalseg_stages.py TIMINGS.json -i ct.nii.gz -o seg.nii.gz --fast --ml -d cpu
+    python -m benchmarks.totalseg_stages TIMINGS.json -i ct.nii.gz -o seg.nii.gz --fast --ml -d cpu
 
 Why: end to end, the network is only part of a TotalSegmentator run; to see where the rest goes (start-up,
 resampling, model load, nnU-Net's sliding window and export, post-processing, saving) this wraps the functions of

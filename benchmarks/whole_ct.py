@@ -1,6 +1,6 @@
 """A whole CT on the CPU: compressed 1.5 mm TotalSegmentator networks vs the uncompressed 3 mm ``--fast`` model.
 
-    .venv/bin/python benchmarks/whole_ct.py [--fov 366 303 336] [--ratios 0.25 0.125] [--runs 1] \
+    .venv/bin/python -m benchmarks.whole_ct [--fov 366 303 336] [--ratios 0.25 0.125] [--runs 1] \
         [--engine torch openvino]
 
 What a user without a GPU would otherwise pick is TotalSegmentator's ``--fast`` model: 3 mm voxels, one network.
@@ -32,16 +32,13 @@ import json
 import os
 import statistics
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.archs import ARCHITECTURES, as_compressed_unet, build_original, flops, params, tucker  # noqa: E402
-from benchmarks.engines import ENGINES, make_runner  # noqa: E402
-from benchmarks.speed import RESULTS, device_name, make_predictor, sliding_window_patches, time_interleaved  # noqa: E402
-from nnunet_compress.inference import openvino_engine  # noqa: E402
+from benchmarks.archs import ARCHITECTURES, as_compressed_unet, build_original, flops, params, tucker
+from benchmarks.common import RESULTS, device_name, make_predictor, sliding_window_patches, time_interleaved
+from benchmarks.engines import ENGINES, make_runner
+from nnunet_compress.inference import openvino_engine
 
 PART_MODELS = 5  # TotalSegmentator's default 'total' task at 1.5 mm
 

@@ -23,9 +23,9 @@ if "NNUNET_COMPRESS_CACHE_DIR" not in os.environ:
     os.environ["NNUNET_COMPRESS_CACHE_DIR"] = tempfile.mkdtemp(prefix="nnunet_compress_test_cache_")
 
 
-# The suite's older tests run CompressedUNet on torch's CPU paths, as they were written for; the engine's own
-# tests (test_openvino_engine.py, test_e2e_engine.py) switch OpenVINO on explicitly.
-os.environ.setdefault("NNUNET_COMPRESS_CPU_ENGINE", "torch")
+# The suite runs the CPU engine every user gets (OpenVINO, the default when the variable is unset), whatever the
+# developer's shell says; the tests of torch's CPU paths ask for them with the `torch_engine` fixture.
+os.environ.pop("NNUNET_COMPRESS_CPU_ENGINE", None)
 
 
 @pytest.fixture

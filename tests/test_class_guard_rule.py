@@ -227,6 +227,7 @@ def sauron_trainer(guard: StepGuard):
     trainer.sauron, trainer.thresholds, trainer.class_guard = config, ThresholdState(config), guard
     trainer._register_feature_hooks = lambda: None
     trainer.num_epochs, trainer.channel_history, trainer.method = 10, [], "sauron"
+    trainer.recovery_epochs = sauron.recovery_epochs.fget(trainer)  # the trainer's property, on the stand-in
     trainer._references = {CARRIER: 1}
     return sauron, trainer
 

@@ -1,13 +1,10 @@
 """benchmarks/distillation.py's arithmetic over seeds: mean ± std per row and the two aims per seed."""
 
 import statistics
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-import distillation  # noqa: E402
+from benchmarks import distillation
 
 
 def seed_run(seed, untuned, labels, free, both):

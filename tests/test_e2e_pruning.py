@@ -122,12 +122,12 @@ def test_plan_sauron_bad_input(tiny_ws, args, message):
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
-def test_latency_targets_through_the_cli_and_the_trainer(tiny_ws, tiny_base, tmp_path, monkeypatch):
+def test_latency_targets_through_the_cli_and_the_trainer(tiny_ws, tiny_base, tmp_path, torch_engine):
     """--target-latency end to end on the tiny model, on torch's CPU path (the engine a machine without OpenVINO
     uses): Tucker writes predicted and measured seconds per layer into its report and the calibration rounds into
     the plans; the Taylor trainer measures the network after every pruning step. Targets are loose (0.95):
     whether a tighter one is met depends on the machine's load, not on the code."""
-    monkeypatch.setenv("NNUNET_COMPRESS_CPU_ENGINE", "torch")  # reaches every subprocess through tiny_ws.env()
+    # torch_engine: NNUNET_COMPRESS_CPU_ENGINE=torch reaches every subprocess through tiny_ws.env()
     env = tiny_ws.env()
     out = tmp_path / "tucker_latency"
     run_cli("tucker", tiny_base, "-o", out, "--target-latency", "0.95", "--min-rank", "4", "--calibration-patches",

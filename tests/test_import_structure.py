@@ -143,13 +143,12 @@ def test_every_module_imports_on_its_own_in_a_fresh_interpreter():
 
 def test_every_benchmark_script_imports():
     """The benchmarks live outside the package and no unit test runs them: an import moved inside the package must
-    not leave one of them broken until someone measures (their main() does not run on import)."""
-    bench = PACKAGE.parent / "benchmarks"
-    load = ("spec = importlib.util.spec_from_file_location(item.stem, item); "
-            "sys.modules[item.stem] = importlib.util.module_from_spec(spec); "
-            "spec.loader.exec_module(sys.modules[item.stem])")
-    failed = failures_in_a_fresh_interpreter(f"sys.path.insert(0, {str(bench)!r})",
-                                             f"sorted(pathlib.Path({str(bench)!r}).glob('*.py'))", load)
+    not leave one of them broken until someone measures (their main() does not run on import). Each is imported
+    as `python -m benchmarks.NAME` runs it: a module of the package `benchmarks`, from the repository root."""
+    repo = PACKAGE.parent
+    names = [f"benchmarks.{p.stem}" for p in sorted((repo / "benchmarks").glob("*.py")) if p.stem != "__init__"]
+    failed = failures_in_a_fresh_interpreter(f"sys.path.insert(0, {str(repo)!r})", repr(names),
+                                             "importlib.import_module(item)")
     assert not failed, f"benchmark scripts that fail to import:\n{failed}"
 
 
@@ -197,3 +196,21 @@ def test_every_subpackage_ships_in_the_wheel():
     missing = sorted(f"nnunet_compress.{init.parent.name}" for init in PACKAGE.glob("*/__init__.py")
                      if f"nnunet_compress.{init.parent.name}" not in listed)
     assert not missing, f"add {missing} to [tool.setuptools] packages in pyproject.toml"
+
+
+def test_nothing_imports_the_benchmarks():
+    """`benchmarks` is the top layer: it may import anything from the package, and neither the package nor the
+    trainers import it (it is not in the wheel, and a benchmark changes with what it measures)."""
+    repo = PACKAGE.parent
+    importers = []
+    for path in sorted([*PACKAGE.rglob("*.py"), *(repo / "trainers").rglob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            else:
+                continue
+            if any(n.split(".")[0] == "benchmarks" for n in names):
+                importers.append(f"{path.relative_to(repo)}:{node.lineno}")
+    assert not importers, "imports of benchmarks from the package or the trainers:\n" + "\n".join(importers)

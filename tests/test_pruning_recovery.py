@@ -148,6 +148,7 @@ def test_sauron_removes_nothing_in_the_recovery_epochs_nor_after_the_last():
     sauron = trainer_class("nnUNetTrainerSauron")
     trainer = FakeTrainer(net_where_one_filter_carries_class_2().train())
     trainer.sauron, trainer.num_epochs = SauronConfig().validate(), 8
+    trainer.recovery_epochs = sauron.recovery_epochs.fget(trainer)  # the trainer's property, on the stand-in
     trainer.thresholds, trainer.class_guard = ThresholdState(trainer.sauron), StepGuard(0.5, NAMES)
     trainer.channel_history, trainer._epoch_wall_start = [], time.time()
     trainer.current_cost = lambda: (1, 1)

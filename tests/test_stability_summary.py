@@ -1,13 +1,10 @@
 """benchmarks/stability.py's arithmetic: spread over seeds, the worst run, and which rows the aims apply to."""
 
 import statistics
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-import stability  # noqa: E402
+from benchmarks import stability
 
 
 def row(model, dice, per_class):

@@ -1,10 +1,6 @@
 """benchmarks/totalseg_cli.py's table: ratios against whichever original homes were run (--homes)."""
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-import totalseg_cli  # noqa: E402
+from benchmarks import totalseg_cli
 
 
 def home(key, label, walls, first=100.0, prepare=None):

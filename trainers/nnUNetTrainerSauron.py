@@ -69,6 +69,11 @@ class nnUNetTrainerSauron(DistillationTrainerMixin, PruningTrainerMixin, Schedul
         self._rng = torch.Generator().manual_seed(seed + int(fold) if str(fold).isdigit() else seed)
         self.class_guard = self.make_class_guard(self.sauron)
 
+    @property
+    def recovery_epochs(self) -> int:
+        """The last epochs of the schedule in which nothing is removed: what the removals obey and the report says."""
+        return recovery_epochs(self.sauron.recovery_epochs, self.num_epochs)
+
     # ---- feature maps of every prunable group, recorded by forward hooks ----------------------------------
     def _register_feature_hooks(self) -> None:
         self._recorder.attach(self.plain_network, self.prunable_groups())
@@ -140,7 +145,7 @@ class nnUNetTrainerSauron(DistillationTrainerMixin, PruningTrainerMixin, Schedul
         loss = agree_across_ranks(loss) if self.is_ddp else loss  # one plateau test for all ranks
         converged = self.thresholds.record_train_loss(loss)
         removed_total = 0
-        recovery = recovery_epochs(self.sauron.recovery_epochs, self.num_epochs)
+        recovery = self.recovery_epochs
         undone = self.class_guard.due(self.current_epoch, 1, self.num_epochs - 1) and self.undo_pending_removal()
         self.class_guard_after_validation(self.current_epoch)
         if undone:
@@ -225,7 +230,7 @@ class nnUNetTrainerSauron(DistillationTrainerMixin, PruningTrainerMixin, Schedul
 
     def pruning_report(self) -> dict:
         return {"settings": self.sauron.to_dict(), "channel_history": self.channel_history,
-                "recovery_epochs": recovery_epochs(self.sauron.recovery_epochs, self.num_epochs),
+                "recovery_epochs": self.recovery_epochs,
                 "class_guard": self.sauron.class_guard, "class_guard_rule": self.class_guard.rule(),
                 "rollbacks": self.class_guard.rollbacks, "unguarded_drops": self.class_guard.unguarded,
                 "protected_channels": self.class_guard.protected.state()}

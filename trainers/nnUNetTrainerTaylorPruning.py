@@ -30,7 +30,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_compress.budgets.measured import pruned_layer_seconds, pruning_latency
 from nnunet_compress.nnunet.distillation_trainer import DistillationTrainerMixin
-from nnunet_compress.nnunet.pruning_trainer import PruningTrainerMixin, agree_across_ranks
+from nnunet_compress.nnunet.pruning_trainer import PruningTrainerMixin, agree_across_ranks, measured_on_rank_zero
 from nnunet_compress.nnunet.training import ScheduleFromPlansMixin, install_pretrained_weights_hook
 from nnunet_compress.pruning.class_guard import ProtectedChannels
 from nnunet_compress.pruning.recovery import catch_up_step, may_prune, pruning_epochs_left, recovery_epochs
@@ -246,8 +246,10 @@ class nnUNetTrainerTaylorPruning(DistillationTrainerMixin, PruningTrainerMixin, 
         return self._latency
 
     def measure_latency(self, net) -> float:
-        """The network's measured fraction of the parent's seconds per patch (a CPU copy, on the CPU engine)."""
-        fraction = self._measure_latency(copy.deepcopy(net).cpu().float())
+        """The network's measured fraction of the parent's seconds per patch (a CPU copy, on the CPU engine); under
+        DDP rank 0's measurement on every rank, so that whether the target is reached, the size of the next step and
+        the calibration of the predictions are decided alike everywhere."""
+        fraction = measured_on_rank_zero(lambda: self._measure_latency(copy.deepcopy(net).cpu().float()))
         self.print_to_log_file(f"[taylor] measured {fraction:.3f} of the parent's seconds per patch on "
                                f"{self.latency_terms.engine}")
         return fraction

@@ -60,18 +60,41 @@ def sliced_optimizer_state(net: nn.Module, optimizer: torch.optim.Optimizer, kee
     return result
 
 
+def _process_group_rank() -> int | None:
+    """This process's rank in an initialised process group of more than one process, else None."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return None
+    return dist.get_rank()
+
+
 def agree_across_ranks(obj):
     """Rank 0's `obj` on every rank of an initialised process group (else `obj` itself).
 
     Under DDP each rank scores channels on its own batches, so left alone the ranks would remove different
     channels and their parameters would stop matching; rank 0 decides and the others follow.
     """
-    import torch.distributed as dist
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    rank = _process_group_rank()
+    if rank is None:
         return obj
-    holder = [obj if dist.get_rank() == 0 else None]
+    import torch.distributed as dist
+    holder = [obj if rank == 0 else None]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+def measured_on_rank_zero(measure):
+    """`measure()` run on rank 0 alone and its result given to every rank of an initialised process group (without
+    one: just `measure()`).
+
+    For measurements a decision rests on (a latency fraction: is the target met, how large is the next step): each
+    rank's own timing differs with its CPU's load, so ranks deciding from their own would prune differently. The
+    other ranks wait rather than time too, so they do not load the CPU that rank 0 is timing.
+    """
+    rank = _process_group_rank()
+    if rank is None:
+        return measure()
+    return agree_across_ranks(measure() if rank == 0 else None)
 
 
 def _cpu_copy(obj):
