@@ -129,9 +129,13 @@ def fine_tune_model_folder(source: Path, output: Path, configuration: str, check
     for fold in sorted(folder.folds):
         log(f"fine-tuning fold {fold} of {source} ({settings.epochs} epoch(s) x {settings.iterations_per_epoch} "
             f"iterations)")
-        run_nnunet(train_command(settings.dataset, configuration, fold, plans["plans_name"],
-                                 folder.folds[fold].parent / checkpoint),
-                   env, output.parent / "logs" / f"fine_tune_fold_{fold}.log")
+        log_file = output.parent / "logs" / f"fine_tune_fold_{fold}.log"
+        try:
+            run_nnunet(train_command(settings.dataset, configuration, fold, plans["plans_name"], folder.folds[fold]),
+                       env, log_file)
+        except CompressError as e:  # the first line of nnU-Net's output is a warning; its last one says why
+            last = [line for line in str(e).splitlines() if line.strip()][-1]
+            raise CompressError(f"nnUNetv2_train of fold {fold} failed: {last} (full output: {log_file})") from None
     trained = scratch / "results" / settings.dataset / f"{TRAINER}__{plans['plans_name']}__{configuration}"
     if not trained.is_dir():
         raise CompressError(f"nnUNetv2_train wrote no model folder at {trained}")

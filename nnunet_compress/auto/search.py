@@ -6,13 +6,15 @@ Work area (``OUT_auto_work`` beside OUT, kept so that ``--resume`` can continue 
 - ``search.json``: the settings and the case split of the search (a resumed search must use the same);
 - ``quality/{choose,held_out}/``: the two parts of the quality data (links to the user's files);
 - ``parent/``: the parent's predictions, Dice and timing;
-- ``candidates/<name>/model/``: each candidate's model folder (written atomically by its workflow) and
+- ``candidates/<name>/model/``: each candidate's model folder (written atomically by its workflow; a fine-tuned
+  candidate ``<name>+ft_epochsE`` also keeps its training logs and ``fine_tune_plans.json`` there) and
   ``candidates/<name>/result.json`` (written atomically once the candidate is timed and graded, or has failed);
 - ``auto.log``: the steps' own progress lines.
 
 A candidate whose ``result.json`` exists is finished: ``--resume`` reads it instead of building it again. The
 winner is the candidate with the largest speed-up per patch over the parent (timed side by side) whose mean
-foreground Dice on the choosing cases is within ``--max-dice-drop`` of the parent's. It is then graded once on the held-out cases; where it exceeds the
+foreground Dice on the choosing cases is within ``--max-dice-drop`` of the parent's, among the cheap candidates and,
+with ``--fine-tune-epochs``, the frontier ones fine-tuned after them (nnunet_compress.auto.fine_tune). It is then graded once on the held-out cases; where it exceeds the
 budget there, the parent stays the answer (the held-out cases veto, they never rank: ranking on them would make
 the reported drop a chosen one).
 """
