@@ -333,3 +333,19 @@ def test_frontier_is_faster_than_the_best_within_budget_smallest_miss_first():
     pick = [r.name for r in frontier(rows, 0.90, 0.01, 3, lambda r: r.speed["speedup_same_engine"],
                                      lambda r: f32[r.name])]
     assert pick == ["fast_close", "fast_far", "fast_close+int8"]
+
+
+def test_int8_candidate_is_fine_tuned_as_its_f32_network_then_quantised(tmp_path):
+    candidate = parse_candidate("l1:flops=0.5+tucker:ratio=0.5+int8").fine_tuned(3)
+    assert candidate.spec == "l1:flops=0.5+tucker:ratio=0.5+ft:epochs=3+int8"
+    assert candidate.prefix.spec == "l1:flops=0.5+tucker:ratio=0.5+ft:epochs=3"  # the INT8 step's source
+    data = {"images": "IMG", "max_dice_drop": "0.01", "subset_size": "16", "validation_patches": "8",
+            "dataset": "Dataset501_X", "configuration": "3d_fullres", "checkpoint": "checkpoint_final.pth",
+            "folds": "0,1", "plans_name": "nnUNetPlans", "candidates_root": str(tmp_path)}
+    commands = candidate.commands(tmp_path / "parent", data)
+    tools = [c.split()[0] if c.split()[0] != "nnunet-compress" else c.split()[1] for c in commands]
+    assert tools == ["prune", "tucker", "cp", "nnUNetv2_train", "nnUNetv2_train", "cp", "quantize"]
+    ft_name = candidate.prefix.name
+    assert f"-p nnUNetPlans_auto_{ft_name} -tr nnUNetTrainerFineTune" in commands[3]
+    assert "-pretrained_weights l1_flops0.5+tucker_ratio0.5/fold_1/checkpoint_final.pth" in commands[4]
+    assert commands[-1].startswith(f"nnunet-compress quantize {ft_name} ")
