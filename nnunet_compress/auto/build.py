@@ -51,7 +51,7 @@ class BuildContext:
         if self.fine_tune is not None:
             out.update(dataset=self.fine_tune.dataset, configuration=self.configuration, checkpoint=self.checkpoint,
                        folds=",".join(self.folds or self.parent_folds or []), plans_name=self.parent_plans_name,
-                       candidates_root=str(self.candidates_root))
+                       candidates_root=str(self.candidates_root), device=self.fine_tune.device)
         return out
 
 

@@ -117,7 +117,7 @@ def fine_tune_commands(source: str, output: str, data: dict[str, str]) -> list[s
     plans_name = plans_name_of({"plans_name": data["plans_name"]}, output)
     return rebuild_commands(source, output, data["dataset"], data["configuration"], data["folds"].split(","),
                             str(Path(data["candidates_root"]) / output / PLANS_FILE), plans_name,
-                            data["checkpoint"])
+                            data["checkpoint"], data["device"])
 
 
 def step_command(step: Step, source: str, output: str, data: dict[str, str]) -> list[str]:

@@ -41,6 +41,7 @@ class FineTuneSettings:
     iterations_per_epoch: int
     learning_rate: float
     parent_schedule: dict         # the parent plans' own schedule entries (augmentation, seed) kept for the fine-tune
+    device: str = "cpu"           # nnUNetv2_train -device: cuda where this machine has it (training is the slow part)
 
     @property
     def val_iterations(self) -> int:
@@ -131,8 +132,8 @@ def fine_tune_model_folder(source: Path, output: Path, configuration: str, check
             f"iterations)")
         log_file = output.parent / "logs" / f"fine_tune_fold_{fold}.log"
         try:
-            run_nnunet(train_command(settings.dataset, configuration, fold, plans["plans_name"], folder.folds[fold]),
-                       env, log_file)
+            run_nnunet(train_command(settings.dataset, configuration, fold, plans["plans_name"], folder.folds[fold],
+                                     settings.device), env, log_file)
         except CompressError as e:  # the first line of nnU-Net's output is a warning; its last one says why
             last = [line for line in str(e).splitlines() if line.strip()][-1]
             raise CompressError(f"nnUNetv2_train of fold {fold} failed: {last} (full output: {log_file})") from None
@@ -143,19 +144,20 @@ def fine_tune_model_folder(source: Path, output: Path, configuration: str, check
     shutil.rmtree(scratch)
 
 
-def train_command(dataset: str, configuration: str, fold: str, plans_name: str, pretrained: Path) -> list[str]:
-    return ["nnUNetv2_train", dataset, configuration, fold, "-p", plans_name, "-tr", TRAINER, "-device", "cpu",
+def train_command(dataset: str, configuration: str, fold: str, plans_name: str, pretrained: Path,
+                  device: str) -> list[str]:
+    return ["nnUNetv2_train", dataset, configuration, fold, "-p", plans_name, "-tr", TRAINER, "-device", device,
             "-pretrained_weights", str(pretrained)]
 
 
 def rebuild_commands(source: str, output: str, dataset: str, configuration: str, folds: list[str],
-                     plans_file: str, plans_name: str, checkpoint: str) -> list[str]:
+                     plans_file: str, plans_name: str, checkpoint: str, device: str) -> list[str]:
     """What a user runs to fine-tune `source` by hand as auto did."""
     import shlex
 
     out = [f"cp {shlex.quote(plans_file)} \"$nnUNet_preprocessed\"/{dataset}/{plans_name}.json"]
     for fold in folds:
         out.append(shlex.join(train_command(dataset, configuration, fold, plans_name,
-                                            Path(source) / f"fold_{fold}" / checkpoint)))
+                                            Path(source) / f"fold_{fold}" / checkpoint, device)))
     out.append(f"cp -r \"$nnUNet_results\"/{dataset}/{TRAINER}__{plans_name}__{configuration} {shlex.quote(output)}")
     return out

@@ -226,12 +226,14 @@ class Search:
     def fine_tune_settings(self) -> FineTuneSettings | None:
         if self.s.fine_tune_epochs is None:
             return None
+        import torch
         from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
         schedule = (self.folder.plans["configurations"][self.configuration].get("nnunet_compress") or {}) \
             .get("schedule", {})
         return FineTuneSettings(maybe_convert_to_dataset_name(self.s.dataset), self.s.fine_tune_epochs,
-                                self.s.fine_tune_iterations, 1e-3, schedule)
+                                self.s.fine_tune_iterations, 1e-3, schedule,
+                                "cuda" if torch.cuda.is_available() else "cpu")
 
     def result_file(self, candidate: Candidate) -> Path:
         return self.work / "candidates" / candidate.name / RESULT
