@@ -13,10 +13,10 @@ Work area (``OUT_auto_work`` beside OUT, kept so that ``--resume`` can continue 
 
 A candidate whose ``result.json`` exists is finished: ``--resume`` reads it instead of building it again. The
 winner is the candidate with the largest speed-up per patch over the parent (timed side by side) whose mean
-foreground Dice on the choosing cases is within ``--max-dice-drop`` of the parent's, among the cheap candidates and,
-with ``--fine-tune-epochs``, the frontier ones fine-tuned after them (nnunet_compress.auto.fine_tune). It is then graded once on the held-out cases; where it exceeds the
-budget there, the parent stays the answer (the held-out cases veto, they never rank: ranking on them would make
-the reported drop a chosen one).
+foreground Dice on the choosing cases is within ``--max-dice-drop`` of the parent's, among the cheap candidates
+and, with ``--fine-tune-epochs``, the frontier ones fine-tuned after them (nnunet_compress.auto.fine_tune). It is
+then graded once on the held-out cases; where it exceeds the budget there, the parent stays the answer (the
+held-out cases veto, they never rank: ranking on them would make the reported drop a chosen one).
 """
 
 from __future__ import annotations
