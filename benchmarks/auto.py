@@ -14,6 +14,7 @@ read again from its report, so an interrupted benchmark resumes where it stopped
     python -m benchmarks.auto                            # 5 seeds, the default search
     python -m benchmarks.auto --seeds 0 --tag smoke      # one seed
     python -m benchmarks.auto --candidates tucker:ratio=0.5 l1:flops=0.3 --seeds 0 --tag two
+    python -m benchmarks.auto --fine-tune-epochs 8 --tag ft   # fine-tune the frontier (8 x 25 iterations)
 
 Writes ``benchmarks/results/auto[_<tag>].json`` / ``.md``.
 """
@@ -29,10 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-RESULTS = REPO / "benchmarks" / "results"
+from benchmarks.common import REPO, RESULTS
 
 
 def parse_args(argv=None):
@@ -43,6 +41,10 @@ def parse_args(argv=None):
     p.add_argument("--max-dice-drop", type=float, default=0.01)
     p.add_argument("--candidates", nargs="+", help="passed to auto --candidates (default: auto's own search)")
     p.add_argument("--time-budget", type=float, help="passed to auto --time-budget (minutes)")
+    p.add_argument("--fine-tune-epochs", type=int, help="passed to auto --fine-tune-epochs")
+    p.add_argument("--fine-tune-iterations", type=int, default=25,
+                   help="passed to auto --fine-tune-iterations (25, the demo's fine-tuning iterations per epoch)")
+    p.add_argument("--fine-tune-count", type=int, default=2, help="passed to auto --fine-tune-count (2)")
     p.add_argument("--tag", default="")
     return p.parse_args(argv)
 
@@ -76,6 +78,9 @@ def run_seed(args, seed: int) -> dict:
             argv += ["--candidates", *args.candidates]
         if args.time_budget:
             argv += ["--time-budget", str(args.time_budget)]
+        if args.fine_tune_epochs:
+            argv += ["--fine-tune-epochs", str(args.fine_tune_epochs), "--fine-tune-iterations",
+                     str(args.fine_tune_iterations), "--fine-tune-count", str(args.fine_tune_count)]
         env = {**ws.env(), "NNUNET_COMPRESS_CPU_ENGINE": os.environ.get("NNUNET_COMPRESS_CPU_ENGINE", "openvino")}
         print(f"[auto-bench] seed {seed}: nnunet-compress {' '.join(argv)}", flush=True)
         proc = subprocess.run([sys.executable, "-m", "nnunet_compress.cli", *argv], env=env)

@@ -5,6 +5,9 @@ independent grading (the winner folder predicted by ``nnUNetv2_predict_from_mode
 evaluation here). A search killed after its first finished candidate must resume without rebuilding it; the same
 work area re-chosen under a budget no candidate meets must return the parent; a time budget must stop the search;
 bad input gets one-line errors; the source folder stays byte-identical. Two cheap candidates keep it to minutes.
+With ``--fine-tune-epochs`` (1 epoch of 25 iterations) the frontier candidate must be trained as the compressed
+network it is, listed with its Dice before fine-tuning, win where only it fits the budget, and not be trained again
+on a resume.
 """
 
 import json
@@ -13,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +25,7 @@ from test_e2e_tucker import tree_checksums
 
 from conftest import run_cli
 from nnunet_compress.auto.candidates import parse_candidate, parse_candidates
+from nnunet_compress.auto.fine_tune import frontier
 from nnunet_compress.auto.quality_data import split_cases
 from nnunet_compress.auto.search import AutoSettings, Row, Search, choose_winner
 from nnunet_compress.demo import tiny
@@ -225,3 +230,131 @@ def test_winner_is_ranked_by_side_by_side_speedup_not_raw_seconds():
             Row("broken", "broken", "failed")]
     assert choose_winner(parent, rows, 0.01).name == "quiet_but_faster"
     assert choose_winner(parent, rows, 0.001) is None
+
+
+# ---- fine-tuning (--fine-tune-epochs) ----------------------------------------------------------------------------
+
+# one-shot L1 pruning to half the FLOPs loses about 0.29 Dice on the tiny model and one epoch of 25 iterations
+# wins back about 0.06 of it (Tucker at ratio 0.5 loses only 0.03, which such a short run does not move)
+FT_SPECS = ["l1:flops=0.5"]
+FT_BUDGET = 0.01
+FT_ARGS = ["--candidates", *FT_SPECS, "--fine-tune-epochs", "1", "--fine-tune-iterations", "25",
+           "--fine-tune-count", "1"]
+
+
+def fine_tune_env(ws) -> dict:
+    # this checkout's trainers first, so nnU-Net trains with the nnUNetTrainerFineTune of the code under test;
+    # data loading in the training process, so the parent plans' seed makes the run repeat
+    trainers = str(Path(__file__).resolve().parent.parent / "trainers")
+    return {**engine_env(ws), "nnUNet_extTrainer": trainers, "nnUNet_n_proc_DA": "0"}
+
+
+def ft_args(base, out, work, *extra) -> list[str]:
+    return ["auto", str(base), "-o", str(out), "--work-dir", str(work), "--timing-runs", "2", *FT_ARGS,
+            *map(str, extra)]
+
+
+@pytest.fixture(scope="module")
+def fine_tuned(tiny_ws, tiny_base, tmp_path_factory):
+    """A search with --fine-tune-epochs at a budget the cheap candidate misses: it is fine-tuned and graded."""
+    root = tmp_path_factory.mktemp("auto_ft")
+    out, work = root / "best", root / "work"
+    proc = run_cli(*ft_args(tiny_base, out, work, "--dataset", tiny_ws.dataset_id, "--max-dice-drop", FT_BUDGET),
+                   env=fine_tune_env(tiny_ws), check=True)
+    report = json.loads((out / "auto_report.json").read_text())
+    tuned = [m for m in report["models"] if m.get("fine_tuned_from")]
+    assert len(tuned) == 1, report["models"]
+    result = work / "candidates" / tuned[0]["name"] / "result.json"
+    return {"work": work, "proc": proc, "report": report, "tuned": tuned[0], "mtime": result.stat().st_mtime_ns}
+
+
+def test_fine_tuned_candidate_is_the_frontier_one_trained_as_compressed(fine_tuned):
+    report, ft, work = fine_tuned["report"], fine_tuned["tuned"], fine_tuned["work"]
+    cheap = [m for m in report["models"][1:] if not m.get("fine_tuned_from")]
+    assert all(m["status"] == "graded" and m["dice_drop_choose"] > FT_BUDGET for m in cheap)  # precondition
+    source = min(cheap, key=lambda m: m["dice_drop_choose"])  # none within: the smallest miss is the frontier
+    assert ft["fine_tuned_from"] == source["name"] and ft["spec"] == f"{source['spec']}+ft:epochs=1"
+    assert ft["status"] == "graded" and ft["dice_before_fine_tune"] == pytest.approx(source["dice_choose"])
+    assert report["fine_tune_epochs"] == 1 and report["fine_tuned"] == 1
+    commands = " ".join(ft["commands"])
+    assert "nnUNetv2_train" in commands and "-tr nnUNetTrainerFineTune" in commands and "-pretrained_weights" in \
+        commands
+    assert f"fine-tune 1/1 {source['spec']}" in fine_tuned["proc"].stdout
+    assert f"| `{ft['spec']}` |" in (work / "report" / "auto_report.md").read_text()
+    # the compressed network itself was trained: same architecture as its source, other weights
+    import torch
+    src_folder, ft_folder = (work / "candidates" / n / "model" for n in (source["name"], ft["name"]))
+    arch = [json.loads((f / "plans.json").read_text())["configurations"]["3d_fullres"]["architecture"]
+            for f in (src_folder, ft_folder)]
+    assert arch[0] == arch[1]
+    before, after = (torch.load(tiny.checkpoint_path(f), map_location="cpu", weights_only=False)
+                     for f in (src_folder, ft_folder))
+    assert after["trainer_name"] == "nnUNetTrainerFineTune"
+    assert before["network_weights"].keys() == after["network_weights"].keys()
+    assert any(not torch.equal(before["network_weights"][k], after["network_weights"][k])
+               for k in before["network_weights"])
+
+
+def test_winner_can_be_fine_tuned_and_resume_does_not_train_again(tiny_ws, tiny_base, fine_tuned, tmp_path):
+    ft, work = fine_tuned["tuned"], fine_tuned["work"]
+    source = next(m for m in fine_tuned["report"]["models"] if m["name"] == ft["fine_tuned_from"])
+    assert ft["dice_drop_choose"] < source["dice_drop_choose"], "fine-tuning did not raise the Dice"  # precondition
+    budget = (ft["dice_drop_choose"] + source["dice_drop_choose"]) / 2  # the fine-tuned one fits, its source not
+    out = tmp_path / "best"
+    proc = run_cli(*ft_args(tiny_base, out, work, "--dataset", tiny_ws.dataset_id, "--max-dice-drop", budget,
+                            "--resume"), env=fine_tune_env(tiny_ws), check=True)
+    report = json.loads((out / "auto_report.json").read_text())
+    assert report["winner"]["name"] == ft["name"], report["models"]
+    assert report["verdict"] in ("winner", "winner vetoed on held-out cases")
+    # resumed: read from its result.json, not trained again
+    assert (work / "candidates" / ft["name"] / "result.json").stat().st_mtime_ns == fine_tuned["mtime"]
+    assert (work / "auto.log").read_text().count("fine-tuning fold 0") == 1
+    assert "finished in an earlier run" in next(line for line in proc.stdout.splitlines()
+                                                 if line.startswith("fine-tune 1/1 ") and "ft:epochs" in line)
+    if report["verdict"] == "winner":
+        checkpoint = torch_load(tiny.checkpoint_path(out))
+        assert checkpoint["trainer_name"] == "nnUNetTrainerFineTune"
+
+
+def torch_load(path):
+    import torch
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def test_fine_tuning_needs_the_labelled_dataset(tiny_ws, tiny_base, tmp_path):
+    for labels in (None, tiny_ws.raw_dataset / "labelsTs"):
+        with pytest.raises(CompressError, match="--fine-tune-epochs trains on the model's labelled nnU-Net dataset: "
+                                                "pass --dataset ID"):
+            Search(settings(tiny_base, tmp_path, images=tiny_ws.raw_dataset / "imagesTs", labels=labels,
+                            fine_tune_epochs=1))
+    assert not (tmp_path / "out").exists()
+
+
+def test_frontier_is_faster_than_the_best_within_budget_smallest_miss_first():
+    def row(name, speedup, dice):
+        return Row(name, name, "graded", speed={"speedup_same_engine": speedup}, choose={"mean_dice": dice})
+    rows = [row("within", 2.0, 0.895), row("slow_close", 1.5, 0.889), row("fast_close", 3.0, 0.885),
+            row("fast_close+int8", 4.0, 0.884), row("fast_far", 5.0, 0.6), Row("broken", "broken", "failed")]
+    f32 = {r.name: r.name.removesuffix("+int8") for r in rows}
+    pick = [r.name for r in frontier(rows, 0.90, 0.01, 2, lambda r: r.speed["speedup_same_engine"],
+                                     lambda r: f32[r.name])]
+    assert pick == ["fast_close", "fast_far"]  # one f32 network each before the INT8 twin of a chosen one
+    pick = [r.name for r in frontier(rows, 0.90, 0.01, 3, lambda r: r.speed["speedup_same_engine"],
+                                     lambda r: f32[r.name])]
+    assert pick == ["fast_close", "fast_far", "fast_close+int8"]
+
+
+def test_int8_candidate_is_fine_tuned_as_its_f32_network_then_quantised(tmp_path):
+    candidate = parse_candidate("l1:flops=0.5+tucker:ratio=0.5+int8").fine_tuned(3)
+    assert candidate.spec == "l1:flops=0.5+tucker:ratio=0.5+ft:epochs=3+int8"
+    assert candidate.prefix.spec == "l1:flops=0.5+tucker:ratio=0.5+ft:epochs=3"  # the INT8 step's source
+    data = {"images": "IMG", "max_dice_drop": "0.01", "subset_size": "16", "validation_patches": "8",
+            "dataset": "Dataset501_X", "configuration": "3d_fullres", "checkpoint": "checkpoint_final.pth",
+            "folds": "0,1", "plans_name": "nnUNetPlans", "candidates_root": str(tmp_path), "device": "cpu"}
+    commands = candidate.commands(tmp_path / "parent", data)
+    tools = [c.split()[0] if c.split()[0] != "nnunet-compress" else c.split()[1] for c in commands]
+    assert tools == ["prune", "tucker", "cp", "nnUNetv2_train", "nnUNetv2_train", "cp", "quantize"]
+    ft_name = candidate.prefix.name
+    assert f"-p nnUNetPlans_auto_{ft_name} -tr nnUNetTrainerFineTune" in commands[3]
+    assert "-pretrained_weights l1_flops0.5+tucker_ratio0.5/fold_1/checkpoint_final.pth" in commands[4]
+    assert commands[-1].startswith(f"nnunet-compress quantize {ft_name} ")

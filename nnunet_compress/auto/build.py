@@ -8,11 +8,13 @@ search never builds a step twice.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from nnunet_compress.auto.candidates import Candidate, Step
+from nnunet_compress.auto.candidates import FINE_TUNE, Candidate, Step
+from nnunet_compress.auto.fine_tune import FineTuneSettings
 
 MODEL = "model"
 
@@ -34,6 +36,9 @@ class BuildContext:
     log: Callable[[str], None]
     int8_subset_size: int = 16
     int8_validation_patches: int = 8
+    fine_tune: FineTuneSettings | None = None   # --fine-tune-epochs: the labelled dataset and the schedule
+    parent_plans_name: str = ""
+    parent_folds: list[str] | None = None
 
     def model_folder(self, candidate: Candidate) -> Path:
         return self.candidates_root / candidate.name / MODEL
@@ -43,6 +48,10 @@ class BuildContext:
                "subset_size": str(self.int8_subset_size), "validation_patches": str(self.int8_validation_patches)}
         if self.labels is not None:
             out["labels"] = str(self.labels)
+        if self.fine_tune is not None:
+            out.update(dataset=self.fine_tune.dataset, configuration=self.configuration, checkpoint=self.checkpoint,
+                       folds=",".join(self.folds or self.parent_folds or []), plans_name=self.parent_plans_name,
+                       candidates_root=str(self.candidates_root), device=self.fine_tune.device)
         return out
 
 
@@ -78,6 +87,13 @@ def build_step(step: Step, source: Path, output: Path, folds: list[str] | None, 
         settings = TaylorSettings(**{f"target_{step.key}": step.value})
         prune_model_folder(source, output, step.method, settings, ctx.images, folds, ctx.configuration, False,
                            ctx.checkpoint, progress=ctx.log)
+    elif step.method == FINE_TUNE:
+        from nnunet_compress.auto.fine_tune import fine_tune_model_folder
+
+        if ctx.fine_tune is None:
+            raise RuntimeError("a fine-tuning candidate without --fine-tune-epochs settings")
+        settings = dataclasses.replace(ctx.fine_tune, epochs=int(step.value))
+        fine_tune_model_folder(source, output, ctx.configuration, ctx.checkpoint, settings, ctx.log)
     else:
         from nnunet_compress.workflows.quantize import QuantizeSettings, quantize_model_folder
 

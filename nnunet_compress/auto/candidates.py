@@ -31,7 +31,12 @@ TARGETS = {
 # the network on the engine, Taylor scores need backward passes, INT8 runs NNCF's accuracy control
 STEP_COST = {("tucker", "ratio"): 1.0, ("tucker", "flops"): 1.0, ("tucker", "params"): 1.0,
              ("tucker", "latency"): 3.0, ("l1", "flops"): 1.0, ("l1", "params"): 1.0, ("l1", "latency"): 3.0,
-             ("taylor", "flops"): 2.0, ("taylor", "params"): 2.0, ("taylor", "latency"): 4.0, ("int8", ""): 3.0}
+             ("taylor", "flops"): 2.0, ("taylor", "params"): 2.0, ("taylor", "latency"): 4.0, ("int8", ""): 3.0,
+             ("ft", "epochs"): 10.0}
+
+# the fine-tuning step (``ft:epochs=E``) is added by the search to frontier candidates (``--fine-tune-epochs``),
+# never given in --candidates: it needs the labelled dataset and comes after the cheap search
+FINE_TUNE = "ft"
 
 # the default search: Tucker at several rank ratios and one measured latency target, L1 and Taylor pruning at
 # several FLOPs targets, pruning followed by Tucker; each also with INT8. Tucker's rank ratios rather than only
@@ -88,9 +93,31 @@ class Candidate:
         out, source = [], str(parent)
         for i, step in enumerate(self.steps):
             target = Candidate(self.steps[: i + 1]).name
-            out.append(shlex.join(step_command(step, source, target, data_options)))
+            if step.method == FINE_TUNE:
+                out += fine_tune_commands(source, target, data_options)
+            else:
+                out.append(shlex.join(step_command(step, source, target, data_options)))
             source = target
         return out
+
+    @property
+    def f32(self) -> "Candidate":
+        """This candidate without its INT8 step (the network a fine-tune trains)."""
+        return Candidate(self.steps[:-1]) if self.steps[-1].method == "int8" else self
+
+    def fine_tuned(self, epochs: int) -> "Candidate":
+        """This candidate with its f32 network fine-tuned for `epochs` epochs before any INT8 step."""
+        ft = Step(FINE_TUNE, "epochs", float(epochs))
+        return Candidate(self.f32.steps + (ft,) + self.steps[len(self.f32.steps):])
+
+
+def fine_tune_commands(source: str, output: str, data: dict[str, str]) -> list[str]:
+    from nnunet_compress.auto.fine_tune import PLANS_FILE, plans_name_of, rebuild_commands
+
+    plans_name = plans_name_of({"plans_name": data["plans_name"]}, output)
+    return rebuild_commands(source, output, data["dataset"], data["configuration"], data["folds"].split(","),
+                            str(Path(data["candidates_root"]) / output / PLANS_FILE), plans_name,
+                            data["checkpoint"], data["device"])
 
 
 def step_command(step: Step, source: str, output: str, data: dict[str, str]) -> list[str]:

@@ -28,6 +28,9 @@ def summary(settings, data, parent, rows, winner, verdict: str, stopped: int | N
     # the parent is the reference of the speed-ups, not a model to rank by them
     reference = {**_model(parent, parent, budget), "speedup_same_engine": None, "speedup_vs_torch": None}
     models = [reference] + [_model(r, parent, budget) for r in rows]
+    dice_of = {m["name"]: m["dice_choose"] for m in models}
+    for m in models:  # a fine-tuned candidate beside the Dice of the candidate it was trained from
+        m["dice_before_fine_tune"] = dice_of.get(m["fine_tuned_from"]) if m["fine_tuned_from"] else None
     # one time scale for every candidate: the parent's engine seconds of the parent's own timing divided by the
     # candidate's side-by-side speed-up (raw seconds of candidates timed minutes apart carry the machine's load)
     parent_engine = (parent.speed or {}).get("parent_engine_seconds") or (parent.speed or {}).get("seconds")
@@ -42,6 +45,8 @@ def summary(settings, data, parent, rows, winner, verdict: str, stopped: int | N
            "parent_dice_choose": parent_dice, "parent_dice_held_out": parent.held_out["mean_dice"],
            "candidates_total": len(rows), "candidates_graded": sum(r.status == "graded" for r in rows),
            "stopped_by_time_budget_after": stopped, "time_budget_min": settings.time_budget,
+           "fine_tune_epochs": settings.fine_tune_epochs,
+           "fine_tuned": sum(r.fine_tuned_from is not None and r.status == "graded" for r in rows),
            "search_seconds": elapsed, "winner": None, "models": models}
     if winner is not None:
         held = winner.held_out["mean_dice"]
@@ -69,7 +74,7 @@ def _model(row, parent, budget: float) -> dict:
             "within_budget": None if drop is None else bool(drop <= budget + 1e-9),
             "dice_held_out": (row.held_out or {}).get("mean_dice"), "dice_per_class_choose":
             (row.choose or {}).get("dice_per_class"), "build_seconds": row.build_seconds,
-            "commands": row.commands, "resumed": row.resumed}
+            "commands": row.commands, "resumed": row.resumed, "fine_tuned_from": row.fine_tuned_from}
 
 
 def final_line(s: dict) -> str:
@@ -116,7 +121,7 @@ def markdown(s: dict) -> str:
              f"{s['candidates_total']} candidates graded.", "",
              f"![Pareto plot]({PLOT})", "",
              "| model | status | runs on | s/patch | × same engine | × torch | Dice (choosing) | drop | within | "
-             "Dice (held-out) |", "|---|---|---|---:|---:|---:|---:|---:|---|---:|"]
+             "Dice before fine-tuning | Dice (held-out) |", "|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|"]
     for m in s["models"]:
         status = m["status"] if not m["error"] else f"{m['status']}: {m['error']}"
         mark = " **(winner)**" if s["winner"] and s["verdict"] == WINNER and m["name"] == s["winner"]["name"] else ""
@@ -124,7 +129,7 @@ def markdown(s: dict) -> str:
         lines.append(f"| `{m['spec']}`{mark} | {status} | {m['runs_on'] or '–'} | {_fmt(m['seconds_per_patch'])} | "
                      f"{_fmt(m['speedup_same_engine'], 2)} | {_fmt(m['speedup_vs_torch'], 2)} | "
                      f"{_fmt(m['dice_choose'])} | {_fmt(m['dice_drop_choose'])} | {within} | "
-                     f"{_fmt(m['dice_held_out'])} |")
+                     f"{_fmt(m.get('dice_before_fine_tune'))} | {_fmt(m['dice_held_out'])} |")
     lines += ["", "## Commands that rebuild each candidate", ""]
     for m in s["models"][1:]:
         lines += [f"- `{m['spec']}`:", "", "  ```", *[f"  {c}" for c in m["commands"]], "  ```"]
@@ -133,7 +138,8 @@ def markdown(s: dict) -> str:
 
 CSV_FIELDS = ("name", "spec", "status", "error", "runs_on", "seconds_per_patch", "seconds_normalised", "parent_engine_seconds",
               "parent_torch_seconds", "speedup_same_engine", "speedup_vs_torch", "dice_choose", "dice_drop_choose",
-              "within_budget", "dice_held_out", "build_seconds", "commands")
+              "within_budget", "dice_before_fine_tune", "dice_held_out", "build_seconds", "fine_tuned_from",
+              "commands")
 
 
 def csv_text(s: dict) -> str:

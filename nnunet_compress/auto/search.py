@@ -6,15 +6,17 @@ Work area (``OUT_auto_work`` beside OUT, kept so that ``--resume`` can continue 
 - ``search.json``: the settings and the case split of the search (a resumed search must use the same);
 - ``quality/{choose,held_out}/``: the two parts of the quality data (links to the user's files);
 - ``parent/``: the parent's predictions, Dice and timing;
-- ``candidates/<name>/model/``: each candidate's model folder (written atomically by its workflow) and
+- ``candidates/<name>/model/``: each candidate's model folder (written atomically by its workflow; a fine-tuned
+  candidate ``<name>+ft_epochsE`` also keeps its training logs and ``fine_tune_plans.json`` there) and
   ``candidates/<name>/result.json`` (written atomically once the candidate is timed and graded, or has failed);
 - ``auto.log``: the steps' own progress lines.
 
 A candidate whose ``result.json`` exists is finished: ``--resume`` reads it instead of building it again. The
 winner is the candidate with the largest speed-up per patch over the parent (timed side by side) whose mean
-foreground Dice on the choosing cases is within ``--max-dice-drop`` of the parent's. It is then graded once on the held-out cases; where it exceeds the
-budget there, the parent stays the answer (the held-out cases veto, they never rank: ranking on them would make
-the reported drop a chosen one).
+foreground Dice on the choosing cases is within ``--max-dice-drop`` of the parent's, among the cheap candidates
+and, with ``--fine-tune-epochs``, the frontier ones fine-tuned after them (nnunet_compress.auto.fine_tune). It is
+then graded once on the held-out cases; where it exceeds the budget there, the parent stays the answer (the
+held-out cases veto, they never rank: ranking on them would make the reported drop a chosen one).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Callable
 from nnunet_compress.auto import report as R
 from nnunet_compress.auto.build import BuildContext, ensure_built
 from nnunet_compress.auto.candidates import Candidate, parse_candidates
+from nnunet_compress.auto.fine_tune import FineTuneSettings, check_fine_tune_options, frontier
 from nnunet_compress.auto.grading import ParentTimer, Speed, mean_foreground_dice, predict
 from nnunet_compress.auto.quality_data import (
     CHOOSE,
@@ -80,6 +83,9 @@ class AutoSettings(Settings):
     seed: int = 0
     timing_runs: int = 5
     work_dir: Path | None = None
+    fine_tune_epochs: int | None = None
+    fine_tune_count: int = 2
+    fine_tune_iterations: int = 250   # nnU-Net's iterations per epoch
 
     def validate(self) -> "AutoSettings":
         if not 0 < self.max_dice_drop < 1:
@@ -90,6 +96,7 @@ class AutoSettings(Settings):
         if self.timing_runs < 1:
             raise CompressError("--timing-runs must be at least 1")
         check_quality_options(self.dataset, self.images, self.labels, self.held_out_fraction)
+        check_fine_tune_options(self.fine_tune_epochs, self.fine_tune_count, self.fine_tune_iterations, self.dataset)
         if self.max_cases is not None and self.max_cases < 2:
             raise CompressError("--max-cases must be at least 2 (one case to choose on, one held out)")
         return self
@@ -112,6 +119,7 @@ class Row:
     held_out: dict | None = None
     error: str | None = None
     build_seconds: float | None = None
+    fine_tuned_from: str | None = None  # the graded candidate this one fine-tunes (its Dice before fine-tuning)
     resumed: bool = False               # read from an earlier run's result.json (--resume)
 
     @property
@@ -211,7 +219,21 @@ class Search:
     def context(self) -> BuildContext:
         return BuildContext(self.folder.path, self.s.folds, self.configuration, self.s.checkpoint,
                             self.data.choose.images, self.data.choose.labels if self.data.labelled else None,
-                            self.s.max_dice_drop, self.work / "candidates", self.log)
+                            self.s.max_dice_drop, self.work / "candidates", self.log,
+                            fine_tune=self.fine_tune_settings(), parent_plans_name=self.folder.plans["plans_name"],
+                            parent_folds=sorted(self.folder.folds))
+
+    def fine_tune_settings(self) -> FineTuneSettings | None:
+        if self.s.fine_tune_epochs is None:
+            return None
+        import torch
+        from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+        schedule = (self.folder.plans["configurations"][self.configuration].get("nnunet_compress") or {}) \
+            .get("schedule", {})
+        return FineTuneSettings(maybe_convert_to_dataset_name(self.s.dataset), self.s.fine_tune_epochs,
+                                self.s.fine_tune_iterations, 1e-3, schedule,
+                                "cuda" if torch.cuda.is_available() else "cpu")
 
     def result_file(self, candidate: Candidate) -> Path:
         return self.work / "candidates" / candidate.name / RESULT
@@ -219,14 +241,14 @@ class Search:
     def finished(self, candidate: Candidate) -> bool:
         return self.result_file(candidate).is_file()
 
-    def run_candidate(self, candidate: Candidate, ctx: BuildContext) -> Row:
+    def run_candidate(self, candidate: Candidate, ctx: BuildContext, fine_tuned_from: str | None = None) -> Row:
         result_file = self.result_file(candidate)
         commands = candidate.commands(self.folder.path, ctx.data_options())
         if self.s.resume and self.finished(candidate):  # finished before the search was stopped: read, not rebuilt
             row = Row(**json.loads(result_file.read_text()))
             row.resumed = True
             return row
-        row = Row(candidate.name, candidate.spec, OK, commands)
+        row = Row(candidate.name, candidate.spec, OK, commands, fine_tuned_from=fine_tuned_from)
         t0 = time.perf_counter()
         try:
             model = ensure_built(candidate, ctx)
@@ -269,6 +291,8 @@ class Search:
             rows.append(row)
             self.progress(candidate_line(k, n, row, parent, self.s.max_dice_drop, self.elapsed(),
                                          eta(durations, n - k)))
+        if self.s.fine_tune_epochs is not None and stopped is None:
+            rows += self.fine_tune(parent, rows, ctx)
         winner = choose_winner(parent, rows, self.s.max_dice_drop)
         verdict = R.NO_CANDIDATE
         if winner is not None:
@@ -279,6 +303,39 @@ class Search:
         summary = R.summary(self.s, self.data, parent, rows, winner, verdict, stopped, self.elapsed())
         self.write_output(summary, winner if verdict == R.WINNER else None)
         return summary
+
+    def fine_tune(self, parent: Row, rows: list[Row], ctx: BuildContext) -> list[Row]:
+        """Fine-tune the frontier of the cheap search (see nnunet_compress.auto.fine_tune) and grade it again."""
+        by_name = {c.name: c for c in self.candidates}
+        chosen = frontier(rows, parent.dice, self.s.max_dice_drop, self.s.fine_tune_count, speedup,
+                          lambda r: by_name[r.name].f32)
+        if not chosen:
+            self.progress("fine-tuning: no graded candidate is faster than the best one within the budget; nothing "
+                          "to fine-tune")
+            return []
+        out: list[Row] = []
+        durations: list[float] = []
+        n = len(chosen)
+        for k, source in enumerate(chosen, 1):
+            candidate = by_name[source.name].fine_tuned(self.s.fine_tune_epochs)
+            if self.out_of_time() and not (self.s.resume and self.finished(candidate)):
+                for r in chosen[k - 1:]:
+                    c = by_name[r.name].fine_tuned(self.s.fine_tune_epochs)
+                    out.append(Row(c.name, c.spec, SKIPPED, c.commands(self.folder.path, ctx.data_options()),
+                                   fine_tuned_from=r.name))
+                self.progress(f"time budget of {self.s.time_budget:g} min spent after {k - 1} of {n} fine-tunes; "
+                              f"keeping the best so far")
+                break
+            self.progress(f"fine-tune {k}/{n} {source.spec} ({self.s.fine_tune_epochs} epoch(s) x "
+                          f"{self.s.fine_tune_iterations} iterations; Dice before {source.dice:.4f})")
+            t0 = time.perf_counter()
+            row = self.run_candidate(candidate, ctx, fine_tuned_from=source.name)
+            if time.perf_counter() - t0 > 1:
+                durations.append(time.perf_counter() - t0)
+            out.append(row)
+            self.progress("fine-tune " + candidate_line(k, n, row, parent, self.s.max_dice_drop, self.elapsed(),
+                                                        eta(durations, n - k)).removeprefix("candidate "))
+        return out
 
     def write_output(self, summary: dict, winner: Row | None) -> None:
         """OUT: the winner's model folder with the reports, or (the parent is the answer) the reports only, so that

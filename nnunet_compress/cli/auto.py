@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from nnunet_compress.auto.candidates import DEFAULT_SPECS
@@ -10,10 +11,8 @@ from nnunet_compress.cli.options import add_model_folder_options
 
 
 def cmd_auto(args) -> None:
-    settings = AutoSettings(args.model_folder, args.output, args.max_dice_drop, args.dataset, args.images,
-                            args.labels, args.candidates, args.time_budget, args.resume, args.overwrite, args.folds,
-                            args.configuration, args.checkpoint, args.held_out_fraction, args.max_cases, args.seed,
-                            args.timing_runs, args.work_dir)
+    # every option's dest is the settings field of the same name
+    settings = AutoSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(AutoSettings)})
     summary = run_auto(settings)
     print(f"report: {Path(args.output) / 'auto_report.md'}")
     print(summary["final_line"])
@@ -40,6 +39,16 @@ def register(sub) -> None:
                         f"int8 last). Default: {' '.join(DEFAULT_SPECS)}")
     p.add_argument("--time-budget", type=float, metavar="MIN",
                    help="stop starting new candidates after this many minutes and keep the best so far")
+    f = p.add_argument_group("fine-tuning (after the cheap search; needs --dataset)")
+    f.add_argument("--fine-tune-epochs", type=int, metavar="E",
+                   help="fine-tune the frontier candidates (faster than the best one within the budget, the "
+                        "smallest Dice misses first) for E epochs on the dataset's training split of the model's "
+                        "fold (nnUNetv2_train -tr nnUNetTrainerFineTune), grade them again and choose among all")
+    f.add_argument("--fine-tune-count", type=int, default=2, metavar="K",
+                   help="how many frontier candidates to fine-tune (2)")
+    f.add_argument("--fine-tune-iterations", type=int, default=250, metavar="N",
+                   help="training iterations per fine-tuning epoch (250, nnU-Net's); validation iterations are a "
+                        "fifth of them")
     p.add_argument("--resume", action="store_true",
                    help="continue the search in the work area: finished candidates are read, not rebuilt")
     p.add_argument("--work-dir", type=Path, help="work area of the search (default: OUT_auto_work beside OUT)")
