@@ -17,7 +17,7 @@ from pathlib import Path
 
 from nnunet_compress.auto.quality_data import CaseSet
 from nnunet_compress.evaluation.base_reference import BaseReference
-from nnunet_compress.evaluation.profiling import ENGINE_F32, TORCH_F32, running_variant, side_by_side, variants
+from nnunet_compress.evaluation.profiling import ENGINE_F32, TORCH_F32, running_variant, side_by_side, speedup, variants
 from nnunet_compress.nnunet.model_folder import CHECKPOINT_FINAL, load_fold_network, open_model_folder
 from nnunet_compress.nnunet.predictions import predict_cases
 
@@ -33,19 +33,16 @@ class Speed:
 
     @property
     def speedup_same_engine(self) -> float | None:
-        return _ratio(self.parent_engine_seconds or self.parent_torch_seconds, self.seconds)
+        return speedup(self.parent_engine_seconds or self.parent_torch_seconds, self.seconds)
 
     @property
     def speedup_torch(self) -> float | None:
-        return _ratio(self.parent_torch_seconds, self.seconds)
+        return speedup(self.parent_torch_seconds, self.seconds)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "speedup_same_engine": self.speedup_same_engine,
                 "speedup_vs_torch": self.speedup_torch}
 
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a and b else None
 
 
 class ParentTimer:
