@@ -26,7 +26,7 @@ from test_e2e_tucker import tree_checksums
 from conftest import run_cli
 from nnunet_compress.auto.candidates import parse_candidate, parse_candidates
 from nnunet_compress.auto.fine_tune import frontier
-from nnunet_compress.auto.quality_data import split_cases
+from nnunet_compress.auto.quality_data import split_cases, split_off_training
 from nnunet_compress.auto.search import AutoSettings, Row, Search, choose_winner
 from nnunet_compress.demo import tiny
 from nnunet_compress.errors import CompressError
@@ -321,12 +321,64 @@ def torch_load(path):
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def test_fine_tuning_needs_the_labelled_dataset(tiny_ws, tiny_base, tmp_path):
-    for labels in (None, tiny_ws.raw_dataset / "labelsTs"):
-        with pytest.raises(CompressError, match="--fine-tune-epochs trains on the model's labelled nnU-Net dataset: "
-                                                "pass --dataset ID"):
-            Search(settings(tiny_base, tmp_path, images=tiny_ws.raw_dataset / "imagesTs", labels=labels,
-                            fine_tune_epochs=1))
+def test_label_free_fine_tuning_distils_on_cases_never_chosen_or_graded(tiny_ws, tiny_base, tmp_path):
+    """--images without labels: a part of the images becomes a private nnU-Net dataset labelled by the parent, and
+    the frontier candidate is fine-tuned towards the parent's soft predictions, each fold from its own teacher."""
+    out, work = tmp_path / "best", tmp_path / "work"
+    images = tiny_ws.raw_dataset / "imagesTs"
+    proc = run_cli(*ft_args(tiny_base, out, work, "--images", images, "--max-dice-drop", FT_BUDGET),
+                   env=fine_tune_env(tiny_ws), check=True)
+    report = json.loads((out / "auto_report.json").read_text())
+    train, choose, held = (set(report[k]) for k in ("fine_tune_cases", "choosing_cases", "held_out_cases"))
+    all_cases = {f.name.removesuffix("_0000.nii.gz") for f in images.glob("*_0000.nii.gz")}
+    assert train and not train & (choose | held) and train | choose | held == all_cases
+    assert not report["labelled"] and report["fine_tuned_by"].startswith("distillation from the parent")
+    tuned = [m for m in report["models"] if m.get("fine_tuned_from")]
+    assert len(tuned) == 1 and tuned[0]["status"] == "graded", report["models"]
+    # the training dataset: private, the fine-tuning cases only, labelled by the parent
+    dataset = work / "fine_tune_data" / "raw" / "Dataset999_AutoFineTune"
+    assert {f.name.removesuffix(".nii.gz") for f in (dataset / "labelsTr").iterdir()} == train
+    provenance = json.loads((dataset / "dataset.json").read_text())["nnunet_compress_pseudo_labels"]
+    assert provenance["labels"] == "the parent's predictions"
+    assert not list((tiny_ws.root / "nnUNet_raw").glob("Dataset999_*"))  # the user's nnU-Net folders gained nothing
+    # each fold distils from the parent's same fold, teacher term only
+    plans = json.loads((work / "candidates" / tuned[0]["name"] / "fine_tune_plans_fold_0.json").read_text())
+    distillation = plans["configurations"]["3d_fullres"]["nnunet_compress"]["distillation"]
+    assert distillation["alpha"] == 1.0
+    assert Path(distillation["teacher"]).resolve() == tiny.checkpoint_path(tiny_base).resolve()
+    log = (work / "candidates" / tuned[0]["name"] / "logs" / "fine_tune_fold_0.log").read_text()
+    assert "[distill] teacher" in log
+    source = work / "candidates" / tuned[0]["fine_tuned_from"] / "model"
+    before, after = (torch_load(tiny.checkpoint_path(f)) for f in (source, work / "candidates" / tuned[0]["name"] /
+                                                                   "model"))
+    assert after["trainer_name"] == "nnUNetTrainerFineTune"
+    assert any(not np.array_equal(before["network_weights"][k].numpy(), after["network_weights"][k].numpy())
+               for k in before["network_weights"])
+    commands = " ".join(tuned[0]["commands"])
+    assert "pseudo-dataset" in commands and "nnUNetv2_preprocess -d 999" in commands
+    assert "Fine-tuning: distillation from the parent" in (out / "auto_report.md").read_text()
+    assert "fine-tune 1/1" in proc.stdout
+
+
+def test_fine_tuning_split_keeps_cases_apart_and_is_seeded():
+    cases = [f"c{i}" for i in range(9)]
+    train, rest = split_off_training(cases, 0.5, seed=3)
+    assert len(train) == 4 and sorted(train + rest) == cases and not set(train) & set(rest)
+    assert split_off_training(cases, 0.5, seed=3) == (train, rest)
+    assert split_off_training(cases, 0.5, seed=4) != (train, rest)
+    assert [len(p) for p in split_off_training(cases[:3], 0.9, seed=0)] == [1, 2]  # two left to choose and grade
+    with pytest.raises(CompressError, match="at least 3"):
+        split_off_training(cases[:2], 0.5, seed=0)
+
+
+def test_fine_tuning_options_are_checked(tiny_ws, tiny_base, tmp_path):
+    images = tiny_ws.raw_dataset / "imagesTs"
+    for fraction in (0.0, 1.0):
+        with pytest.raises(CompressError, match="--fine-tune-fraction"):
+            Search(settings(tiny_base, tmp_path, images=images, fine_tune_epochs=1, fine_tune_fraction=fraction))
+    with pytest.raises(CompressError, match="fine-tuning from --images needs at least 3"):
+        Search(settings(tiny_base, tmp_path, images=images, fine_tune_epochs=1, max_cases=2,
+                        work_dir=tmp_path / "w"))
     assert not (tmp_path / "out").exists()
 
 

@@ -93,3 +93,34 @@ def test_missing_environment_is_named(setup):
     env = {k: v for k, v in env.items() if k != "nnUNet_preprocessed"}
     proc = run_cli("pseudo-dataset", parent, "-i", images(root / "images", "a_0000.nii.gz"), "-d", "502", env=env)
     assert proc.returncode == 2 and "nnUNet_preprocessed" in proc.stderr
+
+
+def test_given_labels_are_taken_and_nothing_is_predicted(setup):
+    """--labels: the dataset holds the user's label files as they are (the parent's checkpoint, a stand-in here,
+    is never run) and the parent's plans renamed to the new dataset."""
+    root, parent, env = setup
+    folder = images(root / "images", "a_0000.nii.gz", "b_0000.nii.gz")
+    labels = root / "labels"
+    labels.mkdir()
+    for case in ("a", "b"):
+        (labels / f"{case}.nii.gz").write_bytes(f"label of {case}".encode())
+    proc = run_cli("pseudo-dataset", parent, "-i", folder, "--labels", labels, "-d", "502", "-n", "Mine", env=env)
+    assert proc.returncode == 0, proc.stderr
+    raw = root / "raw" / "Dataset502_Mine"
+    assert {f.name: f.read_bytes() for f in (raw / "labelsTr").iterdir()} == \
+        {"a.nii.gz": b"label of a", "b.nii.gz": b"label of b"}
+    dataset = json.loads((raw / "dataset.json").read_text())
+    assert dataset["numTraining"] == 2 and dataset["nnunet_compress_pseudo_labels"]["labels"] == str(labels.resolve())
+    plans = json.loads((root / "preprocessed" / "Dataset502_Mine" / "nnUNetPlans.json").read_text())
+    assert plans["dataset_name"] == "Dataset502_Mine"
+
+
+def test_a_missing_given_label_is_refused_before_anything_is_written(setup):
+    root, parent, env = setup
+    folder = images(root / "images", "a_0000.nii.gz", "b_0000.nii.gz")
+    labels = images(root / "labels", "a.nii.gz")
+    before = tree(root)
+    proc = run_cli("pseudo-dataset", parent, "-i", folder, "--labels", labels, "-d", "502", env=env)
+    assert proc.returncode == 2 and "the labels do not match the images" in proc.stderr \
+        and "has no b.nii.gz" in proc.stderr, proc.stderr
+    assert tree(root) == before

@@ -39,6 +39,7 @@ class BuildContext:
     fine_tune: FineTuneSettings | None = None   # --fine-tune-epochs: the labelled dataset and the schedule
     parent_plans_name: str = ""
     parent_folds: list[str] | None = None
+    fine_tune_setup: list[str] | None = None   # --images fine-tunes: the commands that make their dataset
 
     def model_folder(self, candidate: Candidate) -> Path:
         return self.candidates_root / candidate.name / MODEL
@@ -52,6 +53,9 @@ class BuildContext:
             out.update(dataset=self.fine_tune.dataset, configuration=self.configuration, checkpoint=self.checkpoint,
                        folds=",".join(self.folds or self.parent_folds or []), plans_name=self.parent_plans_name,
                        candidates_root=str(self.candidates_root), device=self.fine_tune.device)
+            if self.fine_tune_setup:
+                out.update(fine_tune_setup="\n".join(self.fine_tune_setup),
+                           distil="yes" if self.fine_tune.teachers is not None else "no")
         return out
 
 

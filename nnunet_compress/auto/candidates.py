@@ -112,12 +112,14 @@ class Candidate:
 
 
 def fine_tune_commands(source: str, output: str, data: dict[str, str]) -> list[str]:
-    from nnunet_compress.auto.fine_tune import PLANS_FILE, plans_name_of, rebuild_commands
+    from nnunet_compress.auto.fine_tune import plans_name_of, rebuild_commands
 
     plans_name = plans_name_of({"plans_name": data["plans_name"]}, output)
+    setup = data.get("fine_tune_setup")
     return rebuild_commands(source, output, data["dataset"], data["configuration"], data["folds"].split(","),
-                            str(Path(data["candidates_root"]) / output / PLANS_FILE), plans_name,
-                            data["checkpoint"], data["device"])
+                            str(Path(data["candidates_root"]) / output), plans_name, data["checkpoint"],
+                            data["device"], per_fold_plans=data.get("distil") == "yes",
+                            setup=setup.splitlines() if setup else None)
 
 
 def step_command(step: Step, source: str, output: str, data: dict[str, str]) -> list[str]:

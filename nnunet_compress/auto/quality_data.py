@@ -5,7 +5,9 @@ model's fold in ``splits_final.json``, which that fold never trained on, with th
 --labels DIR``, or label-free ``--images DIR`` (the parent's own predictions are the reference, and the report
 says so). The cases are split once, deterministically by seed, into a choosing part and a held-out part: the
 search ranks candidates on the first only, so the Dice drop reported for the winner on the second is not flattered
-by the choice. Each part is laid out in the work area as an nnU-Net image folder (links to the user's files, which
+by the choice. With ``--fine-tune-epochs`` and ``--images``, a third part (``--fine-tune-fraction`` of the cases)
+is split off first for fine-tuning, so that no case is trained on and then chosen or graded on. Each part is laid
+out in the work area as an nnU-Net image folder (links to the user's files, which
 are only read) so that nnU-Net's predictor can run on it.
 """
 
@@ -21,8 +23,9 @@ from pathlib import Path
 from nnunet_compress.errors import CompressError
 from nnunet_compress.nnunet.env import require_env
 from nnunet_compress.nnunet.model_folder import ModelFolder, read_json
+from nnunet_compress.workflows.pseudo_dataset import check_given_labels
 
-CHOOSE, HELD_OUT = "choose", "held_out"
+CHOOSE, HELD_OUT, TRAIN = "choose", "held_out", "fine_tune"
 
 
 @dataclass
@@ -42,6 +45,7 @@ class QualityData:
     choose: CaseSet
     held_out: CaseSet
     user_images: Path       # the folder the cases come from (INT8 and pruning calibrate on the choosing part)
+    train: CaseSet | None = None  # fine-tuning from --images: the cases trained on (never chosen or graded on)
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(asdict(self), default=str))
@@ -75,14 +79,7 @@ def check_labels(images: dict[str, list[Path]], labels: Path, file_ending: str) 
     """Every image case needs a label file of the same size; anything else is the wrong label folder."""
     import SimpleITK as sitk
 
-    if not labels.is_dir():
-        raise CompressError(f"label folder {labels} does not exist; pass --labels with one CASE{file_ending} per "
-                            f"image case, or leave it out for the label-free mode")
-    missing = [c for c in images if not (labels / f"{c}{file_ending}").is_file()]
-    if missing:
-        raise CompressError(f"the labels do not match the images: {labels} has no {missing[0]}{file_ending}"
-                            f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; pass the label folder "
-                            f"of these images")
+    check_given_labels(labels, images, file_ending, without="leave it out for the label-free mode")
     if file_ending not in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
         return  # sizes are read with SimpleITK; other formats are left to nnU-Net's own checks
 
@@ -144,6 +141,19 @@ def split_cases(cases: list[str], held_out_fraction: float, seed: int) -> tuple[
     return sorted(order[n_held:]), sorted(order[:n_held])
 
 
+def split_off_training(cases: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """(fine-tuning, the rest): a seeded shuffle of its own, at least one case to train on and two left to choose
+    on and to grade on."""
+    if len(cases) < 3:
+        raise CompressError(f"only {len(cases)} image case(s); fine-tuning from --images needs at least 3 (one to "
+                            f"train on, one to choose on, one held out); pass more images or leave out "
+                            f"--fine-tune-epochs")
+    order = sorted(cases)
+    random.Random(f"fine-tune {seed}").shuffle(order)
+    n_train = min(len(order) - 2, max(1, math.floor(len(order) * fraction)))
+    return sorted(order[:n_train]), sorted(order[n_train:])
+
+
 def link_cases(files: dict[str, list[Path]], labels: Path | None, cases: list[str], target: Path,
                file_ending: str) -> CaseSet:
     """An nnU-Net image folder (and label folder) of `cases` under `target`, made of links to the user's files."""
@@ -178,8 +188,9 @@ def check_quality_options(dataset: str | None, images: Path | None, labels: Path
 
 def prepare_quality_data(folder: ModelFolder, channels: int, work: Path, dataset: str | None,
                          images: Path | None, labels: Path | None, held_out_fraction: float, seed: int,
-                         max_cases: int | None = None) -> QualityData:
-    """Check the user's quality data and lay out its two parts under `work`."""
+                         max_cases: int | None = None, fine_tune_fraction: float | None = None) -> QualityData:
+    """Check the user's quality data and lay out its parts under `work` (with `fine_tune_fraction`, from
+    --images only: the fine-tuning part too)."""
     check_quality_options(dataset, images, labels, held_out_fraction)
     file_ending = folder.dataset_json["file_ending"]
     if dataset is not None:
@@ -197,7 +208,11 @@ def prepare_quality_data(folder: ModelFolder, channels: int, work: Path, dataset
     if labels is not None:
         check_labels(files, Path(labels), file_ending)
     cases = sorted(files)[:max_cases] if max_cases else sorted(files)
+    train = None
+    if fine_tune_fraction is not None and dataset is None:
+        train_cases, cases = split_off_training(cases, fine_tune_fraction, seed)
+        train = link_cases(files, labels, train_cases, work / TRAIN, file_ending)
     choose, held = split_cases(cases, held_out_fraction, seed)
     return QualityData(source, labels is not None,
                        link_cases(files, labels, choose, work / CHOOSE, file_ending),
-                       link_cases(files, labels, held, work / HELD_OUT, file_ending), Path(images))
+                       link_cases(files, labels, held, work / HELD_OUT, file_ending), Path(images), train)

@@ -42,6 +42,11 @@ def summary(settings, data, parent, rows, winner, verdict: str, stopped: int | N
            "max_dice_drop": budget, "verdict": verdict, "quality_data": data.source,
            "graded_against": data.graded_against, "labelled": data.labelled,
            "choosing_cases": data.choose.cases, "held_out_cases": data.held_out.cases,
+           "fine_tune_cases": data.train.cases if data.train is not None else None,
+           "fine_tuned_by": (None if settings.fine_tune_epochs is None else
+                             "the model's training split (--dataset)" if data.train is None else
+                             "the labels of the fine-tuning cases" if data.labelled else
+                             "distillation from the parent on the fine-tuning cases (no labels)"),
            "parent_dice_choose": parent_dice, "parent_dice_held_out": parent.held_out["mean_dice"],
            "candidates_total": len(rows), "candidates_graded": sum(r.status == "graded" for r in rows),
            "stopped_by_time_budget_after": stopped, "time_budget_min": settings.time_budget,
@@ -110,7 +115,10 @@ def markdown(s: dict) -> str:
              f"{len(s['choosing_cases'])} choosing case(s) ({', '.join(s['choosing_cases'])}); the winner is graded "
              f"on {len(s['held_out_cases'])} held-out case(s) ({', '.join(s['held_out_cases'])}) that played no part "
              f"in the choice. Parent Dice: {_fmt(s['parent_dice_choose'])} (choosing), "
-             f"{_fmt(s['parent_dice_held_out'])} (held-out).", "",
+             f"{_fmt(s['parent_dice_held_out'])} (held-out)." + (
+                 f" Fine-tuning: {s['fine_tuned_by']}" + (f" ({', '.join(s['fine_tune_cases'])}, never chosen or "
+                                                          f"graded on)" if s.get('fine_tune_cases') else "") + "."
+                 if s.get("fine_tuned_by") else ""), "",
              "Seconds per patch are medians of side-by-side runs on this machine's CPU: each model as nnU-Net's "
              "predictor runs it here, beside the parent on the CPU engine in f32 (\"same engine\": what "
              "`nnunet-compress convert` gives without compression, so INT8 counts as the candidate's gain) and on "

@@ -4,7 +4,9 @@ one within the Dice budget on the choosing cases; confirm it on the held-out cas
 Work area (``OUT_auto_work`` beside OUT, kept so that ``--resume`` can continue a killed search):
 
 - ``search.json``: the settings and the case split of the search (a resumed search must use the same);
-- ``quality/{choose,held_out}/``: the two parts of the quality data (links to the user's files);
+- ``quality/{choose,held_out}/``: the two parts of the quality data (links to the user's files), and
+  ``quality/fine_tune/`` the cases an ``--images`` fine-tune trains on;
+- ``fine_tune_data/``: their nnU-Net dataset (nnunet_compress.auto.fine_tune_data);
 - ``parent/``: the parent's predictions, Dice and timing;
 - ``candidates/<name>/model/``: each candidate's model folder (written atomically by its workflow; a fine-tuned
   candidate ``<name>+ft_epochsE`` also keeps its training logs and ``fine_tune_plans.json`` there) and
@@ -32,6 +34,8 @@ from nnunet_compress.auto import report as R
 from nnunet_compress.auto.build import BuildContext, ensure_built
 from nnunet_compress.auto.candidates import Candidate, parse_candidates
 from nnunet_compress.auto.fine_tune import FineTuneSettings, check_fine_tune_options, frontier
+from nnunet_compress.auto.fine_tune_data import DATASET as FINE_TUNE_DATASET
+from nnunet_compress.auto.fine_tune_data import FineTuneData, prepare_fine_tune_data
 from nnunet_compress.auto.grading import ParentTimer, Speed, mean_foreground_dice, predict
 from nnunet_compress.auto.quality_data import (
     CHOOSE,
@@ -86,6 +90,7 @@ class AutoSettings(Settings):
     fine_tune_epochs: int | None = None
     fine_tune_count: int = 2
     fine_tune_iterations: int = 250   # nnU-Net's iterations per epoch
+    fine_tune_fraction: float = 0.5   # --images: share of the cases fine-tuned on (never chosen or graded on)
 
     def validate(self) -> "AutoSettings":
         if not 0 < self.max_dice_drop < 1:
@@ -96,7 +101,8 @@ class AutoSettings(Settings):
         if self.timing_runs < 1:
             raise CompressError("--timing-runs must be at least 1")
         check_quality_options(self.dataset, self.images, self.labels, self.held_out_fraction)
-        check_fine_tune_options(self.fine_tune_epochs, self.fine_tune_count, self.fine_tune_iterations, self.dataset)
+        check_fine_tune_options(self.fine_tune_epochs, self.fine_tune_count, self.fine_tune_iterations,
+                                self.fine_tune_fraction)
         if self.max_cases is not None and self.max_cases < 2:
             raise CompressError("--max-cases must be at least 2 (one case to choose on, one held out)")
         return self
@@ -153,7 +159,8 @@ class Search:
         self._check_work_area()
         self.data: QualityData = prepare_quality_data(
             self.folder, self.channels, self.work / "quality", settings.dataset, settings.images, settings.labels,
-            settings.held_out_fraction, settings.seed, settings.max_cases)
+            settings.held_out_fraction, settings.seed, settings.max_cases,
+            settings.fine_tune_fraction if settings.fine_tune_epochs is not None else None)
         self._record_search()
         self.timer = ParentTimer(self.folder.path, first, settings.timing_runs)
 
@@ -221,7 +228,20 @@ class Search:
                             self.data.choose.images, self.data.choose.labels if self.data.labelled else None,
                             self.s.max_dice_drop, self.work / "candidates", self.log,
                             fine_tune=self.fine_tune_settings(), parent_plans_name=self.folder.plans["plans_name"],
-                            parent_folds=sorted(self.folder.folds))
+                            parent_folds=sorted(self.folder.folds), fine_tune_setup=self.fine_tune_setup())
+
+    def fine_tune_setup(self) -> list[str] | None:
+        data = self.fine_tune_data()
+        if data is None:
+            return None
+        return data.setup_commands(self.folder.path, self.data.train, self.configuration, self.s.checkpoint,
+                                   self.folder.plans["plans_name"], sorted(self.folder.folds))
+
+    def fine_tune_data(self) -> FineTuneData | None:
+        """Where an --images fine-tune's training dataset goes (None: --dataset, the model's own is trained on)."""
+        if self.s.fine_tune_epochs is None or self.data.train is None:
+            return None
+        return FineTuneData(self.work / "fine_tune_data", distil=not self.data.labelled)
 
     def fine_tune_settings(self) -> FineTuneSettings | None:
         if self.s.fine_tune_epochs is None:
@@ -231,9 +251,14 @@ class Search:
 
         schedule = (self.folder.plans["configurations"][self.configuration].get("nnunet_compress") or {}) \
             .get("schedule", {})
-        return FineTuneSettings(maybe_convert_to_dataset_name(self.s.dataset), self.s.fine_tune_epochs,
-                                self.s.fine_tune_iterations, 1e-3, schedule,
-                                "cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        data = self.fine_tune_data()
+        if data is None:
+            return FineTuneSettings(maybe_convert_to_dataset_name(self.s.dataset), self.s.fine_tune_epochs,
+                                    self.s.fine_tune_iterations, 1e-3, schedule, device)
+        teachers = {f: str(path) for f, path in self.folder.folds.items()} if data.distil else None
+        return FineTuneSettings(FINE_TUNE_DATASET, self.s.fine_tune_epochs, self.s.fine_tune_iterations, 1e-3,
+                                schedule, device, preprocessed=data.preprocessed, teachers=teachers)
 
     def result_file(self, candidate: Candidate) -> Path:
         return self.work / "candidates" / candidate.name / RESULT
@@ -313,6 +338,9 @@ class Search:
             self.progress("fine-tuning: no graded candidate is faster than the best one within the budget; nothing "
                           "to fine-tune")
             return []
+        if self.fine_tune_data() is not None:
+            prepare_fine_tune_data(self.folder, self.data.train, self.data.labelled, self.configuration,
+                                   self.s.checkpoint, self.fine_tune_data().root, self.log)
         out: list[Row] = []
         durations: list[float] = []
         n = len(chosen)

@@ -39,11 +39,14 @@ def register(sub) -> None:
                         f"int8 last). Default: {' '.join(DEFAULT_SPECS)}")
     p.add_argument("--time-budget", type=float, metavar="MIN",
                    help="stop starting new candidates after this many minutes and keep the best so far")
-    f = p.add_argument_group("fine-tuning (after the cheap search; needs --dataset)")
+    f = p.add_argument_group("fine-tuning (after the cheap search)")
     f.add_argument("--fine-tune-epochs", type=int, metavar="E",
                    help="fine-tune the frontier candidates (faster than the best one within the budget, the "
-                        "smallest Dice misses first) for E epochs on the dataset's training split of the model's "
-                        "fold (nnUNetv2_train -tr nnUNetTrainerFineTune), grade them again and choose among all")
+                        "smallest Dice misses first) for E epochs (nnUNetv2_train -tr nnUNetTrainerFineTune), grade "
+                        "them again and choose among all; trains on --dataset's training split of the model's fold, "
+                        "or on a part of --images: with --labels on them, without by distillation from the parent")
+    f.add_argument("--fine-tune-fraction", type=float, default=0.5, metavar="F",
+                   help="with --images: share of the cases fine-tuned on, never chosen or graded on (0.5)")
     f.add_argument("--fine-tune-count", type=int, default=2, metavar="K",
                    help="how many frontier candidates to fine-tune (2)")
     f.add_argument("--fine-tune-iterations", type=int, default=250, metavar="N",

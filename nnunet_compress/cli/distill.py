@@ -53,7 +53,7 @@ def cmd_pseudo_dataset(args) -> None:
     request = PseudoDatasetRequest(parent=args.model_folder, images=args.images, dataset_id=args.dataset_id,
                                    name=args.name, folds=args.folds, checkpoint=args.checkpoint,
                                    overwrite=args.overwrite, device=args.device, disable_tta=args.disable_tta,
-                                   num_processes=args.num_processes)
+                                   num_processes=args.num_processes, labels=args.labels)
     raw, prep, plans = write_pseudo_dataset(request, progress=lambda line: print(line, flush=True))
     print(f"wrote {raw} (raw dataset, labels = the parent's predictions) and the parent's plans {plans} in {prep}")
     print(f"next: nnUNetv2_preprocess -d {args.dataset_id} -plans_name {plans} -c CONFIGURATION, then "
@@ -67,6 +67,8 @@ def register(sub) -> None:
     p.add_argument("-i", "--images", type=Path, required=True,
                    help="folder of images in nnU-Net naming (CASE_0000.nii.gz, one file per channel)")
     p.add_argument("-d", "--dataset-id", type=int, required=True, help="id of the new dataset (1-999, unused)")
+    p.add_argument("--labels", type=Path,
+                   help="label files of these images (CASE.nii.gz): the dataset takes them and nothing is predicted")
     p.add_argument("-n", "--name", help="name of the new dataset (default: the parent's dataset name + 'Pseudo')")
     p.add_argument("-f", "--folds", nargs="+", help="folds of the parent to predict with (default: all, ensembled)")
     p.add_argument("--checkpoint", default=CHECKPOINT_FINAL)

@@ -6,7 +6,10 @@ predictions through nnU-Net's own ``nnUNetPredictor`` (every fold of the parent 
 ``nnUNetv2_predict`` ensembles them), and ``dataset.json`` has the parent's labels, channel names and file ending.
 Everything downstream is nnU-Net's and ours unchanged: ``nnUNetv2_preprocess``, ``nnunet-compress plan ...
 --distill``, ``nnUNetv2_train``. With ``--alpha 1`` the pseudo-labels only steer nnU-Net's foreground sampling and
-the student learns from the teacher's probabilities alone.
+the student learns from the teacher's probabilities alone. With ``--labels DIR`` the dataset takes those label files
+instead and nothing is predicted: the user's own labelled images, laid out with the parent's plans so that they
+are preprocessed exactly as the parent's training data were (``auto`` fine-tunes on such a dataset when given
+``--images --labels``).
 
 nnU-Net preprocesses with the plans it finds in ``nnUNet_preprocessed/<dataset>/``, so beside the raw dataset the
 command puts the parent's ``plans.json`` there (under its own plans name, renamed to the new dataset), with
@@ -55,6 +58,7 @@ class PseudoDatasetRequest:
     device: str = "cpu"
     disable_tta: bool = False
     num_processes: int = 2
+    labels: Path | None = None  # given: these are the labels (CASE<ending> per case) and nothing is predicted
 
 
 def image_cases(images: Path, file_ending: str, channel_names: dict) -> list[str]:
@@ -114,6 +118,19 @@ def check_dataset_id(dataset_id: int, folder_name: str, overwrite: bool, parent:
                             f"preprocessed data of that id), or choose another -d")
 
 
+def check_given_labels(labels: Path, cases, file_ending: str,
+                       without: str = "leave it out to label the images with the parent") -> None:
+    """Every image case needs its label file in `labels` (checked before anything is written)."""
+    if not labels.is_dir():
+        raise CompressError(f"label folder {labels} does not exist; pass --labels with one CASE{file_ending} per "
+                            f"image case, or {without}")
+    missing = [c for c in cases if not (labels / f"{c}{file_ending}").is_file()]
+    if missing:
+        raise CompressError(f"the labels do not match the images: {labels} has no {missing[0]}{file_ending}"
+                            f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; pass the label folder "
+                            f"of these images")
+
+
 def predict_labels(folder: ModelFolder, images: Path, output: Path, request: PseudoDatasetRequest) -> None:
     """The parent's segmentation of every image, by nnU-Net's predictor (all requested folds ensembled)."""
     import torch
@@ -137,15 +154,18 @@ def predict_labels(folder: ModelFolder, images: Path, output: Path, request: Pse
 
 def pseudo_dataset_json(parent: ModelFolder, name: str, cases: list[str], request: PseudoDatasetRequest) -> dict:
     src = parent.dataset_json
+    by = (f"the nnU-Net model {parent.path} (folds {', '.join(sorted(parent.folds))})" if request.labels is None
+          else f"the label files of {request.labels}")
     out = {"channel_names": src["channel_names"], "labels": src["labels"], "numTraining": len(cases),
-           "file_ending": src["file_ending"], "name": name,
-           "description": f"images labelled by the nnU-Net model {parent.path} (folds {', '.join(sorted(parent.folds))})"}
+           "file_ending": src["file_ending"], "name": name, "description": f"images labelled by {by}"}
     for key in ("regions_class_order", "overwrite_image_reader_writer"):
         if key in src:
             out[key] = src[key]
     out[PROVENANCE_KEY] = {"parent_model_folder": str(parent.path.resolve()), "folds": sorted(parent.folds),
                            "checkpoint": request.checkpoint, "test_time_augmentation": not request.disable_tta,
-                           "images": str(request.images.resolve())}
+                           "images": str(request.images.resolve()),
+                           "labels": "the parent's predictions" if request.labels is None
+                           else str(request.labels.resolve())}
     return out
 
 
@@ -172,6 +192,8 @@ def write_pseudo_dataset(request: PseudoDatasetRequest, progress=print) -> tuple
     check_dataset_id(request.dataset_id, folder_name, request.overwrite, parent)
     cases = image_cases(request.images, parent.dataset_json["file_ending"], parent.dataset_json["channel_names"])
     ending = parent.dataset_json["file_ending"]
+    if request.labels is not None:
+        check_given_labels(request.labels, cases, ending)
     raw_target = env["nnUNet_raw"] / folder_name
     prep_target = env["nnUNet_preprocessed"] / folder_name
     dataset_json = pseudo_dataset_json(parent, name, cases, request)
@@ -187,10 +209,17 @@ def write_pseudo_dataset(request: PseudoDatasetRequest, progress=print) -> tuple
         for f in sorted(os.listdir(request.images)):
             if f.endswith(ending) and not f.startswith("."):
                 shutil.copy2(request.images / f, raw / "imagesTr" / f)
-        progress(f"labelling {len(cases)} case(s) with {parent.path} (folds {', '.join(sorted(parent.folds))}) "
-                 f"through nnU-Net's predictor")
-        predictions = raw / ".predictions"
-        predict_labels(parent, raw / "imagesTr", predictions, request)
+        if request.labels is not None:
+            progress(f"labels of {len(cases)} case(s) copied from {request.labels} (nothing predicted)")
+            predictions = raw / ".predictions"
+            predictions.mkdir()
+            for c in cases:
+                shutil.copy2(request.labels / f"{c}{ending}", predictions / f"{c}{ending}")
+        else:
+            progress(f"labelling {len(cases)} case(s) with {parent.path} (folds {', '.join(sorted(parent.folds))}) "
+                     f"through nnU-Net's predictor")
+            predictions = raw / ".predictions"
+            predict_labels(parent, raw / "imagesTr", predictions, request)
         missing = [c for c in cases if not (predictions / f"{c}{ending}").is_file()]
         if missing:
             raise CompressError(f"nnU-Net's predictor wrote no segmentation for case(s) {', '.join(missing[:5])}; "
