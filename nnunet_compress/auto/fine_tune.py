@@ -13,9 +13,9 @@ labelled training split of the model's fold — the fold's validation cases, fro
 cases come, are never trained on. From ``--images`` the training data are the fine-tuning part of those images
 (nnunet_compress.auto.fine_tune_data): with ``--labels``, trained on their labels; without, distilled from the
 parent (``alpha`` 1: the student learns the parent's soft predictions, each fold from the parent's same fold, and
-the parent's segmentations only steer nnU-Net's foreground sampling). Training runs against a private ``nnUNet_preprocessed`` (links to the dataset's
-preprocessed files plus the fine-tuning plans) and a private ``nnUNet_results`` in the work area, so the user's
-nnU-Net folders gain nothing; the trained folder is renamed into place once every fold is done (a killed run leaves
+the parent's segmentations only steer nnU-Net's foreground sampling). Training runs against a private
+``nnUNet_preprocessed`` (links to the dataset's preprocessed files plus the fine-tuning plans) and a private
+``nnUNet_results`` in the work area, so the user's nnU-Net folders gain nothing; the trained folder is renamed into place once every fold is done (a killed run leaves
 no model folder, and ``--resume`` trains again from the start of that step).
 """
 

@@ -90,15 +90,15 @@ def nnunet_folders(**folders: Path):
                 os.environ[k] = v
 
 
-def prepare_fine_tune_data(parent: ModelFolder, train: CaseSet, labelled: bool, configuration: str,
-                           checkpoint: str, root: Path, log: Callable[[str], None]) -> FineTuneData:
-    """The preprocessed training dataset under `root`, made once (see the module docstring)."""
+def prepare_fine_tune_data(data: FineTuneData, parent: ModelFolder, train: CaseSet, configuration: str,
+                           checkpoint: str, log: Callable[[str], None]) -> None:
+    """The preprocessed training dataset under `data.root`, made once (see the module docstring)."""
     from nnunet_compress.workflows.pseudo_dataset import PseudoDatasetRequest, write_pseudo_dataset
 
-    data = FineTuneData(root, distil=not labelled)
+    root = data.root
     if (root / READY).is_file():
         log(f"fine-tuning data: {DATASET} in {root} already prepared, reused")
-        return data
+        return
     if root.exists():  # a killed preparation: start it again
         shutil.rmtree(root)
     results = root / "results"
@@ -106,7 +106,7 @@ def prepare_fine_tune_data(parent: ModelFolder, train: CaseSet, labelled: bool, 
         folder.mkdir(parents=True)
     request = PseudoDatasetRequest(parent=parent.path, images=train.images, dataset_id=DATASET_ID, name=NAME,
                                    folds=sorted(parent.folds), checkpoint=checkpoint,
-                                   labels=train.labels if labelled else None)
+                                   labels=None if data.distil else train.labels)
     with nnunet_folders(nnUNet_raw=data.raw, nnUNet_preprocessed=data.preprocessed, nnUNet_results=results):
         _, prep, plans_name = write_pseudo_dataset(request, progress=log)
     env = nnunet_subprocess_env(nnUNet_raw=data.raw, nnUNet_preprocessed=data.preprocessed, nnUNet_results=results)
@@ -116,5 +116,4 @@ def prepare_fine_tune_data(parent: ModelFolder, train: CaseSet, labelled: bool, 
     (root / "splits_final.json").write_text(json.dumps(splits, indent=2))
     shutil.copy2(root / "splits_final.json", prep / "splits_final.json")
     atomic_write_file(root / READY, lambda tmp: tmp.write_text(json.dumps(
-        {"dataset": DATASET, "cases": train.cases, "labels": "given" if labelled else "the parent's predictions"})))
-    return data
+        {"dataset": DATASET, "cases": train.cases, "labels": "the parent's predictions" if data.distil else "given"})))

@@ -44,7 +44,6 @@ class Speed:
                 "speedup_vs_torch": self.speedup_torch}
 
 
-
 class ParentTimer:
     """The parent loaded once; times any model beside it."""
 

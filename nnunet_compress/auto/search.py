@@ -338,9 +338,10 @@ class Search:
             self.progress("fine-tuning: no graded candidate is faster than the best one within the budget; nothing "
                           "to fine-tune")
             return []
-        if self.fine_tune_data() is not None:
-            prepare_fine_tune_data(self.folder, self.data.train, self.data.labelled, self.configuration,
-                                   self.s.checkpoint, self.fine_tune_data().root, self.log)
+        data = self.fine_tune_data()
+        if data is not None:
+            prepare_fine_tune_data(data, self.folder, self.data.train, self.configuration, self.s.checkpoint,
+                                   self.log)
         out: list[Row] = []
         durations: list[float] = []
         n = len(chosen)
