@@ -13,6 +13,7 @@ from torch import nn
 from nnunet_compress.costs import count_parameters, layer_io_shapes, total_macs
 from nnunet_compress.errors import CompressError
 from nnunet_compress.tucker.ranks import (
+    NetworkBudget,
     RankPolicy,
     decomposable_layers,
     rank_floor,
@@ -109,11 +110,11 @@ def test_budget_policy_keeps_the_floor(metric, target):
     layers, io = decomposable_layers(net), layer_io_shapes(net, PATCH)
     base_params, base_macs = count_parameters(net), total_macs(net, io)
     # premise: without a floor the greedy allocator goes below 8 somewhere (random kernels, flat spectra)
-    unfloored = ranks_for_budget(layers, io, base_params, base_macs, target, metric=metric, min_rank=1)
+    unfloored = ranks_for_budget(layers, io, NetworkBudget(target, base_params, base_macs, metric), min_rank=1)
     assert lowest_ranks(unfloored, layers)
-    floored = ranks_for_budget(layers, io, base_params, base_macs, target, metric=metric)
+    floored = ranks_for_budget(layers, io, NetworkBudget(target, base_params, base_macs, metric))
     assert floored and not lowest_ranks(floored, layers)
-    with_multiple = ranks_for_budget(layers, io, base_params, base_macs, target, metric=metric, multiple=8)
+    with_multiple = ranks_for_budget(layers, io, NetworkBudget(target, base_params, base_macs, metric), multiple=8)
     for name, pair in with_multiple.items():
         conv = layers[name]
         for r, c in zip(pair, (conv.out_channels, conv.in_channels)):
@@ -165,13 +166,13 @@ def test_unreachable_budget_says_what_the_floor_allows():
     net_floor = base_macs - sum(_saved_macs(layers[n], io[n], r) for n, r in floor_ranks.items())
     lowest = net_floor / base_macs
     with pytest.raises(CompressError) as info:
-        ranks_for_budget(layers, io, base_params, base_macs, lowest - 0.02, metric="flops")
+        ranks_for_budget(layers, io, NetworkBudget(lowest - 0.02, base_params, base_macs, "flops"))
     message = str(info.value)
     assert f"keeps {lowest:.4f} of its flops" in message and "--min-rank 8" in message
     assert "choose --target-flops" in message and "\n" not in message
     # the suggested fraction itself is reachable
     suggested = float(message.split("choose --target-flops ")[1].split()[0])
-    assert suggested >= lowest and ranks_for_budget(layers, io, base_params, base_macs, suggested, metric="flops")
+    assert suggested >= lowest and ranks_for_budget(layers, io, NetworkBudget(suggested, base_params, base_macs, "flops"))
 
 
 def _saved_macs(conv, sizes, ranks) -> int:
@@ -348,9 +349,10 @@ def test_weights_steer_the_allocator_to_the_damped_layer():
     io = {n: ((8, 8, 8), (8, 8, 8)) for n in layers}
     base_params = sum(conv_costs_of(c, io[n])[0] for n, c in layers.items())
     base_macs = sum(conv_costs_of(c, io[n])[1] for n, c in layers.items())
-    even = ranks_for_budget(layers, io, base_params, base_macs, 0.7, min_rank=8)
+    even = ranks_for_budget(layers, io, NetworkBudget(0.7, base_params, base_macs), min_rank=8)
     assert set(even) == {"a", "b"}  # identical layers, equal weights: both get cut
-    steered = ranks_for_budget(layers, io, base_params, base_macs, 0.7, min_rank=8, weights={"a": 1.0, "b": 1e-4})
+    steered = ranks_for_budget(layers, io, NetworkBudget(0.7, base_params, base_macs), min_rank=8,
+                               weights={"a": 1.0, "b": 1e-4})
     assert list(steered) == ["b"]  # the budget is met by cutting only the layer whose errors the network damps
 
 

@@ -30,7 +30,7 @@ from nnunet_compress.pruning.importance import cost_weighted_scores
 from nnunet_compress.pruning.surgery import prune_channels
 from nnunet_compress.pruning.taylor import TaylorSettings, prune_until_target
 from nnunet_compress.tucker.budget_guard import network_fraction
-from nnunet_compress.tucker.ranks import RankPolicy, decomposable_layers, rank_floor, ranks_for_budget
+from nnunet_compress.tucker.ranks import NetworkBudget, RankPolicy, decomposable_layers, rank_floor, ranks_for_budget
 
 torch.set_num_threads(1)
 PATCH = (16, 16, 16)
@@ -170,8 +170,8 @@ def test_seconds_budget_meets_its_predicted_goal_and_counts_the_fixed_costs():
     io = layer_io_shapes(net, PATCH)
     cost = affine_cost()
     base = 0.05  # measured seconds of the whole network: convolutions and everything else
-    ranks = ranks_for_budget(layers, io, count_parameters(net), total_macs(net, io), 0.8, metric="seconds",
-                             min_rank=2, base_seconds=base, layer_cost=cost)
+    ranks = ranks_for_budget(layers, io, NetworkBudget(0.8, count_parameters(net), total_macs(net, io), "seconds",
+                                                   seconds=base, layer_cost=cost), min_rank=2)
     assert ranks
     saved = sum(cost(layers[n], *io[n]) - cost(layers[n], *io[n], r) for n, r in ranks.items())
     assert (base - saved) / base <= 0.8
@@ -185,8 +185,8 @@ def test_seconds_budget_below_what_the_floors_allow_puts_every_layer_at_the_floo
     net = plain_unet_3d()
     layers = decomposable_layers(net)
     io = layer_io_shapes(net, PATCH)
-    ranks = ranks_for_budget(layers, io, count_parameters(net), total_macs(net, io), 0.01, metric="seconds",
-                             min_rank=4, base_seconds=0.05, layer_cost=affine_cost())
+    ranks = ranks_for_budget(layers, io, NetworkBudget(0.01, count_parameters(net), total_macs(net, io), "seconds",
+                                                   seconds=0.05, layer_cost=affine_cost()), min_rank=4)
     for name, (r_out, r_in) in ranks.items():
         conv = layers[name]
         assert (r_out, r_in) == (rank_floor(conv.out_channels, 4), rank_floor(conv.in_channels, 4))

@@ -18,6 +18,7 @@ from nnunet_compress.costs import conv_costs, layer_io_shapes
 from nnunet_compress.errors import CompressError
 from nnunet_compress.tucker.decomposition import replace_convs
 from nnunet_compress.tucker.ranks import (
+    NetworkBudget,
     decomposable_layers,
     keep_only_cheaper,
     ranks_by_energy,
@@ -261,7 +262,7 @@ def unet_and_costs():
 def test_budget_reaches_target_on_the_built_network(unet_and_costs, metric, target, multiple):
     net, io, base_params, base_macs = unet_and_costs
     layers = decomposable_layers(net)
-    ranks = ranks_for_budget(layers, io, base_params, base_macs, target, metric=metric, multiple=multiple,
+    ranks = ranks_for_budget(layers, io, NetworkBudget(target, base_params, base_macs, metric), multiple=multiple,
                              min_rank=1)
     assert ranks and set(ranks) <= set(layers)
     compressed = copy.deepcopy(net)
@@ -297,10 +298,10 @@ def test_budget_cuts_the_exactly_low_rank_layer_first():
     # the target is met exactly when the low-rank layer sits at its true ranks and the other is untouched
     low_params = conv_costs(layers["low_rank"], *io["low_rank"], ranks=(2, 3))[0]
     target = (originals["random"][0] + low_params) / base_params + 1e-9
-    assert ranks_for_budget(layers, io, base_params, base_macs, target, min_rank=1) == {"low_rank": (2, 3)}
+    assert ranks_for_budget(layers, io, NetworkBudget(target, base_params, base_macs), min_rank=1) == {"low_rank": (2, 3)}
     # a tighter target has to cut the random layer too, but the low-rank one keeps its exact ranks: cutting
     # below them discards more energy than the random layer's smallest directions hold
-    tighter = ranks_for_budget(layers, io, base_params, base_macs, 0.5, min_rank=1)
+    tighter = ranks_for_budget(layers, io, NetworkBudget(0.5, base_params, base_macs), min_rank=1)
     assert tighter["low_rank"] == (2, 3) and "random" in tighter
 
 
@@ -311,8 +312,8 @@ def test_budget_counts_the_rest_of_the_network():
     # the decomposable layer is half the network: even at rank (1, 1) at most half of it can go
     floor = p0 + conv_costs(layers["a"], *io["a"], ranks=(1, 1))[0]
     with pytest.raises(CompressError, match=f"{floor / (2 * p0):.4f}"):
-        ranks_for_budget(layers, io, 2 * p0, 2 * m0, 0.5, min_rank=1)
-    ranks = ranks_for_budget(layers, io, 2 * p0, 2 * m0, 0.6, min_rank=1)
+        ranks_for_budget(layers, io, NetworkBudget(0.5, 2 * p0, 2 * m0), min_rank=1)
+    ranks = ranks_for_budget(layers, io, NetworkBudget(0.6, 2 * p0, 2 * m0), min_rank=1)
     r_params = conv_costs(layers["a"], *io["a"], ranks=ranks["a"])[0]
     assert (p0 + r_params) / (2 * p0) <= 0.6
 
@@ -325,17 +326,20 @@ def test_budget_unreachable_names_smallest_fraction(unet_and_costs):
                 if n in keep_only_cheaper(layers, {n: lowest[n]}, io))
     smallest = (base_params - saved) / base_params
     with pytest.raises(CompressError, match=f"keeps {smallest:.4f} of its params; choose --target-params"):
-        ranks_for_budget(layers, io, base_params, base_macs, smallest - 0.01, min_rank=8)
+        ranks_for_budget(layers, io, NetworkBudget(smallest - 0.01, base_params, base_macs), min_rank=8)
 
 
-@pytest.mark.parametrize("kwargs, message", [({"target": 0}, r"outside \(0, 1\)"), ({"target": 1}, "outside"),
-                                             ({"target": 0.5, "metric": "latency"}, "not one of params, flops, seconds"),
-                                             ({"target": 0.5, "metric": "seconds"}, "needs a cost model"),
-                                             ({"target": 0.5, "multiple": 0}, "multiple")])
-def test_budget_bad_input(unet_and_costs, kwargs, message):
+@pytest.mark.parametrize("budget, kwargs, message", [({"target": 0}, {}, r"outside \(0, 1\)"),
+                                                     ({"target": 1}, {}, "outside"),
+                                                     ({"target": 0.5, "metric": "latency"}, {},
+                                                      "not one of params, flops, seconds"),
+                                                     ({"target": 0.5, "metric": "seconds"}, {}, "needs a cost model"),
+                                                     ({"target": 0.5}, {"multiple": 0}, "multiple")])
+def test_budget_bad_input(unet_and_costs, budget, kwargs, message):
     net, io, base_params, base_macs = unet_and_costs
     with pytest.raises(CompressError, match=message):
-        ranks_for_budget(decomposable_layers(net), io, base_params, base_macs, **kwargs)
+        ranks_for_budget(decomposable_layers(net), io, NetworkBudget(params=base_params, macs=base_macs, **budget),
+                         **kwargs)
 
 
 def test_layers_not_run_by_the_measured_pass_are_left_out():
@@ -350,7 +354,7 @@ def test_layers_not_run_by_the_measured_pass_are_left_out():
     assert ranks == {"decoder.seg_layers.1": (1, 1)}
     assert "decoder.seg_layers.0" not in ranks_by_ratio(layers, 0.1, min_rank=1, io_shapes=io)
     params, macs = network_costs(net, PATCH)
-    assert "decoder.seg_layers.0" not in ranks_for_budget(layers, io, params, macs, 0.5, min_rank=1)
+    assert "decoder.seg_layers.0" not in ranks_for_budget(layers, io, NetworkBudget(0.5, params, macs), min_rank=1)
 
 
 def test_policies_drop_layers_that_would_grow():

@@ -295,6 +295,29 @@ _FLAGS = {"params": "--target-params", "flops": "--target-flops", "seconds": "--
 LayerCost = Callable[[nn.Module, tuple, tuple, "tuple[int, int] | None"], float]
 
 
+@dataclass(frozen=True)
+class NetworkBudget:
+    """A whole-network budget: keep `target` × the network's total `metric` ("params", "flops" or "seconds").
+
+    The totals are the WHOLE network's, so layers that are not decomposed count too: `params` and `macs` always
+    (they also decide whether a factorisation is cheaper than its layer); for seconds, `seconds` is the network's
+    measured time per patch and `layer_cost` a latency model's per-layer prediction, so that what is not
+    decomposed, norms and activations included, counts in full.
+    """
+
+    target: float
+    params: int
+    macs: int
+    metric: str = "params"
+    seconds: float | None = None
+    layer_cost: LayerCost | None = None
+
+    @property
+    def base(self) -> float | None:
+        """The network's total in the budget's metric."""
+        return {"params": self.params, "flops": self.macs, "seconds": self.seconds}.get(self.metric)
+
+
 def metric_cost(metric: str, layer_cost: LayerCost | None = None) -> LayerCost:
     """The per-layer cost of a budget metric: parameters or MACs counted, or seconds from `layer_cost` (a
     latency model's ``layer_seconds``, see :mod:`nnunet_compress.budgets.cost_model`)."""
@@ -366,13 +389,10 @@ def rank_ladder(full: int, multiple: int, min_rank: int) -> list[int]:
     return [full] + [r for r in range(largest_below_full, floor - 1, -multiple) if r >= 1]
 
 
-def ranks_for_budget(layers: Mapping[str, nn.Module], io_shapes: IOShapes, base_params: int, base_macs: int,
-                     target: float, *, metric: str = "params", multiple: int = 1, min_rank: int = 8,
-                     weights: Mapping[str, float] | None = None, base_seconds: float | None = None,
-                     layer_cost: LayerCost | None = None) -> Ranks:
-    """Ranks that bring the WHOLE network to `target` × its parameters, MACs or seconds, losing as little as
-    possible. For seconds, `base_seconds` is the network's measured time per patch and `layer_cost` a latency
-    model's per-layer prediction (so what is not decomposed, norms and activations included, counts in full).
+def ranks_for_budget(layers: Mapping[str, nn.Module], io_shapes: IOShapes, budget: NetworkBudget, *,
+                     multiple: int = 1, min_rank: int = 8, weights: Mapping[str, float] | None = None) -> Ranks:
+    """Ranks that bring the WHOLE network to `budget` (a fraction of its parameters, MACs or seconds), losing as
+    little as possible.
 
     Greedy from full ranks: repeatedly lower one mode of one layer by one step (to the next multiple of
     `multiple`) where the estimated relative squared reconstruction error added per unit of cost saved is
@@ -381,16 +401,14 @@ def ranks_for_budget(layers: Mapping[str, nn.Module], io_shapes: IOShapes, base_
     discarding singular values of a mode unfolding adds their squares to ||W - Ŵ||², and we normalise by ||W||²
     so that layers of any scale compare. Costs are measured on the factorised layer (which always shrinks with
     the rank); a layer only counts as saving once its factorisation is cheaper than the original in params and
-    MACs, and only such layers are returned. base_params / base_macs are the whole network's, so layers that
-    are not decomposed count too; layers missing from io_shapes (not run by its forward pass) are left out. A
-    heap with lazily invalidated entries keeps this fast for large networks.
+    MACs, and only such layers are returned. Layers missing from io_shapes (not run by its forward pass) are
+    left out. A heap with lazily invalidated entries keeps this fast for large networks.
 
     `weights` (layer -> factor, e.g. :func:`nnunet_compress.tucker.budget_guard.layer_sensitivities`) scale each layer's
     error estimate by how much the network amplifies it, so the error being traded is the network output's
     rather than the kernel's; layers without a weight count 1.
     """
-    states, base, goal = _budget_states(layers, io_shapes, base_params, base_macs, target, metric, multiple,
-                                        min_rank, base_seconds, layer_cost)
+    states, base, goal = _budget_states(layers, io_shapes, budget, multiple, min_rank)
     for state in states:
         state.weight = _checked_weight(state.name, (weights or {}).get(state.name, 1.0))
 
@@ -422,19 +440,16 @@ def ranks_for_budget(layers: Mapping[str, nn.Module], io_shapes: IOShapes, base_
     return keep_only_cheaper(layers, chosen, io_shapes)
 
 
-def check_budget_reachable(layers: Mapping[str, nn.Module], io_shapes: IOShapes, base_params: int,
-                           base_macs: int, target: float, *, metric: str = "params", multiple: int = 1,
-                           min_rank: int = 8, base_seconds: float | None = None,
-                           layer_cost: LayerCost | None = None) -> None:
+def check_budget_reachable(layers: Mapping[str, nn.Module], io_shapes: IOShapes, budget: NetworkBudget, *,
+                           multiple: int = 1, min_rank: int = 8) -> None:
     """Refuse bad budget input and budgets the rank floor cannot meet, before anything costly is measured."""
-    _budget_states(layers, io_shapes, base_params, base_macs, target, metric, multiple, min_rank, base_seconds,
-                   layer_cost)
+    _budget_states(layers, io_shapes, budget, multiple, min_rank)
 
 
-def _budget_states(layers: Mapping[str, nn.Module], io_shapes: IOShapes, base_params: int, base_macs: int,
-                   target: float, metric: str, multiple: int, min_rank: int, base_seconds: float | None = None,
-                   layer_cost: LayerCost | None = None) -> tuple[list["_BudgetLayer"], float, float]:
+def _budget_states(layers: Mapping[str, nn.Module], io_shapes: IOShapes, budget: NetworkBudget, multiple: int,
+                   min_rank: int) -> tuple[list["_BudgetLayer"], float, float]:
     """Validated greedy start: (per-layer states at full rank, network total, goal in the metric)."""
+    metric, target = budget.metric, budget.target
     if metric not in _METRICS:
         raise CompressError(f"budget metric {metric!r} is not one of {', '.join(_METRICS)}")
     if not isinstance(target, (int, float, np.floating)) or not 0 < target < 1:
@@ -445,8 +460,8 @@ def _budget_states(layers: Mapping[str, nn.Module], io_shapes: IOShapes, base_pa
     if io_shapes is None:
         raise CompressError("a parameter/FLOP budget needs the layers' input/output sizes; pass "
                             "costs.layer_io_shapes(net, patch_size)")
-    base = {"params": base_params, "flops": base_macs, "seconds": base_seconds}[metric]
-    cost = metric_cost(metric, layer_cost)
+    base = budget.base
+    cost = metric_cost(metric, budget.layer_cost)
     if base is None or not base > 0:
         raise CompressError(f"the network's total {metric} must be positive, got {base}")
     # layers the measured forward pass did not run are left out, as in keep_only_cheaper

@@ -182,12 +182,13 @@ def _budget_candidates(net: nn.Module, policy: RankPolicy, patch_size, patches: 
             batches, _ = patches()
             weights = layer_sensitivities(net, {n: c for n, c in layers.items() if n in io_shapes}, batches,
                                           seed=policy.calibration_seed)
-        return R.ranks_for_budget(layers, io_shapes, params, macs, target, metric=terms.metric,
-                                  multiple=policy.multiple, min_rank=policy.min_rank, weights=weights,
-                                  base_seconds=terms.base, layer_cost=terms.layer_cost)
+        seconds = terms.base if terms.metric == "seconds" else None
+        budget = R.NetworkBudget(target, params, macs, terms.metric, seconds=seconds, layer_cost=terms.layer_cost)
+        return R.ranks_for_budget(layers, io_shapes, budget, multiple=policy.multiple, min_rank=policy.min_rank,
+                                  weights=weights)
 
     if terms.metric != "seconds":  # fail before measuring anything (seconds: judged on the measured network)
-        R.check_budget_reachable(layers, io_shapes, params, macs, terms.target, metric=terms.metric,
+        R.check_budget_reachable(layers, io_shapes, R.NetworkBudget(terms.target, params, macs, terms.metric),
                                  multiple=policy.multiple, min_rank=policy.min_rank)
     kinds = ("kernel", "sensitivity") if policy.budget_error == "best" else (policy.budget_error,)
     if terms.latency is None:
