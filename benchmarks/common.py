@@ -17,7 +17,7 @@ RESULTS = REPO / "benchmarks" / "results"  # summaries (Markdown, JSON, PNG): tr
 WORK = REPO / "benchmarks" / "work"  # workspaces, homes, engine caches, logs: untracked
 
 
-def device_name() -> str:
+def cpu_model() -> str:
     """The CPU model as /proc/cpuinfo names it (platform.processor() often says only 'x86_64')."""
     model = platform.processor() or platform.machine()
     try:
@@ -25,7 +25,12 @@ def device_name() -> str:
             model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"CPU {model} ({torch.get_num_threads()} threads)"
+    return model
+
+
+def device_name() -> str:
+    """The CPU model and the threads torch runs on here."""
+    return f"CPU {cpu_model()} ({torch.get_num_threads()} threads)"
 
 
 def time_interleaved(rows, fn, runs, warmup=1):

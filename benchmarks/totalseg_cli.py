@@ -7,12 +7,20 @@
 Per-patch speed-ups (benchmarks/speed.py) are not what a user gets: a TotalSegmentator run also starts Python,
 imports torch, resamples the CT, loads the model, runs nnU-Net's sliding window and export, post-processes and
 saves. This runs TotalSegmentator's CLI as a user would (``TotalSegmentator -i CT -o OUT --ml -d cpu``, plus
-``--fast`` for ``total_fast``), one subprocess per run, on three homes, interleaved run by run:
+``--fast`` for ``total_fast``), one subprocess per run, on up to five homes, interleaved run by run:
 
 * ``original (torch)``: a source home as TotalSegmentator ships it (PlainConvUNet on torch),
 * ``original (openvino)``: the same weights through ``nnunet-compress totalseg --no-compression`` (the original
   network on our CPU engine: the fair baseline for the engine),
-* ``compressed``: ``nnunet-compress totalseg --rank-ratio R`` (Tucker) of the same source home.
+* ``compressed``: ``nnunet-compress totalseg --rank-ratio R`` (Tucker) of the same source home,
+* ``original_int8`` and ``compressed_int8``: the same two with ``--int8``, calibrated on ``--calibration-images``
+  (default: a synthetic phantom of ``--calibration-size`` voxels written under ``--work``): the original as a user
+  quantises it in minutes, and compression and INT8 together.
+
+With the stand-in's random weights the segmentation means nothing and flips under any rounding, so the INT8 homes
+are quantised with an open Dice budget (``--int8-options``, default ``--max-dice-drop 0.99``): what is timed is the
+INT8 network, not the accuracy control; with ``--source-home`` (real weights) the default budget of ``quantize``
+applies unless ``--int8-options`` says otherwise.
 
 ``--homes`` picks some of them (a run of the 1.5 mm task on a whole-body CT takes tens of minutes per home), and
 ``--warmup-size`` runs the warm-up on a small synthetic CT: the engine converts per patch shape, and nnU-Net pads a
@@ -45,7 +53,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import shutil
 import statistics
@@ -56,10 +63,13 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import REPO, RESULTS, WORK
+from benchmarks.common import REPO, RESULTS, WORK, cpu_model
 from nnunet_compress.totalseg.home import RESULTS as HOME_RESULTS
 
-HOME_KEYS = ("original_torch", "original_engine", "compressed")
+HOME_KEYS = ("original_torch", "original_engine", "compressed", "original_int8", "compressed_int8")
+DEFAULT_HOMES = ("original_torch", "original_engine", "compressed")
+# random weights: an open Dice budget, few tiles (the timing does not depend on the calibration values)
+STANDIN_INT8_OPTIONS = "--max-dice-drop 0.99 --subset-size 8 --validation-patches 4"
 STAGES_DRIVER = Path(__file__).resolve().parent / "totalseg_stages.py"
 EXAMPLE_CT = REPO / "tests" / "data" / "totalsegmentator" / "example_ct.nii.gz"
 BIN = Path(sys.executable).parent
@@ -76,9 +86,16 @@ def main(argv=None) -> int:
     ap.add_argument("--spacing", type=float, default=0.8, help="voxel spacing of --synthetic-ct in mm")
     ap.add_argument("--rank-ratio", type=float, default=0.25)
     ap.add_argument("--runs", type=int, default=2, help="timed runs per home, after one first run each")
-    ap.add_argument("--homes", nargs="+", choices=HOME_KEYS, default=list(HOME_KEYS),
-                    help="which homes to run (default: all three; the 1.5 mm task on a whole-body CT takes about "
-                         "an hour per run of the original on torch)")
+    ap.add_argument("--homes", nargs="+", choices=HOME_KEYS, default=list(DEFAULT_HOMES),
+                    help="which homes to run (default: the three f32 ones; the 1.5 mm task on a whole-body CT takes "
+                         "about an hour per run of the original on torch)")
+    ap.add_argument("--calibration-images", type=Path,
+                    help="INT8 homes: calibration CTs in nnU-Net naming (default: one synthetic phantom of "
+                         "--calibration-size voxels at --spacing)")
+    ap.add_argument("--calibration-size", nargs=3, type=int, default=(256, 256, 256), metavar=("X", "Y", "Z"))
+    ap.add_argument("--int8-options", default=None,
+                    help=f"extra options of `totalseg --int8` (default with the stand-in: '{STANDIN_INT8_OPTIONS}'; "
+                         f"with --source-home: none)")
     ap.add_argument("--warmup-size", nargs=3, type=int, metavar=("X", "Y", "Z"),
                     help="warm-up runs on a synthetic CT of this many voxels at --spacing instead of the timed CT: "
                          "they only fill the engine's cache, which depends on the patch, not on the CT")
@@ -157,7 +174,7 @@ def main(argv=None) -> int:
               "runs": args.runs, "breakdown_runs": args.breakdown_runs, "prepared": not args.no_prepare,
               "warmup_ct": describe_ct(warmup_ct) if warmup_ct != ct else None,
               "weights": str(args.source_home) if args.source_home else "stand-in (random, He init)",
-              "cpu": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+              "cpu": f"{cpu_model()}, {os.cpu_count()} cores",
               "versions": versions(), "command": "TotalSegmentator -i CT " + " ".join(ts_args) + " -o OUT",
               "homes": [{k: v for k, v in h.items() if k != "env"} | {"path": str(h["path"])} for h in homes]}
     table = markdown(report)
@@ -199,16 +216,40 @@ def build_homes(args, work: Path) -> list[dict]:
         models_from = source
     converted = root / "original_converted"
     compressed = root / f"tucker{args.rank_ratio:g}"
+    original_int8, compressed_int8 = root / "original_int8", root / f"tucker{args.rank_ratio:g}_int8"
     if "original_engine" in args.homes:
         derive(models_from, converted, args.task, ["--no-compression"])
     if "compressed" in args.homes:
         derive(models_from, compressed, args.task, ["--rank-ratio", str(args.rank_ratio)])
+    if {"original_int8", "compressed_int8"} & set(args.homes):
+        int8 = int8_options(args, work)
+        if "original_int8" in args.homes:
+            derive(models_from, original_int8, args.task, ["--no-compression", *int8])
+        if "compressed_int8" in args.homes:
+            derive(models_from, compressed_int8, args.task, ["--rank-ratio", str(args.rank_ratio), *int8])
     engine = {"NNUNET_COMPRESS_CPU_ENGINE": args.engine}
     homes = [{"key": "original_torch", "label": "original (torch)", "path": source, "env": {}},
             {"key": "original_engine", "label": f"original ({args.engine})", "path": converted, "env": engine},
             {"key": "compressed", "label": f"compressed, Tucker {args.rank_ratio:g} ({args.engine})",
-             "path": compressed, "env": engine}]
+             "path": compressed, "env": engine},
+            {"key": "original_int8", "label": f"original ({args.engine} INT8)", "path": original_int8,
+             "env": engine},
+            {"key": "compressed_int8", "label": f"compressed, Tucker {args.rank_ratio:g} ({args.engine} INT8)",
+             "path": compressed_int8, "env": engine}]
     return [h for h in homes if h["key"] in args.homes]
+
+
+def int8_options(args, work: Path) -> list[str]:
+    """`totalseg` options of the INT8 homes: --int8, the calibration CTs (a synthetic phantom unless given) and
+    --int8-options (an open Dice budget for the stand-in's random weights)."""
+    images = args.calibration_images
+    if images is None:
+        images = work / f"calibration_{'x'.join(map(str, args.calibration_size))}_{args.spacing:g}mm"
+        if not (images / "phantom_0000.nii.gz").is_file():
+            write_synthetic_ct(images / "phantom_0000.nii.gz", tuple(args.calibration_size), args.spacing, seed=1)
+    extra = args.int8_options if args.int8_options is not None else \
+        ("" if args.source_home else STANDIN_INT8_OPTIONS)
+    return ["--int8", "--calibration-images", str(images.resolve()), *shlex.split(extra)]
 
 
 def prepare_engine(home: dict, task: str, env: dict, logs: Path) -> float:
@@ -388,7 +429,8 @@ def markdown(report) -> str:
     homes = report["homes"]
     medians = {h["key"]: statistics.median(r["wall_s"] for r in h["runs"]) for h in homes}
     bases = [(key, label) for key, label in (("original_torch", "original (torch)"),
-                                             ("original_engine", "original (engine)")) if key in medians]
+                                             ("original_engine", "original (engine)"),
+                                             ("original_int8", "original (engine INT8)")) if key in medians]
     runs = report["runs"]
     warmup = report.get("warmup_ct")
     converts = "" if report.get("prepared") else " (conversion)"
