@@ -9,7 +9,7 @@ cases, base training seeded with ``tiny.TRAINING_SEED + s``, fine-tuning and pru
 reference channels with ``12345 + s``), data loading in the training process, so every seed repeats exactly. A
 workspace that already holds a model is reused, so an interrupted run resumes where it stopped.
 
-    python -m benchmarks.stability                         # 5 seeds, about 17 min per seed on 2 idle cores
+    python -m benchmarks.stability                         # 5 seeds, about 38 min per seed on 2 cores
     python -m benchmarks.stability --seeds 0 1 --tag smoke  # a quick look
     python -m benchmarks.stability --rerun sauron           # Sauron retrained with the current code, every other
                                                             # row taken from the last stability.json
