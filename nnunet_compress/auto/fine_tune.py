@@ -15,8 +15,9 @@ cases come, are never trained on. From ``--images`` the training data are the fi
 parent (``alpha`` 1: the student learns the parent's soft predictions, each fold from the parent's same fold, and
 the parent's segmentations only steer nnU-Net's foreground sampling). Training runs against a private
 ``nnUNet_preprocessed`` (links to the dataset's preprocessed files plus the fine-tuning plans) and a private
-``nnUNet_results`` in the work area, so the user's nnU-Net folders gain nothing; the trained folder is renamed into place once every fold is done (a killed run leaves
-no model folder, and ``--resume`` trains again from the start of that step).
+``nnUNet_results`` in the work area, so the user's nnU-Net folders gain nothing; the trained folder is renamed into
+place once every fold is done (a killed run leaves no model folder, and ``--resume`` trains again from the start of
+that step).
 """
 
 from __future__ import annotations
