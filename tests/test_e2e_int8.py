@@ -41,7 +41,7 @@ def int8_folder(tiny_ws, tiny_base, tmp_path_factory):
     return out
 
 
-def test_int8_folder_carries_the_model_manifest_and_report(tiny_base, int8_folder):
+def test_int8_folder_carries_the_model_manifest_and_report(tiny_ws, tiny_base, int8_folder):
     plans = read_json(int8_folder / "plans.json")
     cfg = plans["configurations"]["3d_fullres"]
     assert cfg["architecture"]["network_class_name"] == "nnunet_compress.network.CompressedUNet"
@@ -56,6 +56,12 @@ def test_int8_folder_carries_the_model_manifest_and_report(tiny_base, int8_folde
     assert manifest["calibration_patches"] == 8 and manifest["validation_patches"] == 6
     assert manifest["calibration_foreground_patches"] >= 4  # at least half the tiles hold labelled foreground
     assert manifest["mean_dice_f32"] - manifest["mean_dice_int8"] <= 0.01 + 1e-9
+    assert all(manifest["dice_f32"][c] - manifest["dice_int8"][c] <= 0.02 + 1e-9 for c in manifest["dice_f32"])
+    # graded on the cases fold 0 never trained on, calibrated on the ones it did (nnU-Net's own split file)
+    split = read_json(tiny_ws.preprocessed / tiny_ws.dataset_folder_name / "splits_final.json")[0]
+    assert manifest["validation_cases"] and set(manifest["validation_cases"]) <= set(split["val"])
+    assert set(manifest["calibration_cases"]) <= set(split["train"])
+    assert "validation cases in splits_final.json" in manifest["validation_source"]
     report = (int8_folder / "quantization_report.md").read_text()
     assert "| class | Dice f32 | Dice INT8 |" in report and "kept in f32" in report
 
@@ -91,6 +97,8 @@ def test_int8_folder_refuses_training_in_one_line(tiny_ws, int8_folder):
     (["--calibration-images", "MISSING"], "does not exist"),
     (["--calibration-images", "EMPTY"], "no .nii.gz images"),
     (["--calibration-dataset", "501", "--max-dice-drop", "1.5"], "outside (0, 1)"),
+    (["--calibration-dataset", "501", "--max-dice-drop", "0.02", "--max-class-drop", "0.01"],
+     "must lie in [--max-dice-drop, 1)"),
     (["--calibration-images", "TWO_CHANNELS"], "has 2 channel file(s) but the model expects 1"),
 ])
 def test_bad_input_one_line_errors(tiny_ws, tiny_base, tmp_path, args, message):

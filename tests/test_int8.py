@@ -130,6 +130,49 @@ def test_accuracy_control_keeps_layers_in_f32_under_a_tight_budget():
     assert tight.mean_dice_f32 == pytest.approx(1.0)  # graded against the f32 model's own labels
 
 
+class LabelMapModel:
+    """Stands in for a compiled model: one-hot logits of a fixed label map, whatever the input."""
+
+    def __init__(self, labels: np.ndarray, classes: int = 3):
+        self.logits = np.eye(classes, dtype=np.float32)[labels].transpose(3, 0, 1, 2)[None]
+
+    def __call__(self, image):
+        return [self.logits]
+
+
+def test_dice_metric_drop_is_the_larger_of_mean_and_weighted_class_drop():
+    target = np.zeros((4, 4, 4), dtype=np.int64)
+    target[:2] = 1                              # 32 voxels of class 1
+    target[2:, :2] = 2                          # 16 voxels of class 2
+    prediction = target.copy()
+    prediction[2:, :2, :1] = 0                  # class 2 loses 4 of its 16 voxels: Dice 2*12/(12+16)
+    patches = [int8.ValidationPatch(np.zeros(SHAPE, np.float32), target)]
+    reference = {1: 1.0, 2: 1.0}
+    dice_2 = 24 / 28
+    mean_drop, class_drop = (1 - dice_2) / 2, 1 - dice_2
+    for weight in (0.25, 0.5, 2.0):             # max_drop / max_class_drop
+        score, per_item = int8._dice_metric([1, 2], reference, weight)(LabelMapModel(prediction), patches)
+        assert score == pytest.approx(1.0 - max(mean_drop, weight * class_drop))
+        assert per_item == [pytest.approx((1 + dice_2) / 2)]
+    score, _ = int8._dice_metric([1, 2], reference, 0.5)(LabelMapModel(target), patches)
+    assert score == pytest.approx(1.0)          # the reference itself: no drop
+
+
+def test_class_limit_returns_layers_to_f32_where_the_mean_budget_would_not():
+    net = unet(seed=3)
+    with plain_inference():
+        model = engine.convert(net, torch.zeros(SHAPE))
+    import openvino as ov
+    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    validation = [int8.ValidationPatch(x, int8.predict_labels(compiled, x)) for x in map(blob_image, range(10, 13))]
+    calibration = [blob_image(i) for i in range(3)]
+    loose = int8.quantize(model, calibration, validation, [1, 2], max_drop=0.45, max_class_drop=0.9)
+    assert loose.f32_layers == []
+    class_bound = int8.quantize(model, calibration, validation, [1, 2], max_drop=0.45, max_class_drop=1e-6,
+                                max_restore_steps=2)
+    assert class_bound.f32_layers, "a class limit INT8 cannot meet must return operations to f32"
+
+
 def test_engine_runs_the_int8_model_and_f32_on_request(quantised, monkeypatch):
     net, model, result = quantised
     carrier = with_payload(net, result.model)

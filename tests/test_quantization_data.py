@@ -1,12 +1,15 @@
-"""Calibration and validation tiles for INT8: nnU-Net's sliding-window grid, the foreground share, no reuse.
+"""Calibration and validation tiles for INT8: nnU-Net's sliding-window grid, the foreground share, no reuse, and
+each fold's split into calibration (trained-on) and validation (never trained on) cases.
 
 References: the tile grid against nnU-Net's own step rule worked out by hand (size 40, patch 16, step 0.5: four
 tiles at 0, 8, 16, 24 per axis), and foreground counted from the labels cut out of each tile.
 """
 
+import json
+
 import numpy as np
 
-from nnunet_compress.nnunet.quantization_data import Case, cut, draw_patches, tile_starts
+from nnunet_compress.nnunet.quantization_data import Case, cut, draw_patches, fold_split, tile_starts
 
 PATCH = (16, 16, 16)
 
@@ -56,3 +59,16 @@ def test_label_free_foreground_comes_from_the_predictor():
     assert len(drawn) == 4 and all(p.labels is None for p in drawn)
     assert all((p.image[0, 0] > 2.5).any() for p in drawn)
     assert len(calls) <= max(3 * 4, 4 + 8)  # a bounded look at the tiles, not all 64
+
+
+def test_fold_split_reads_nnunets_split_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path))
+    dataset = "Dataset777_Split"
+    (tmp_path / dataset).mkdir()
+    assert fold_split(dataset, "0") is None  # not trained yet: no split file
+    splits = [{"train": ["c", "a"], "val": ["b"]}, {"train": ["a", "b"], "val": ["c"]}]
+    (tmp_path / dataset / "splits_final.json").write_text(json.dumps(splits))
+    assert fold_split(dataset, "0") == (["a", "c"], ["b"])
+    assert fold_split(dataset, "1") == (["a", "b"], ["c"])
+    assert fold_split(dataset, "2") is None  # a fold the file does not hold
+    assert fold_split(dataset, "all") is None  # trained on every case

@@ -11,7 +11,7 @@ from nnunet_compress.workflows.quantize import PRESETS, QuantizeSettings, quanti
 def cmd_quantize(args) -> None:
     settings = QuantizeSettings(args.calibration_images, args.calibration_dataset, args.validation_labels,
                                 args.subset_size, args.validation_patches, args.foreground_share, args.max_cases,
-                                args.max_dice_drop, args.nncf_preset, args.seed).validate()
+                                args.max_dice_drop, args.nncf_preset, args.seed, args.max_class_drop).validate()
     report = quantize_model_folder(args.model_folder, args.output, settings, args.folds, args.configuration,
                                    args.overwrite, args.checkpoint)
     for fold in report["folds"]:
@@ -37,12 +37,15 @@ def register(sub) -> None:
                         "the f32 model's own predictions")
     p.add_argument("--subset-size", type=int, default=32, help="calibration tiles (32)")
     p.add_argument("--validation-patches", type=int, default=16,
-                   help="validation tiles the accuracy control grades on, none of them a calibration tile (16)")
+                   help="validation tiles the accuracy control grades on, none of them a calibration tile; with "
+                        "--calibration-dataset, from the fold's validation cases in splits_final.json (16)")
     p.add_argument("--foreground-share", type=float, default=0.5,
                    help="share of tiles that hold foreground (labels, or the f32 prediction; 0.5)")
     p.add_argument("--max-cases", type=int, default=8, help="cases read from the calibration source (8)")
     p.add_argument("--max-dice-drop", type=float, default=0.01,
                    help="largest loss of mean foreground Dice accepted; layers whose INT8 costs more stay f32 (0.01)")
+    p.add_argument("--max-class-drop", type=float, default=None,
+                   help="largest loss of any one class's Dice accepted (twice --max-dice-drop)")
     p.add_argument("--nncf-preset", choices=PRESETS, default="mixed",
                    help="NNCF preset: mixed (asymmetric activations, default) or performance (symmetric)")
     p.add_argument("--seed", type=int, default=0, help="seed of the tiles drawn (0)")

@@ -5,7 +5,8 @@ Why NNCF on the engine's own model: it is the quantiser OpenVINO is built for (i
 CPU plugin's int8 kernels), and it quantises the graph the engine runs — the converted network with the decoder's
 concatenations folded (:mod:`.decoder_fold`) — so what was calibrated is what predicts. Its accuracy-controlled
 mode ranks the quantised operations by how much each one costs the metric and returns groups of them to float
-until the drop is within budget; we give it Dice as the metric, per class, over validation patches.
+until the drop is within budget; we give it Dice over validation patches as the metric, with limits on the mean
+foreground Dice and on every single class.
 
 Why the quantised model travels inside the checkpoint (as two uint8 tensors of the state dict, :data:`XML_KEY` and
 :data:`BIN_KEY`) rather than only as files: nnU-Net's predictor, and TotalSegmentator through it, hand a network
@@ -93,29 +94,44 @@ def patches_dice(compiled_model, patches: Sequence[ValidationPatch], classes: Se
     return dice_per_class(predictions, targets, classes)
 
 
-def _dice_metric(classes: Sequence[int]):
-    """NNCF's validation function: mean foreground Dice over the patches, and one value per patch (for ranking)."""
+def _dice_metric(classes: Sequence[int], reference: dict[int, float], class_weight: float):
+    """NNCF's validation function: one score whose drop from the f32 model's is the larger of the mean foreground
+    Dice's drop and `class_weight` times the largest single class's drop, and one value per patch (for ranking).
+
+    Why one score for two limits: NNCF's accuracy control compares a single metric against one ``max_drop``. With
+    `reference` the f32 model's per-class Dice on the same patches and `class_weight` = max_drop / max_class_drop,
+    the score stays within ``max_drop`` of the f32 model's exactly when the mean drop is within ``max_drop`` and no
+    class drops more than ``max_class_drop``; a loss that concentrates in one small class (a lesion) then returns
+    layers to float even where the mean barely moves.
+    """
+    reference_mean = _mean(reference)
+
     def validate(compiled_model, items) -> tuple[float, list[float]]:
         items = list(items)
         per_class = patches_dice(compiled_model, items, classes)
+        class_drops = [reference[c] - v for c, v in per_class.items()
+                       if not np.isnan(v) and not np.isnan(reference.get(c, float("nan")))]
+        drop = max([reference_mean - _mean(per_class)] + [class_weight * d for d in class_drops])
         per_item = []
         for p in items:
             values = [v for v in dice_per_class(predict_labels(compiled_model, p.image), p.target, classes).values()
                       if not np.isnan(v)]
             per_item.append(float(np.mean(values)) if values else 1.0)
-        return _mean(per_class), per_item
+        return reference_mean - drop, per_item
     return validate
 
 
 def quantize(model, calibration: Sequence[np.ndarray], validation: Sequence[ValidationPatch] | None,
              classes: Sequence[int], max_drop: float | None = 0.01, preset: str = "mixed", threads: int = 1,
-             max_restore_steps: int | None = None, show_progress: bool | None = None):
+             max_restore_steps: int | None = None, show_progress: bool | None = None,
+             max_class_drop: float | None = None):
     """INT8 version of the OpenVINO `model`, calibrated on `calibration` patches (each (1, C, *patch) float32).
 
-    With `validation` and `max_drop`, NNCF's accuracy control keeps the quantised operations whose loss of mean
-    foreground Dice (absolute, on the validation patches) would exceed `max_drop` in float; otherwise every
-    operation NNCF can quantise is quantised. `max_restore_steps` caps the groups it returns to float (None: as
-    many as the budget needs). The ``mixed`` preset quantises activations asymmetrically: after LeakyReLU and
+    With `validation` and `max_drop`, NNCF's accuracy control keeps in float the quantised operations whose loss of
+    mean foreground Dice (absolute, on the validation patches) would exceed `max_drop`, or whose loss of any one
+    class's Dice would exceed `max_class_drop` (None: twice `max_drop`); otherwise every operation NNCF can quantise
+    is quantised. `max_restore_steps` caps the groups it returns to float (None: as many as the budget needs). The
+    ``mixed`` preset quantises activations asymmetrically: after LeakyReLU and
     InstanceNorm they are not centred on zero, and a symmetric range wastes half the int8 codes. NNCF's own
     progress bars show on a terminal without ``--quiet`` (`show_progress` None) and nowhere else.
     """
@@ -127,22 +143,24 @@ def quantize(model, calibration: Sequence[np.ndarray], validation: Sequence[Vali
         raise ValueError("no calibration patches")
     presets = {"mixed": nncf.QuantizationPreset.MIXED, "performance": nncf.QuantizationPreset.PERFORMANCE}
     calibration_set = nncf.Dataset(list(calibration))
+    core = ov.Core()
+    config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"}
+    dice_f32 = patches_dice(core.compile_model(model, "CPU", config), validation, classes) if validation else {}
     with _nncf_output(show_progress):
         if validation and max_drop is not None:
+            class_limit = max_class_drop if max_class_drop is not None else 2 * max_drop
             validation_set = nncf.Dataset(list(validation), lambda p: p.image)
             restorer = AdvancedAccuracyRestorerParameters(
                 **({"max_num_iterations": max_restore_steps} if max_restore_steps is not None else {}))
             quantized = nncf.quantize_with_accuracy_control(
-                model, calibration_set, validation_set, _dice_metric(classes), max_drop=max_drop,
-                drop_type=nncf.DropType.ABSOLUTE, preset=presets[preset], subset_size=len(calibration),
-                advanced_accuracy_restorer_parameters=restorer)
+                model, calibration_set, validation_set, _dice_metric(classes, dice_f32, max_drop / class_limit),
+                max_drop=max_drop, drop_type=nncf.DropType.ABSOLUTE, preset=presets[preset],
+                subset_size=len(calibration), advanced_accuracy_restorer_parameters=restorer)
         else:
             quantized = nncf.quantize(model, calibration_set, preset=presets[preset], subset_size=len(calibration))
     result = Int8Result(quantized, len(convolutions(quantized)), f32_layers(quantized), max_drop=max_drop)
     if validation:
-        core = ov.Core()
-        config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32"}
-        result.dice_f32 = patches_dice(core.compile_model(model, "CPU", config), validation, classes)
+        result.dice_f32 = dice_f32
         result.dice_int8 = patches_dice(core.compile_model(quantized, "CPU", config), validation, classes)
     return result
 

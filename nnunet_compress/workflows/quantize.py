@@ -8,8 +8,11 @@ weights stay in every checkpoint: torch, CUDA and ``NNUNET_COMPRESS_CPU_PRECISIO
 Per fold: the network is converted for the engine at the plans' patch size, calibrated by NNCF on sliding-window
 tiles of real cases (:mod:`nnunet_compress.nnunet.quantization_data`), and NNCF's accuracy control returns
 quantised operations to float until the mean foreground Dice on separate validation tiles is within
-``max_dice_drop`` of the f32 network's — against labels where the cases have them, against the f32 network's own
-prediction otherwise. The output folder is written atomically; the source folder is only read.
+``max_dice_drop`` of the f32 network's and no class is more than ``max_class_drop`` below — against labels where
+the cases have them, against the f32 network's own prediction otherwise. With ``--calibration-dataset`` the
+validation tiles come from the fold's own validation cases (``splits_final.json``), which the fold never trained
+on; the calibration tiles from its training cases. The output folder is written atomically; the source folder is
+only read.
 """
 
 from __future__ import annotations
@@ -38,7 +41,14 @@ from nnunet_compress.nnunet.model_folder import (
     write_json,
 )
 from nnunet_compress.nnunet.plans import SECTION, resolved_configuration
-from nnunet_compress.nnunet.quantization_data import Case, Patch, cases_from_dataset, cases_from_images, draw_patches
+from nnunet_compress.nnunet.quantization_data import (
+    Case,
+    Patch,
+    cases_from_dataset,
+    cases_from_images,
+    draw_patches,
+    fold_split,
+)
 from nnunet_compress.settings import Settings, check_choice
 from nnunet_compress.workflows.derived_folder import write_derived_model_folder
 
@@ -63,6 +73,11 @@ class QuantizeSettings(Settings):
     max_dice_drop: float = 0.01
     preset: str = "mixed"
     seed: int = 0
+    max_class_drop: float | None = None  # None: twice max_dice_drop
+
+    @property
+    def class_drop_limit(self) -> float:
+        return self.max_class_drop if self.max_class_drop is not None else min(2 * self.max_dice_drop, 0.99)
 
     def validate(self) -> "QuantizeSettings":
         if (self.calibration_images is None) == (self.calibration_dataset is None):
@@ -74,6 +89,9 @@ class QuantizeSettings(Settings):
         if not 0 < self.max_dice_drop < 1:
             raise CompressError(f"--max-dice-drop {self.max_dice_drop} is outside (0, 1); e.g. 0.01 for one Dice "
                                 "point")
+        if self.max_class_drop is not None and not self.max_dice_drop <= self.max_class_drop < 1:
+            raise CompressError(f"--max-class-drop {self.max_class_drop} must lie in [--max-dice-drop, 1): one "
+                                f"class may lose at least what the mean may, e.g. 0.02")
         if self.subset_size < 1 or self.validation_patches < 1 or self.max_cases < 1:
             raise CompressError("--subset-size, --validation-patches and --max-cases must be at least 1")
         if not 0 <= self.foreground_share <= 1:
@@ -96,6 +114,9 @@ class FoldReport:
     calibration_patches: int
     calibration_foreground_patches: int
     validation_patches: int
+    calibration_cases: list[str]
+    validation_cases: list[str]
+    validation_source: str
     seconds: float
     versions: dict = field(default_factory=dict)
 
@@ -146,19 +167,43 @@ def class_names(dataset_json: dict) -> dict[int, str]:
     return out
 
 
-def load_cases(settings: QuantizeSettings, plans: dict, dataset_json: dict, configuration: str) -> list[Case]:
+@dataclass
+class FoldCases:
+    """The cases one fold is calibrated on and graded on (`validation` None: other tiles of `calibration`)."""
+
+    calibration: list[Case]
+    validation: list[Case] | None
+    source: str
+
+
+def load_cases(settings: QuantizeSettings, plans: dict, dataset_json: dict, configuration: str,
+               folds: list[str]) -> dict[str, FoldCases]:
+    """Each fold's calibration and validation cases (raw images are preprocessed once, for every fold)."""
     if settings.calibration_images is not None:
-        return cases_from_images(settings.calibration_images, plans, dataset_json, configuration,
-                                 settings.validation_labels, settings.max_cases)
-    return cases_from_dataset(settings.calibration_dataset, plans, configuration, settings.max_cases)
+        cases = cases_from_images(settings.calibration_images, plans, dataset_json, configuration,
+                                  settings.validation_labels, settings.max_cases)
+        return {fold: FoldCases(cases, None, "other tiles of the calibration images") for fold in folds}
+    dataset, out = settings.calibration_dataset, {}
+    for fold in folds:
+        split = fold_split(dataset, fold)
+        if split is None:
+            cases = cases_from_dataset(dataset, plans, configuration, settings.max_cases)
+            out[fold] = FoldCases(cases, None, f"other tiles of the same training cases (fold {fold} has no "
+                                               f"validation cases in splits_final.json)")
+        else:
+            train, val = split
+            out[fold] = FoldCases(cases_from_dataset(dataset, plans, configuration, settings.max_cases, names=train),
+                                  cases_from_dataset(dataset, plans, configuration, settings.max_cases, names=val),
+                                  f"fold {fold}'s validation cases in splits_final.json (never trained on)")
+    return out
 
 
-def quantize_network(net: nn.Module, cases: list[Case], patch: tuple[int, ...], classes: list[int],
+def quantize_network(net: nn.Module, cases: FoldCases, patch: tuple[int, ...], classes: list[int],
                      settings: QuantizeSettings) -> tuple[int8.Int8Result, list[Patch], list[Patch]]:
     """INT8 model of `net` (f32, eval) with its calibration and validation tiles."""
     import openvino as ov
 
-    channels = cases[0].image.shape[0]
+    channels = cases.calibration[0].image.shape[0]
     shape = (1, channels, *patch)
     threads = torch.get_num_threads()
     with plain_inference():
@@ -169,15 +214,15 @@ def quantize_network(net: nn.Module, cases: list[Case], patch: tuple[int, ...], 
     def predict(image: np.ndarray) -> np.ndarray:
         return int8.predict_labels(compiled, image)
 
-    calibration = draw_patches(cases, patch, settings.subset_size, settings.foreground_share, settings.seed,
-                               predict=predict)
+    calibration = draw_patches(cases.calibration, patch, settings.subset_size, settings.foreground_share,
+                               settings.seed, predict=predict)
     used = {(p.case, p.start) for p in calibration}
-    validation = draw_patches(cases, patch, settings.validation_patches, settings.foreground_share,
-                              settings.seed + 1, exclude=used, predict=predict)
+    validation = draw_patches(cases.validation or cases.calibration, patch, settings.validation_patches,
+                              settings.foreground_share, settings.seed + 1, exclude=used, predict=predict)
     targets = [int8.ValidationPatch(p.image, p.labels if p.labels is not None else predict(p.image))
                for p in validation]
     result = int8.quantize(model, [p.image for p in calibration], targets, classes, settings.max_dice_drop,
-                           settings.preset, threads)
+                           settings.preset, threads, max_class_drop=settings.class_drop_limit)
     return result, calibration, validation
 
 
@@ -198,14 +243,16 @@ def quantize_model_folder(source: str | Path, output: str | Path, settings: Quan
     source_name = (f"images {settings.calibration_images}" if settings.calibration_images is not None
                    else f"dataset {settings.calibration_dataset}")
     progress(f"reading calibration cases ({source_name})")
-    cases = load_cases(settings, folder.plans, folder.dataset_json, configuration)
-    if cases[0].image.shape[0] != channels:
-        raise CompressError(f"the calibration cases have {cases[0].image.shape[0]} channel(s) but the model expects "
-                            f"{channels}")
-    labelled = all(c.labels is not None for c in cases)
-    summary = {"max_dice_drop": settings.max_dice_drop, "preset": settings.preset,
+    cases = load_cases(settings, folder.plans, folder.dataset_json, configuration, list(folder.folds))
+    first = next(iter(cases.values()))
+    if first.calibration[0].image.shape[0] != channels:
+        raise CompressError(f"the calibration cases have {first.calibration[0].image.shape[0]} channel(s) but the "
+                            f"model expects {channels}")
+    labelled = all(c.labels is not None for c in first.calibration)
+    summary = {"max_dice_drop": settings.max_dice_drop, "max_class_drop": settings.class_drop_limit,
+               "preset": settings.preset,
                "graded_against": "labels" if labelled else "the f32 model's own predictions (label-free)",
-               "calibration": {"source": source_name, "cases": [c.name for c in cases],
+               "calibration": {"source": source_name, "max_cases": settings.max_cases,
                                "subset_size": settings.subset_size, "validation_patches": settings.validation_patches,
                                "foreground_share": settings.foreground_share, "seed": settings.seed}}
     plans = int8_plans(folder.plans, configuration, summary)
@@ -215,11 +262,13 @@ def quantize_model_folder(source: str | Path, output: str | Path, settings: Quan
     def derive(fold: str, parent: nn.Module) -> tuple[nn.Module, dict]:
         t0 = time.perf_counter()
         progress(f"fold {fold}: calibrating on {settings.subset_size} tiles and validating on "
-                 f"{settings.validation_patches} (max Dice drop {settings.max_dice_drop})")
+                 f"{settings.validation_patches} (max Dice drop {settings.max_dice_drop}, per class "
+                 f"{settings.class_drop_limit:g})")
         net = build_network(f32_plans, folder.dataset_json, configuration)
         # same architecture as the parent (CompressedUNet keeps the parent's keys); pruned folds reshape on load
         net.load_state_dict({k: v for k, v in parent.state_dict().items() if k not in int8.PAYLOAD_KEYS})
-        result, calibration, validation = quantize_network(net, cases, patch, sorted(names), settings)
+        fold_cases = cases[fold]
+        result, calibration, validation = quantize_network(net, fold_cases, patch, sorted(names), settings)
         xml, weights = int8.serialize(result.model)
         quantised = build_network(plans, folder.dataset_json, configuration)
         quantised.load_state_dict({**net.state_dict(), int8.XML_KEY: torch.from_numpy(xml),
@@ -229,6 +278,7 @@ def quantize_model_folder(source: str | Path, output: str | Path, settings: Quan
             {names[c]: v for c, v in result.dice_f32.items()}, {names[c]: v for c, v in result.dice_int8.items()},
             result.mean_dice_f32, result.mean_dice_int8, len(calibration),
             sum(p.labels is not None and bool((p.labels > 0).any()) for p in calibration), len(validation),
+            [c.name for c in fold_cases.calibration], sorted({p.case for p in validation}), fold_cases.source,
             time.perf_counter() - t0, versions())
         reports.append(report)
         progress(f"fold {fold}: {result.convolutions - len(result.f32_layers)}/{result.convolutions} convolutions "
@@ -254,15 +304,17 @@ def report_dict(source: Path, configuration: str, summary: dict, reports: list[F
 def report_markdown(source: Path, configuration: str, summary: dict, reports: list[FoldReport]) -> str:
     lines = [f"# INT8 quantisation of {source} ({configuration})", "",
              f"NNCF post-training quantisation ({summary['preset']} preset) with accuracy control: mean foreground "
-             f"Dice on validation tiles within {summary['max_dice_drop']} of f32, graded against "
-             f"{summary['graded_against']}. Calibration: {summary['calibration']['source']}, "
-             f"cases {', '.join(summary['calibration']['cases'])}.", ""]
+             f"Dice on validation tiles within {summary['max_dice_drop']} of f32 and no class more than "
+             f"{summary['max_class_drop']:g} lower, graded against {summary['graded_against']}. Calibration: "
+             f"{summary['calibration']['source']}.", ""]
     for r in reports:
         lines += [f"## fold {r.fold}", "",
                   f"{r.convolutions - len(r.f32_layers)} of {r.convolutions} convolutions run in INT8; kept in f32: "
                   f"{', '.join(r.f32_layers) or 'none'}.", "",
                   f"Calibration tiles: {r.calibration_patches} ({r.calibration_foreground_patches} with labelled "
-                  f"foreground); validation tiles: {r.validation_patches}; {r.seconds:.0f} s.", "",
+                  f"foreground) from cases {', '.join(r.calibration_cases)}; validation tiles: "
+                  f"{r.validation_patches} from {r.validation_source}: {', '.join(r.validation_cases)}; "
+                  f"{r.seconds:.0f} s.", "",
                   "| class | Dice f32 | Dice INT8 | change |", "|---|---:|---:|---:|"]
         for name, f32 in r.dice_f32.items():
             q = r.dice_int8.get(name, float("nan"))
