@@ -108,13 +108,20 @@ def test_quantised_model_has_int8_convolutions_and_round_trips_through_bytes(qua
     np.testing.assert_array_equal(direct, read_back)
 
 
-def test_accuracy_control_keeps_layers_in_f32_under_a_tight_budget():
+@pytest.fixture(scope="module")
+def graded_model():
+    """A network, its f32 OpenVINO model, and validation patches labelled by that f32 model's own prediction."""
+    import openvino as ov
     net = unet(seed=3)
     with plain_inference():
         model = engine.convert(net, torch.zeros(SHAPE))
-    import openvino as ov
     compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     validation = [int8.ValidationPatch(x, int8.predict_labels(compiled, x)) for x in map(blob_image, range(10, 13))]
+    return net, model, validation
+
+
+def test_accuracy_control_keeps_layers_in_f32_under_a_tight_budget(graded_model):
+    net, model, validation = graded_model
     loose = int8.quantize(model, [blob_image(i) for i in range(3)], validation, [1, 2], max_drop=0.9)
     assert loose.f32_layers == []
     tight = int8.quantize(model, [blob_image(i) for i in range(3)], validation, [1, 2], max_drop=1e-6,
@@ -158,13 +165,8 @@ def test_dice_metric_drop_is_the_larger_of_mean_and_weighted_class_drop():
     assert score == pytest.approx(1.0)          # the reference itself: no drop
 
 
-def test_class_limit_returns_layers_to_f32_where_the_mean_budget_would_not():
-    net = unet(seed=3)
-    with plain_inference():
-        model = engine.convert(net, torch.zeros(SHAPE))
-    import openvino as ov
-    compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
-    validation = [int8.ValidationPatch(x, int8.predict_labels(compiled, x)) for x in map(blob_image, range(10, 13))]
+def test_class_limit_returns_layers_to_f32_where_the_mean_budget_would_not(graded_model):
+    _, model, validation = graded_model
     calibration = [blob_image(i) for i in range(3)]
     loose = int8.quantize(model, calibration, validation, [1, 2], max_drop=0.45, max_class_drop=0.9)
     assert loose.f32_layers == []
