@@ -147,7 +147,8 @@ class LabelMapModel:
         return [self.logits]
 
 
-def test_dice_metric_drop_is_the_larger_of_mean_and_weighted_class_drop():
+def test_dice_metric_drop_is_the_larger_of_mean_and_weighted_class_drop(monkeypatch):
+    monkeypatch.setattr(int8, "MIN_CLASS_VOXELS", 1)
     target = np.zeros((4, 4, 4), dtype=np.int64)
     target[:2] = 1                              # 32 voxels of class 1
     target[2:, :2] = 2                          # 16 voxels of class 2
@@ -163,6 +164,19 @@ def test_dice_metric_drop_is_the_larger_of_mean_and_weighted_class_drop():
         assert per_item == [pytest.approx((1 + dice_2) / 2)]
     score, _ = int8._dice_metric([1, 2], reference, 0.5)(LabelMapModel(target), patches)
     assert score == pytest.approx(1.0)          # the reference itself: no drop
+
+
+def test_dice_metric_class_limit_skips_classes_with_few_voxels(monkeypatch):
+    target = np.zeros((4, 4, 4), dtype=np.int64)
+    target[:2] = 1                              # 32 voxels of class 1
+    target[2:, :2] = 2                          # 16 voxels of class 2
+    prediction = target.copy()
+    prediction[2:, :2, :1] = 0                  # class 2 loses 4 of its 16 voxels
+    patches = [int8.ValidationPatch(np.zeros(SHAPE, np.float32), target)]
+    dice_2 = 24 / 28
+    monkeypatch.setattr(int8, "MIN_CLASS_VOXELS", 17)  # class 2 (16 voxels) counts in the mean only
+    score, _ = int8._dice_metric([1, 2], {1: 1.0, 2: 1.0}, 2.0)(LabelMapModel(prediction), patches)
+    assert score == pytest.approx(1.0 - (1 - dice_2) / 2)
 
 
 def test_class_limit_returns_layers_to_f32_where_the_mean_budget_would_not(graded_model):

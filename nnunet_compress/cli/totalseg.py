@@ -27,7 +27,7 @@ def cmd_totalseg(args) -> None:
                                 "CASE_0000.nii.gz) to calibrate and check every model on")
         int8 = QuantizeSettings(calibration_images=args.calibration_images, subset_size=args.subset_size,
                                 validation_patches=args.validation_patches, max_dice_drop=args.max_dice_drop,
-                                max_cases=args.max_cases).validate()
+                                max_class_drop=args.max_class_drop, max_cases=args.max_cases).validate()
     elif args.calibration_images is not None:
         raise CompressError("--calibration-images calibrates INT8 quantisation; add --int8 (or drop it)")
     result = compress_totalseg_home(args.output, policy, args.task, source_home=args.source_home,
@@ -65,5 +65,7 @@ def register(sub) -> None:
     g.add_argument("--subset-size", type=int, default=32, help="calibration tiles per model (32)")
     g.add_argument("--validation-patches", type=int, default=16, help="validation tiles per model (16)")
     g.add_argument("--max-dice-drop", type=float, default=0.01, help="largest mean Dice loss accepted (0.01)")
+    g.add_argument("--max-class-drop", type=float, default=None,
+                   help="largest loss of any one class's Dice accepted (twice --max-dice-drop)")
     g.add_argument("--max-cases", type=int, default=8, help="CTs read from --calibration-images (8)")
     p.set_defaults(func=cmd_totalseg)
