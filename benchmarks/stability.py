@@ -34,7 +34,7 @@ import statistics
 import time
 from pathlib import Path
 
-from benchmarks.common import RESULTS, WORK
+from benchmarks.common import RESULTS, WORK, cpu_model
 
 # the aims (spread over seeds, worst class), checked and printed for the fine-tuned rows
 MIN_CLASS_DICE = 0.5
@@ -184,9 +184,21 @@ def add_summaries(results: dict) -> dict:
     return results
 
 
+def machine() -> dict:
+    """What the seeds ran on: Dice does not depend on it, the minutes per seed do."""
+    import openvino
+    import torch
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__, "openvino": openvino.__version__}
+
+
 def write(results: dict, stem: Path) -> str:
     """The table, aims and plot of the seeds finished so far (rewritten after every seed: a long run reports early)."""
     parts = []
+    m = results.get("settings", {}).get("machine")
+    if m:
+        minutes = results.get("minutes_per_seed", {})
+        parts.append(f"Machine: {m['cpu']}, {m['cores']} cores; torch {m['torch']}, OpenVINO {m['openvino']}; "
+                     f"minutes per seed: {', '.join(f'{k}: {v:.1f}' for k, v in minutes.items())}.\n")
     for suffix, title in gradings(results):
         parts.append(f"Graded on {title}:\n\n" + table(results["summary" + suffix]) + "\n\n"
                      + "\n".join(f"- {a}" for a in results["aims" + suffix]) + "\n")
@@ -310,7 +322,7 @@ def main(argv=None) -> dict:
         runs[seed] = [run_record(r, graded) for r in rows]
         minutes[seed] = (time.time() - t) / 60
         results = add_summaries({
-            "settings": {"seeds": args.seeds, "fast": args.fast, "workdir": str(args.workdir)},
+            "settings": {"seeds": args.seeds, "fast": args.fast, "workdir": str(args.workdir), "machine": machine()},
             "held_out_cases": args.held_out_cases, "seeds_done": list(runs), "runs": runs,
             "minutes_per_seed": minutes, "minutes": (time.time() - t0) / 60})
         text = write(results, stem)
