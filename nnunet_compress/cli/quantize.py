@@ -45,7 +45,7 @@ def register(sub) -> None:
     p.add_argument("--max-dice-drop", type=float, default=0.01,
                    help="largest loss of mean foreground Dice accepted; layers whose INT8 costs more stay f32 (0.01)")
     p.add_argument("--max-class-drop", type=float, default=None,
-                   help="largest loss of any one class's Dice accepted (twice --max-dice-drop)")
+                   help="largest loss of any one class's Dice accepted (twice --max-dice-drop; 1: no limit)")
     p.add_argument("--nncf-preset", choices=PRESETS, default="mixed",
                    help="NNCF preset: mixed (asymmetric activations, default) or performance (symmetric)")
     p.add_argument("--seed", type=int, default=0, help="seed of the tiles drawn (0)")

@@ -66,6 +66,6 @@ def register(sub) -> None:
     g.add_argument("--validation-patches", type=int, default=16, help="validation tiles per model (16)")
     g.add_argument("--max-dice-drop", type=float, default=0.01, help="largest mean Dice loss accepted (0.01)")
     g.add_argument("--max-class-drop", type=float, default=None,
-                   help="largest loss of any one class's Dice accepted (twice --max-dice-drop)")
+                   help="largest loss of any one class's Dice accepted (twice --max-dice-drop; 1: no limit)")
     g.add_argument("--max-cases", type=int, default=8, help="CTs read from --calibration-images (8)")
     p.set_defaults(func=cmd_totalseg)

@@ -73,11 +73,11 @@ class QuantizeSettings(Settings):
     max_dice_drop: float = 0.01
     preset: str = "mixed"
     seed: int = 0
-    max_class_drop: float | None = None  # None: twice max_dice_drop
+    max_class_drop: float | None = None  # None: twice max_dice_drop (1 or more: no limit per class)
 
     @property
     def class_drop_limit(self) -> float:
-        return self.max_class_drop if self.max_class_drop is not None else min(2 * self.max_dice_drop, 0.99)
+        return self.max_class_drop if self.max_class_drop is not None else 2 * self.max_dice_drop
 
     def validate(self) -> "QuantizeSettings":
         if (self.calibration_images is None) == (self.calibration_dataset is None):
@@ -89,9 +89,9 @@ class QuantizeSettings(Settings):
         if not 0 < self.max_dice_drop < 1:
             raise CompressError(f"--max-dice-drop {self.max_dice_drop} is outside (0, 1); e.g. 0.01 for one Dice "
                                 "point")
-        if self.max_class_drop is not None and not self.max_dice_drop <= self.max_class_drop < 1:
-            raise CompressError(f"--max-class-drop {self.max_class_drop} must lie in [--max-dice-drop, 1): one "
-                                f"class may lose at least what the mean may, e.g. 0.02")
+        if self.max_class_drop is not None and self.max_class_drop < self.max_dice_drop:
+            raise CompressError(f"--max-class-drop {self.max_class_drop} must be at least --max-dice-drop "
+                                f"({self.max_dice_drop}): one class may lose at least what the mean may, e.g. 0.02")
         if self.subset_size < 1 or self.validation_patches < 1 or self.max_cases < 1:
             raise CompressError("--subset-size, --validation-patches and --max-cases must be at least 1")
         if not 0 <= self.foreground_share <= 1:
