@@ -111,16 +111,18 @@ def _dice_metric(classes: Sequence[int], reference: dict[int, float], class_weig
 
     def validate(compiled_model, items) -> tuple[float, list[float]]:
         items = list(items)
-        per_class = patches_dice(compiled_model, items, classes)
+        # one inference per patch serves both the pooled score and the per-patch values: NNCF calls this for every
+        # group of operations it ranks
+        predictions = np.stack([predict_labels(compiled_model, p.image) for p in items])
         targets = np.stack([p.target for p in items])
+        per_class = dice_per_class(predictions, targets, classes)
         class_drops = [reference[c] - v for c, v in per_class.items()
                        if not np.isnan(v) and not np.isnan(reference.get(c, float("nan")))
                        and int((targets == c).sum()) >= MIN_CLASS_VOXELS]
         drop = max([reference_mean - _mean(per_class)] + [class_weight * d for d in class_drops])
         per_item = []
-        for p in items:
-            values = [v for v in dice_per_class(predict_labels(compiled_model, p.image), p.target, classes).values()
-                      if not np.isnan(v)]
+        for prediction, target in zip(predictions, targets):
+            values = [v for v in dice_per_class(prediction, target, classes).values() if not np.isnan(v)]
             per_item.append(float(np.mean(values)) if values else 1.0)
         return reference_mean - drop, per_item
     return validate
